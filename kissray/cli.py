@@ -1,0 +1,52 @@
+"""The ``kissray`` command: a thin argparse front over the public functions.
+
+Each subcommand lives in ``kissray/commands/<name>.py`` with ``register(subparsers)`` (adds its
+parser, sets ``func``) and does nothing at import time but define functions.
+Exit codes: 0 ok, 2 usage error, 3 some titles failed or were partial.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import sys
+
+from kissray.errors import CheckpointError, KissrayError, UsageError
+
+COMMANDS = ("init", "score", "serve", "train", "eval", "demo", "excerpts", "export", "report")
+EXIT_OK, EXIT_USAGE, EXIT_PARTIAL = 0, 2, 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kissray", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        module = f"kissray.commands.{name}"
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or EXIT_OK)
+    except (UsageError, CheckpointError) as e:
+        print(f"kissray {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KissrayError as e:
+        print(f"kissray {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_PARTIAL
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per ``kissray`` subcommand (see :mod:`kissray.cli`)."""

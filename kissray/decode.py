@@ -1,0 +1,245 @@
+"""The decoders behind :mod:`kissray.media`: decord for stills, PyAV for audio.
+
+Normally run as a child process (``python -m kissray.decode REQUEST_JSON``) that writes framed
+messages to stdout: a little-endian uint32 header length, a JSON header, then ``header["payload"]``
+bytes. Messages: ``info`` (the film's MediaInfo), ``clip`` (frames + log-mel bytes), ``end``, or
+``error`` (a MediaError type name and a one-line reason).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import sys
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+
+from kissray.audio import CLIP_SAMPLES, EXAMPLE_SAMPLES, SAMPLE_RATE_HZ, SILENCE_LOG_MEL, clip_log_mels
+from kissray.errors import DecodeError, MediaError, MediaOpenError, TooShortError
+from kissray.media import Clip, MediaInfo, n_clips_for
+
+AUDIO_SEEK_MARGIN_S = 1.0  # seek this far before the first sample needed, then decode forward
+PATCH_OFFSET_SAMPLES = CLIP_SAMPLES - EXAMPLE_SAMPLES  # 400: a clip's patch starts this far into it
+PTS_JITTER_SAMPLES = 2  # audio frame timestamps closer than this to "contiguous" are contiguous
+
+
+@dataclass(frozen=True)
+class _Container:
+    """What PyAV reads from the container header."""
+
+    width: int
+    height: int
+    video_start_s: float  # absolute start of the video stream (decord's timestamps are relative to it)
+    audio_stream: int | None  # index of the first audio stream, if any
+
+
+def short_reason(error: BaseException) -> str:
+    """One readable line from a decord/FFmpeg exception (drops log prefixes and C++ frames)."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", text)
+    return text[:300]
+
+
+def _inspect_container(path: str, uri: str) -> _Container:
+    import av
+
+    try:
+        with av.open(path, metadata_errors="ignore") as container:
+            if not container.streams.video:
+                kind = "audio-only file" if container.streams.audio else "no video stream"
+                raise MediaOpenError(uri, f"not a video: {kind}")
+            video = container.streams.video[0]
+            start = float(video.start_time * video.time_base) if video.start_time is not None else 0.0
+            audio = container.streams.audio[0].index if container.streams.audio else None
+            return _Container(video.codec_context.width, video.codec_context.height, start, audio)
+    except av.FFmpegError as e:
+        raise MediaOpenError(uri, f"not a readable media file ({short_reason(e)})") from e
+
+
+class VideoTrack:
+    """decord's frame index of one film, with presentation times relative to the first frame."""
+
+    def __init__(self, path: str, uri: str, size: int | None, threads: int = 0):
+        import decord
+
+        self.uri = uri
+        resize = {"width": size, "height": size} if size else {}
+        try:
+            self.reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=threads, **resize)
+            n = len(self.reader)
+            times = self.reader.get_frame_timestamp(np.arange(n)) if n else np.zeros((0, 2))
+        except Exception as e:  # decord raises DECORDError / RuntimeError with C++ log text
+            raise MediaOpenError(uri, f"cannot open video: {short_reason(e)}") from e
+        if n == 0:
+            raise MediaOpenError(uri, "no decodable video frames")
+        times = np.asarray(times, np.float64)
+        self.first_pts_s = float(times[:, 0].min())
+        self.pts_s = times[:, 0] - self.first_pts_s  # sorted by decord
+        self.duration_s = float(times[:, 1].max()) - self.first_pts_s
+        self.fps = float(self.reader.get_avg_fps())
+
+    def still_indices(self, clip_indices: np.ndarray, frames_per_clip: int) -> np.ndarray:
+        """int[n, K]: for each clip, the last frame with pts <= i + (k + 0.5)/K."""
+        times = clip_indices[:, None] + (np.arange(frames_per_clip) + 0.5) / frames_per_clip
+        # decord reports float32 times: compare at that precision, not below it
+        eps = np.maximum(1e-6, np.abs(times) * 2.0**-22)
+        idx = np.searchsorted(self.pts_s, times + eps, side="right") - 1
+        return np.clip(idx, 0, len(self.pts_s) - 1)
+
+    def stills(self, indices: np.ndarray, clip_index: int) -> np.ndarray:
+        unique, inverse = np.unique(indices, return_inverse=True)
+        try:
+            batch = self.reader.get_batch(unique.tolist()).asnumpy()
+        except Exception as e:
+            raise DecodeError(self.uri, f"clip {clip_index}: {short_reason(e)}") from e
+        return np.ascontiguousarray(batch[inverse])
+
+
+class AudioTrack:
+    """Mono 16 kHz samples on the film's timeline, decoded forward on demand with PyAV.
+
+    ``read(a, b)`` returns timeline samples ``[a, b)`` (calls must not go backwards); samples the
+    film does not have are zeros. If decoding fails, ``failed`` is set and the rest is silence.
+    """
+
+    def __init__(self, path: str, stream_index: int, origin_s: float, first_sample: int):
+        import av
+
+        self._container = av.open(path, metadata_errors="ignore")
+        self._stream = self._container.streams[stream_index]
+        self._origin_s = origin_s  # absolute time of the film's t = 0
+        self._buf = np.zeros(0, np.float32)
+        self._buf_start = first_sample  # timeline sample index of _buf[0]
+        self.failed = False
+        self._exhausted = False
+        self._chunks = self._decode(first_sample)
+
+    def close(self) -> None:
+        self._container.close()
+
+    def _decode(self, first_sample: int) -> Iterator[tuple[int, np.ndarray]]:
+        import av
+
+        seek_s = self._origin_s + first_sample / SAMPLE_RATE_HZ - AUDIO_SEEK_MARGIN_S
+        stream, resampler = self._stream, av.AudioResampler(format="fltp", rate=SAMPLE_RATE_HZ)
+        if stream.start_time is not None and seek_s > float(stream.start_time * stream.time_base):
+            self._container.seek(int(seek_s / stream.time_base), stream=stream)
+        for frame in self._container.decode(stream):
+            for out in resampler.resample(frame):
+                yield self._timeline_sample(out), out.to_ndarray().mean(axis=0, dtype=np.float32)
+
+    def _timeline_sample(self, frame) -> int | None:
+        if frame.pts is None:
+            return None
+        return int(round((float(frame.pts * frame.time_base) - self._origin_s) * SAMPLE_RATE_HZ))
+
+    def read(self, a: int, b: int) -> np.ndarray:
+        while not (self.failed or self._exhausted) and self._buf_start + len(self._buf) < b:
+            try:
+                at, samples = next(self._chunks)
+            except StopIteration:  # the audio ended: the rest is zeros, still has_audio
+                self._exhausted = True
+                break
+            except Exception:  # undecodable audio: the rest of the film is silence
+                self.failed = True
+                break
+            self._append(at, samples)
+        out = np.zeros(b - a, np.float32)
+        lo, hi = max(a, self._buf_start), min(b, self._buf_start + len(self._buf))
+        if hi > lo:
+            out[lo - a:hi - a] = self._buf[lo - self._buf_start:hi - self._buf_start]
+        keep = max(0, a - self._buf_start)  # later reads never look before a
+        self._buf, self._buf_start = self._buf[keep:], self._buf_start + keep
+        return out
+
+    def _append(self, at: int | None, samples: np.ndarray) -> None:
+        end = self._buf_start + len(self._buf)
+        if at is None or abs(at - end) <= PTS_JITTER_SAMPLES:
+            at = end
+        if at > end:  # a gap in the audio: silence
+            samples = np.concatenate([np.zeros(at - end, np.float32), samples])
+        elif at < end:  # overlaps what we have (decoded from before the seek target)
+            samples = samples[end - at:]
+        self._buf = np.concatenate([self._buf, samples])
+
+
+def decode_clips(path: str, uri: str, start: int = 0, stop: int | None = None, *,
+                 frames_per_clip: int = 1, size: int = 224,
+                 threads: int = 0) -> tuple[MediaInfo, Iterator[Clip]]:
+    """Open a local film; return its MediaInfo and an iterator over clips ``[start, stop)``."""
+    container = _inspect_container(path, uri)
+    video = VideoTrack(path, uri, size or None, threads)
+    info = MediaInfo(round(video.duration_s, 6), video.fps, container.width, container.height,
+                     container.audio_stream is not None, n_clips_for(video.duration_s))
+    if info.n_clips < 1:
+        raise TooShortError(uri, f"too short: {video.duration_s:.3f} s of video (at least 0.5 s needed)")
+    stop = info.n_clips if stop is None else min(int(stop), info.n_clips)
+    start = max(0, int(start))
+    return info, _clips(video, container, path, start, stop, frames_per_clip)
+
+
+def _clips(video: VideoTrack, container: _Container, path: str, start: int, stop: int,
+           frames_per_clip: int) -> Iterator[Clip]:
+    if stop <= start:
+        return
+    audio = None
+    if container.audio_stream is not None:
+        origin_s = container.video_start_s + video.first_pts_s
+        try:
+            audio = AudioTrack(path, container.audio_stream, origin_s, start * CLIP_SAMPLES + PATCH_OFFSET_SAMPLES)
+        except Exception:  # the stream exists but cannot be opened: silence
+            audio = None
+    indices = video.still_indices(np.arange(start, stop), frames_per_clip)
+    try:
+        for row, i in enumerate(range(start, stop)):
+            frames = video.stills(indices[row], i)
+            log_mel, has_audio = SILENCE_LOG_MEL, False
+            if audio is not None:
+                first = i * CLIP_SAMPLES + PATCH_OFFSET_SAMPLES
+                samples = audio.read(first, (i + 1) * CLIP_SAMPLES)
+                has_audio = not audio.failed
+                log_mel = clip_log_mels(samples, i, 1, offset_samples=first)[0]
+            yield Clip(i, frames, log_mel, has_audio)
+    finally:
+        if audio is not None:
+            audio.close()
+
+
+def _serve(request: dict, send: Callable[[dict, bytes], None]) -> None:
+    info, clips = decode_clips(request["path"], request["uri"], request["start"], request["stop"],
+                               frames_per_clip=request["frames_per_clip"], size=request["size"],
+                               threads=request["threads"])
+    send({"type": "info", "info": asdict(info)}, b"")
+    for clip in clips:
+        payload = clip.frames.tobytes() + np.ascontiguousarray(clip.log_mel, np.float32).tobytes()
+        send({"type": "clip", "index": clip.index, "has_audio": clip.has_audio}, payload)
+    send({"type": "end"}, b"")
+
+
+def main() -> int:
+    request = json.loads(sys.argv[1])
+    protocol = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # anything the C libraries print goes to stderr, never into the protocol
+
+    def send(header: dict, payload: bytes) -> None:
+        data = json.dumps({**header, "payload": len(payload)}).encode()
+        protocol.write(struct.pack("<I", len(data)) + data + payload)
+        protocol.flush()
+
+    try:
+        _serve(request, send)
+    except BrokenPipeError:
+        return 0
+    except MediaError as e:
+        send({"type": "error", "error": type(e).__name__, "reason": e.reason}, b"")
+    except Exception as e:  # anything else is a decode failure of this film, never a traceback
+        send({"type": "error", "error": "DecodeError", "reason": f"{type(e).__name__}: {short_reason(e)}"}, b"")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Typed errors. Every media error names the film and the reason in one line."""
+
+from __future__ import annotations
+
+
+class KissrayError(Exception):
+    """Base class of every error kissray raises on purpose."""
+
+
+class MediaError(KissrayError):
+    """A film could not be used. ``str(err)`` is ``"<uri>: <reason>"``."""
+
+    def __init__(self, uri: str, reason: str):
+        self.uri = str(uri)
+        self.reason = " ".join(str(reason).split())  # one line
+        super().__init__(f"{self.uri}: {self.reason}")
+
+    def __reduce__(self):  # keep the type across Ray / pickle boundaries
+        return (type(self), (self.uri, self.reason))
+
+
+class MediaOpenError(MediaError):
+    """The file is missing, empty, not a media container, or has no video stream."""
+
+
+class TooShortError(MediaError):
+    """The film is shorter than half a second, so it has no clip."""
+
+
+class DecodeError(MediaError):
+    """Decoding failed part-way; clips before the failure were delivered."""
+
+
+class DecodeTimeoutError(DecodeError):
+    """The decoder made no progress within the time limit and was killed."""
+
+
+class CheckpointError(KissrayError):
+    """A checkpoint is missing, malformed or does not match its config."""
+
+
+class UsageError(KissrayError):
+    """Bad arguments or inputs given by the user (CLI exit code 2)."""
+
+
+ERRORS_BY_NAME = {
+    cls.__name__: cls
+    for cls in (MediaError, MediaOpenError, TooShortError, DecodeError, DecodeTimeoutError)
+}

@@ -1,0 +1,225 @@
+"""Films in, 1-second clips out: ``probe`` and ``iter_clips`` (SPEC sections 2-3).
+
+Clip ``i`` covers ``[i, i+1)`` seconds of the film's timeline (t = 0 at the first video frame).
+Decoding runs in a child process (``python -m kissray.decode``) that streams clips back over a
+pipe: a decoder that hangs is killed after ``timeout_s`` without progress, a crash or leak in
+decord / FFmpeg dies with the child, and the caller gets one typed :class:`MediaError`.
+This module imports only numpy and fsspec; the decoders live in :mod:`kissray.decode`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+import numpy as np
+
+from kissray.errors import ERRORS_BY_NAME, DecodeError, DecodeTimeoutError, MediaError, MediaOpenError
+
+CLIP_SECONDS = 1  # one example per second of film
+DEFAULT_SIZE = 224  # ResNet-18 input, pixels (square)
+MIN_DURATION_S = 0.5  # n_clips = floor(duration_s + 0.5) must be >= 1
+DEFAULT_TIMEOUT_S = 60.0  # longest wait for one clip before the decoder is killed
+OPEN_TIMEOUT_FACTOR = 4  # opening (indexing) a film may take this many clip timeouts
+STAGE_CHUNK_BYTES = 8 << 20  # copy size when staging a remote film to local disk
+VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".ts", ".m2ts", ".mts",
+                    ".mpg", ".mpeg", ".wmv", ".flv", ".ogv", ".3gp", ".vob", ".mxf")
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    duration_s: float  # first video frame to the end of the last one
+    fps: float
+    width: int
+    height: int
+    has_audio: bool  # an audio stream with a decoder exists (decoding may still fail)
+    n_clips: int  # floor(duration_s + 0.5)
+
+
+@dataclass(frozen=True)
+class Clip:
+    index: int  # covers [index, index + 1) seconds
+    frames: np.ndarray  # uint8[K, size, size, 3], RGB
+    log_mel: np.ndarray  # float32[96, 64], VGGish patch ending at (index + 1) s
+    has_audio: bool = True  # False when this clip's audio is silence because none decoded
+
+
+def n_clips_for(duration_s: float) -> int:
+    return int(np.floor(duration_s + 0.5))
+
+
+def probe(uri: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> MediaInfo:
+    """Open a film and describe it; raises :class:`MediaError` subclasses for bad input."""
+    with ClipReader(uri, 0, 0, timeout_s=timeout_s) as reader:
+        return reader.info
+
+
+def iter_clips(uri: str, start: int = 0, stop: int | None = None, *, frames_per_clip: int = 1,
+               size: int = DEFAULT_SIZE, timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[Clip]:
+    """Yield clips ``start <= i < stop`` of the film at ``uri`` (any fsspec URI), in order."""
+    with ClipReader(uri, start, stop, frames_per_clip=frames_per_clip, size=size,
+                    timeout_s=timeout_s) as reader:
+        yield from reader
+
+
+@contextlib.contextmanager
+def local_path(uri: str) -> Iterator[str]:
+    """A local file path for ``uri``: the file itself when local, else a staged temporary copy."""
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    try:
+        fs, path = fsspec.core.url_to_fs(str(uri))
+    except (ValueError, ImportError) as e:
+        raise MediaOpenError(uri, f"unsupported URI: {e}") from e
+    if isinstance(fs, LocalFileSystem):
+        if not os.path.isfile(path):
+            raise MediaOpenError(uri, "no such file")
+        yield path
+        return
+    suffix = os.path.splitext(path)[1][:16]
+    fd, tmp = tempfile.mkstemp(prefix="kissray-stage-", suffix=suffix)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            try:
+                with fs.open(path, "rb") as src:
+                    shutil.copyfileobj(src, out, STAGE_CHUNK_BYTES)
+            except FileNotFoundError as e:
+                raise MediaOpenError(uri, "no such file") from e
+            except OSError as e:
+                raise MediaOpenError(uri, f"cannot read: {e}") from e
+        yield tmp
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+class ClipReader:
+    """Decodes clips ``[start, stop)`` of one film in an isolated, time-limited child process.
+
+    Use as a context manager; ``info`` is the film's :class:`MediaInfo`, iteration yields clips.
+    Iteration raises :class:`DecodeError` (or :class:`DecodeTimeoutError`) after the clips that
+    did decode; ``n_delivered`` counts them.
+    """
+
+    def __init__(self, uri: str, start: int = 0, stop: int | None = None, *,
+                 frames_per_clip: int = 1, size: int = DEFAULT_SIZE,
+                 timeout_s: float = DEFAULT_TIMEOUT_S, decode_threads: int = 0):
+        if frames_per_clip < 1 or size < 16:
+            raise ValueError("frames_per_clip must be >= 1 and size >= 16")
+        self.uri = str(uri)
+        self.request = {"start": int(start), "stop": None if stop is None else int(stop),
+                        "frames_per_clip": int(frames_per_clip), "size": int(size),
+                        "threads": int(decode_threads)}
+        self.timeout_s = float(timeout_s)
+        self.info: MediaInfo | None = None
+        self.n_delivered = 0
+        self._stack = contextlib.ExitStack()
+        self._child: _DecoderProcess | None = None
+
+    def __enter__(self) -> "ClipReader":
+        try:
+            path = self._stack.enter_context(local_path(self.uri))
+            self._child = self._stack.enter_context(_DecoderProcess(self.uri, path, self.request))
+            header, _ = self._child.receive(self.timeout_s * OPEN_TIMEOUT_FACTOR, opening=True)
+            self.info = MediaInfo(**header["info"])
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def __iter__(self) -> Iterator[Clip]:
+        k, size = self.request["frames_per_clip"], self.request["size"]
+        frame_bytes = k * size * size * 3
+        while True:
+            header, payload = self._child.receive(self.timeout_s)
+            if header["type"] == "end":
+                return
+            frames = np.frombuffer(payload, np.uint8, frame_bytes).reshape(k, size, size, 3)
+            log_mel = np.frombuffer(payload, np.float32, offset=frame_bytes).reshape(96, 64)
+            self.n_delivered += 1
+            yield Clip(header["index"], frames, log_mel, header["has_audio"])
+
+
+class _DecoderProcess:
+    """``python -m kissray.decode`` speaking the framed protocol of :mod:`kissray.decode`."""
+
+    def __init__(self, uri: str, path: str, request: dict):
+        self.uri = uri
+        self._argv = [sys.executable, "-m", "kissray.decode", json.dumps({**request, "path": path, "uri": uri})]
+        self._buf = bytearray()
+
+    def __enter__(self) -> "_DecoderProcess":
+        self._stderr = tempfile.TemporaryFile()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self._proc = subprocess.Popen(self._argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                      stderr=self._stderr, env=env, bufsize=0)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+        self._proc.stdout.close()
+        self._stderr.close()
+
+    def receive(self, timeout_s: float, opening: bool = False) -> tuple[dict, bytes]:
+        """Next message: a JSON header and its payload. Errors in the child are re-raised here."""
+        deadline = time.monotonic() + timeout_s
+        try:
+            (header_len,) = struct.unpack("<I", self._read_exact(4, deadline))
+            header = json.loads(self._read_exact(header_len, deadline))
+            payload = self._read_exact(header.get("payload", 0), deadline)
+        except TimeoutError as e:
+            self._proc.kill()
+            what = "opening the film" if opening else "the next clip"
+            raise DecodeTimeoutError(self.uri, f"decoder made no progress for {timeout_s:.0f} s on {what}") from e
+        except EOFError as e:
+            error = MediaOpenError if opening else DecodeError
+            raise error(self.uri, f"decoder died ({self._exit_reason()})") from e
+        if header["type"] == "error":
+            raise ERRORS_BY_NAME.get(header["error"], MediaError)(self.uri, header["reason"])
+        return header, payload
+
+    def _read_exact(self, n: int, deadline: float) -> bytes:
+        fd = self._proc.stdout.fileno()
+        while len(self._buf) < n:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            ready, _, _ = select.select([fd], [], [], remaining)
+            if ready:
+                chunk = os.read(fd, max(1 << 20, n - len(self._buf)))
+                if not chunk:
+                    raise EOFError
+                self._buf += chunk
+        data = bytes(self._buf[:n])
+        del self._buf[:n]
+        return data
+
+    def _exit_reason(self) -> str:
+        try:
+            code = self._proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            return "stopped responding"
+        self._stderr.seek(0)
+        lines = [ln.strip() for ln in self._stderr.read().decode(errors="replace").splitlines() if ln.strip()]
+        why = f"signal {-code}" if code < 0 else f"exit code {code}"
+        return f"{why}: {lines[-1][:200]}" if lines else why
+
+
+def media_info_dict(info: MediaInfo) -> dict:
+    return asdict(info)

@@ -1,0 +1,281 @@
+"""The fused classifier: ResNet-18 on stills + VGGish on log-mel -> linear head, one logit per label.
+
+A checkpoint is a directory (any fsspec URI) with ``config.json`` (a :class:`ModelConfig`) and
+``model.safetensors``. Loading never unpickles. This module never imports Ray.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import torch
+from torch import nn
+
+from kissray.errors import CheckpointError
+
+MODALITIES = ("av", "video", "audio")
+RESNET_DIM = 512  # ResNet-18 pooled feature size
+VGGISH_DIM = 128  # VGGish embedding size
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+# The public PyTorch port of VGGish (harritaylor/torchvggish, AudioSet weights). torch.hub names
+# files "<name>-<first 8 hex digits of SHA-256>.pth"; that prefix is the pin we can verify.
+VGGISH_AUDIOSET_URL = "https://github.com/harritaylor/torchvggish/releases/download/v0.1/vggish-10086976.pth"
+VGGISH_AUDIOSET_SHA256_PREFIX = "10086976"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kissray")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a :class:`KissModel`; saved as the checkpoint's config.json."""
+
+    labels: list[str] = field(default_factory=lambda: ["kiss"])
+    modality: str = "av"  # av | video | audio (the paper's ablations)
+    frames_per_clip: int = 1  # K stills per 1-second clip, mean-pooled after the ResNet trunk
+    image_size: int = 224  # stills are resized to image_size x image_size
+    kissray_version: str = field(default_factory=_version)
+
+    def __post_init__(self):
+        if self.modality not in MODALITIES:
+            raise CheckpointError(f"modality must be one of {MODALITIES}, not {self.modality!r}")
+        if not self.labels or len(set(self.labels)) != len(self.labels):
+            raise CheckpointError(f"labels must be a non-empty list of distinct names: {self.labels!r}")
+        if self.frames_per_clip < 1 or self.image_size < 16:
+            raise CheckpointError("frames_per_clip must be >= 1 and image_size >= 16")
+
+    @property
+    def feature_dim(self) -> int:
+        return {"av": RESNET_DIM + VGGISH_DIM, "video": RESNET_DIM, "audio": VGGISH_DIM}[self.modality]
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class VGGish(nn.Module):
+    """VGGish with the state-dict layout of harritaylor/torchvggish (``features.*``, ``embeddings.*``).
+
+    Input: log-mel patches float[B, 96, 64] (or [B, 1, 96, 64]); output: float[B, 128].
+    """
+
+    LAYERS = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M")
+
+    def __init__(self):
+        super().__init__()
+        layers, channels = [], 1
+        for spec in self.LAYERS:
+            if spec == "M":
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            else:
+                layers += [nn.Conv2d(channels, spec, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
+                channels = spec
+        self.features = nn.Sequential(*layers)
+        self.embeddings = nn.Sequential(
+            nn.Linear(512 * 4 * 6, 4096), nn.ReLU(True),
+            nn.Linear(4096, 4096), nn.ReLU(True),
+            nn.Linear(4096, VGGISH_DIM), nn.ReLU(True),
+        )
+
+    def forward(self, log_mel: torch.Tensor) -> torch.Tensor:
+        x = log_mel if log_mel.dim() == 4 else log_mel.unsqueeze(1)
+        x = self.features(x)  # [B, 512, 6, 4]
+        x = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)  # the port's transpose(1,3).transpose(1,2) order
+        return self.embeddings(x)
+
+
+def resnet18_trunk() -> nn.Module:
+    import torchvision
+
+    trunk = torchvision.models.resnet18(weights=None)
+    trunk.fc = nn.Identity()
+    return trunk
+
+
+class KissModel(nn.Module):
+    """frames uint8[B, K, H, W, 3] (RGB) + log_mel float[B, 96, 64] -> logits float[B, n_labels]."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.resnet = resnet18_trunk() if config.modality in ("av", "video") else None
+        self.vggish = VGGish() if config.modality in ("av", "audio") else None
+        self.head = nn.Linear(config.feature_dim, len(config.labels))
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.config.labels)
+
+    def embed(self, frames: torch.Tensor | None, log_mel: torch.Tensor | None) -> torch.Tensor:
+        """The fused feature vector the head sees: float[B, feature_dim]."""
+        parts = []
+        if self.resnet is not None:
+            b, k = frames.shape[:2]
+            x = frames.reshape(b * k, *frames.shape[2:]).permute(0, 3, 1, 2)  # -> [B*K, 3, H, W]
+            x = (x.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
+            x = x.contiguous(memory_format=torch.channels_last) if self._channels_last else x
+            parts.append(self.resnet(x).reshape(b, k, -1).mean(dim=1))
+        if self.vggish is not None:
+            parts.append(self.vggish(log_mel.to(self.pixel_mean.dtype)))
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+    def forward(self, frames: torch.Tensor | None, log_mel: torch.Tensor | None) -> torch.Tensor:
+        return self.head(self.embed(frames, log_mel).float())
+
+    _channels_last = False
+
+    def prepare(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                channels_last: bool | None = None) -> "KissModel":
+        """Move to ``device`` for inference; fp16/bf16 and channels_last are for GPUs."""
+        device = torch.device(device)
+        self._channels_last = device.type == "cuda" if channels_last is None else channels_last
+        self.to(device=device)
+        for module in (self.resnet, self.vggish):
+            if module is not None:
+                module.to(dtype=dtype)
+                if self._channels_last:
+                    module.to(memory_format=torch.channels_last)
+        self.pixel_mean = self.pixel_mean.to(dtype)
+        self.pixel_std = self.pixel_std.to(dtype)
+        return self.eval()
+
+    @torch.inference_mode()
+    def predict_proba(self, frames: np.ndarray | torch.Tensor, log_mel: np.ndarray | torch.Tensor,
+                      batch_size: int = 32) -> np.ndarray:
+        """Sigmoid probabilities float32[B, n_labels], computed in batches on the model's device."""
+        device = self.head.weight.device
+        n = len(frames) if frames is not None else len(log_mel)
+        out = []
+        for lo in range(0, n, batch_size):
+            f = _to_device(frames, lo, batch_size, device) if self.resnet is not None else None
+            m = _to_device(log_mel, lo, batch_size, device) if self.vggish is not None else None
+            out.append(torch.sigmoid(self(f, m)).float().cpu())
+        if not out:
+            return np.zeros((0, len(self.config.labels)), np.float32)
+        return torch.cat(out).numpy()
+
+
+def _to_device(array, lo: int, n: int, device: torch.device) -> torch.Tensor:
+    part = torch.as_tensor(np.asarray(array[lo:lo + n]) if not torch.is_tensor(array) else array[lo:lo + n])
+    if device.type == "cuda":
+        part = part.pin_memory()
+    return part.to(device, non_blocking=True)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def save_model(model: KissModel, uri: str, extra_files: dict[str, bytes] | None = None) -> None:
+    """Write ``config.json`` + ``model.safetensors`` (+ extra files) into the directory ``uri``."""
+    import fsspec
+    from safetensors.torch import save
+
+    fs, root = fsspec.core.url_to_fs(str(uri))
+    fs.makedirs(root, exist_ok=True)
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    files = {CONFIG_FILE: json.dumps(asdict(model.config), indent=2).encode(), WEIGHTS_FILE: save(tensors)}
+    for name, data in {**files, **(extra_files or {})}.items():
+        with fs.open(f"{root.rstrip('/')}/{name}", "wb") as f:
+            f.write(data)
+
+
+def load_model(uri: str, device: str = "cpu") -> KissModel:
+    """Rebuild a :class:`KissModel` from a checkpoint directory (safetensors only, no pickle)."""
+    import fsspec
+    from safetensors.torch import load
+
+    fs, root = fsspec.core.url_to_fs(str(uri))
+    try:
+        with fs.open(f"{root.rstrip('/')}/{CONFIG_FILE}", "rb") as f:
+            config = ModelConfig.from_dict(json.loads(f.read()))
+        with fs.open(f"{root.rstrip('/')}/{WEIGHTS_FILE}", "rb") as f:
+            state = load(f.read())
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{uri}: not a kissray checkpoint (missing {e.filename or e})") from e
+    except (ValueError, json.JSONDecodeError, TypeError) as e:
+        raise CheckpointError(f"{uri}: unreadable checkpoint: {e}") from e
+    model = KissModel(config)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{uri}: weights do not match config.json: {str(e).splitlines()[0]}") from e
+    return model.prepare(device)
+
+
+# ---------------------------------------------------------------- backbone weights
+
+
+def read_state_dict(uri: str, expect_sha256_prefix: str | None = None) -> dict[str, torch.Tensor]:
+    """A state dict from a ``.safetensors`` or ``.pth`` file on any fsspec URI (``weights_only``)."""
+    import fsspec
+
+    with fsspec.open(str(uri), "rb") as f:
+        data = f.read()
+    digest = hashlib.sha256(data).hexdigest()
+    if expect_sha256_prefix and not digest.startswith(expect_sha256_prefix):
+        raise CheckpointError(f"{uri}: SHA-256 {digest} does not match the pinned {expect_sha256_prefix}")
+    if data[:8] and str(uri).endswith(".safetensors"):
+        from safetensors.torch import load
+
+        return load(data)
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{uri}: not a tensor state dict: {e}") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{uri}: expected a state dict, got {type(state).__name__}")
+    return state
+
+
+def load_backbones(model: KissModel, resnet_weights: str | None = None,
+                   vggish_weights: str | None = None) -> KissModel:
+    """Load ResNet-18 (``"imagenet"`` = torchvision's enum, or a URI) and VGGish (URI) weights."""
+    if resnet_weights and model.resnet is not None:
+        if resnet_weights == "imagenet":  # downloads only because the user asked by name
+            import torchvision
+
+            state = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=True, check_hash=True)
+        else:
+            state = read_state_dict(resnet_weights)
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        _load_strict(model.resnet, state, resnet_weights)
+    if vggish_weights and model.vggish is not None:
+        if vggish_weights == "audioset":
+            vggish_weights, pin = VGGISH_AUDIOSET_URL, VGGISH_AUDIOSET_SHA256_PREFIX
+        else:
+            pin = None
+        state = read_state_dict(vggish_weights, pin)
+        state = {k: v for k, v in state.items() if k.startswith(("features.", "embeddings."))}
+        _load_strict(model.vggish, state, vggish_weights)
+    return model
+
+
+def _load_strict(module: nn.Module, state: dict, uri: str) -> None:
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{uri}: weights do not fit: {str(e).splitlines()[0]}") from e
+
+
+def init_model(config: ModelConfig, resnet_weights: str | None = None,
+               vggish_weights: str | None = None, seed: int = 0) -> KissModel:
+    """A new model: random (seeded) or given backbone weights, untrained head."""
+    torch.manual_seed(seed)
+    return load_backbones(KissModel(config), resnet_weights, vggish_weights).eval()

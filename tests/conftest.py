@@ -1,0 +1,87 @@
+"""Shared fixtures: synthetic films made with ffmpeg, a random-weight checkpoint, one Ray per session.
+
+Test films show one solid colour per second (PALETTE, cycling) and play a 1 kHz tone during the
+seconds listed in ``tone_seconds``, so RGB order and audio/video alignment can be asserted exactly.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kissray.ffmpeg import H264_ARGS, write_film
+
+PALETTE = np.array([(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0),
+                    (0, 255, 255), (255, 0, 255), (255, 255, 255), (0, 0, 0)], np.uint8)
+TONE_HZ = 1000.0
+
+
+def colour_of_second(i: int) -> np.ndarray:
+    return PALETTE[i % len(PALETTE)]
+
+
+def tone_track(duration_s: float, tone_seconds, sample_rate: int = 48000, channels: int = 1) -> np.ndarray:
+    n = int(round(duration_s * sample_rate))
+    t = np.arange(n) / sample_rate
+    on = np.isin(np.floor(t).astype(int), list(tone_seconds))
+    mono = 0.5 * np.sin(2 * np.pi * TONE_HZ * t) * on
+    return np.repeat(mono[:, None], channels, axis=1) if channels > 1 else mono
+
+
+def make_film(path: str | Path, duration_s: float = 5.0, fps: str = "25", size=(64, 48),
+              tone_seconds=(1, 3), audio: bool = True, channels: int = 1, sample_rate: int = 48000,
+              video_args=H264_ARGS, audio_args=None, extra_args=()) -> str:
+    """A film whose second i is solid colour_of_second(i), with a tone in ``tone_seconds``."""
+    num, _, den = str(fps).partition("/")
+    rate = float(num) / float(den or 1)
+    n_frames = int(round(duration_s * rate))
+    frames = [np.broadcast_to(colour_of_second(i), (size[1], size[0], 3)).copy()
+              for i in range(int(np.ceil(duration_s)) + 1)]
+    track = tone_track(duration_s, tone_seconds, sample_rate, channels) if audio else None
+    kwargs = {} if audio_args is None else {"audio_args": audio_args}
+    return write_film(str(path), lambda n: frames[int(np.floor((n + 0.5) / rate))], n_frames, fps,
+                      audio=track, sample_rate=sample_rate, video_args=video_args,
+                      extra_args=extra_args, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def media_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("media")
+
+
+@pytest.fixture(scope="session")
+def film(media_dir) -> str:
+    """5 s, 25 fps H.264 with B-frames + AAC mono, tone in seconds 1 and 3."""
+    return make_film(media_dir / "film.mp4", extra_args=("-bf", "2", "-g", "12"))
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> str:
+    """A random-weight av checkpoint with 64 px stills (fast on CPU)."""
+    from kissray.model import ModelConfig, init_model, save_model
+
+    path = str(tmp_path_factory.mktemp("ckpt") / "ck")
+    save_model(init_model(ModelConfig(labels=["kiss"], image_size=64), seed=0), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def model(checkpoint):
+    from kissray.model import load_model
+
+    return load_model(checkpoint)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (start-up costs ~4 s)."""
+    import ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()

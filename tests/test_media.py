@@ -1,0 +1,221 @@
+"""kissray.media: clip timing, RGB order, A/V alignment, windows, URIs, and bad input."""
+
+from __future__ import annotations
+
+import shutil
+
+import fsspec
+import numpy as np
+import pytest
+
+from conftest import TONE_HZ, colour_of_second, make_film
+from kissray.audio import SILENCE_LOG_MEL
+from kissray.errors import DecodeError, MediaError, MediaOpenError, TooShortError
+from kissray.media import iter_clips, probe
+
+MEL_HZ = 700 * (np.exp(np.linspace(1127 * np.log(1 + 125 / 700), 1127 * np.log(1 + 7500 / 700), 66) / 1127) - 1)
+TONE_BAND = int(np.argmin(np.abs(MEL_HZ[1:-1] - TONE_HZ)))  # mel band centred nearest 1 kHz
+
+
+def mean_colour(clip) -> np.ndarray:
+    return clip.frames.reshape(-1, 3).mean(axis=0)
+
+
+def tone_present(clip) -> bool:
+    return clip.log_mel[:, TONE_BAND].mean() > SILENCE_LOG_MEL[0, 0] + 5
+
+
+def assert_colours(clips, tolerance=12):
+    for clip in clips:
+        assert np.abs(mean_colour(clip) - colour_of_second(clip.index)).max() < tolerance, clip.index
+
+
+def test_probe(film):
+    info = probe(film)
+    assert info.n_clips == 5 and info.duration_s == pytest.approx(5.0, abs=1e-3)
+    assert (info.width, info.height, info.has_audio) == (64, 48, True)
+    assert info.fps == pytest.approx(25)
+
+
+def test_clips_are_rgb_and_aligned_with_audio(film):
+    clips = list(iter_clips(film, size=32))
+    assert [c.index for c in clips] == [0, 1, 2, 3, 4]
+    assert clips[0].frames.shape == (1, 32, 32, 3) and clips[0].frames.dtype == np.uint8
+    assert clips[0].log_mel.shape == (96, 64) and clips[0].log_mel.dtype == np.float32
+    assert_colours(clips)
+    assert [tone_present(c) for c in clips] == [False, True, False, True, False]
+    assert all(c.has_audio for c in clips)
+
+
+def test_several_stills_per_clip(film):
+    clips = list(iter_clips(film, frames_per_clip=4, size=32))
+    assert clips[2].frames.shape == (4, 32, 32, 3)
+    assert_colours(clips)
+
+
+def test_window_equals_slice_of_full_decode(film):
+    full = list(iter_clips(film, size=32))
+    window = list(iter_clips(film, 2, 4, size=32))
+    assert [c.index for c in window] == [2, 3]
+    for clip in window:
+        np.testing.assert_array_equal(clip.frames, full[clip.index].frames)
+        np.testing.assert_array_equal(clip.log_mel, full[clip.index].log_mel)
+    assert list(iter_clips(film, 4, 99, size=32))[0].index == 4
+    assert list(iter_clips(film, 7, 9, size=32)) == []
+
+
+def test_ntsc_frame_rate(media_dir):
+    path = make_film(media_dir / "ntsc.mp4", duration_s=8.0, fps="30000/1001", tone_seconds=(6,))
+    info = probe(path)
+    assert info.n_clips == 8 and info.fps == pytest.approx(29.97, abs=0.01)
+    clips = list(iter_clips(path, size=32, frames_per_clip=3))
+    assert_colours(clips)
+    assert [tone_present(c) for c in clips] == [i == 6 for i in range(8)]
+
+
+def test_film_without_audio(media_dir):
+    path = make_film(media_dir / "silent.mp4", audio=False)
+    assert probe(path).has_audio is False
+    clips = list(iter_clips(path, size=32))
+    assert len(clips) == 5 and not any(c.has_audio for c in clips)
+    np.testing.assert_array_equal(clips[0].log_mel, SILENCE_LOG_MEL)
+
+
+@pytest.mark.parametrize("channels,rate", [(2, 44100), (6, 48000), (8, 48000), (1, 96000)])
+def test_multichannel_and_high_rate_audio(media_dir, channels, rate):
+    audio_args = ("-c:a", "flac") if channels == 8 else None  # AAC tops out at 7.1 layouts awkwardly
+    path = make_film(media_dir / f"ch{channels}-{rate}.mkv", channels=channels, sample_rate=rate,
+                     tone_seconds=(2,), audio_args=audio_args)
+    clips = list(iter_clips(path, size=32))
+    assert [tone_present(c) for c in clips] == [False, False, True, False, False]
+
+
+def test_memory_and_file_uris(film):
+    data = open(film, "rb").read()
+    with fsspec.open("memory://bucket/films/film.mp4", "wb") as f:
+        f.write(data)
+    in_memory = list(iter_clips("memory://bucket/films/film.mp4", size=32))
+    local = list(iter_clips(f"file://{film}", size=32))
+    assert len(in_memory) == len(local) == 5
+    np.testing.assert_array_equal(in_memory[3].frames, local[3].frames)
+
+
+def test_unicode_name_with_spaces(film, tmp_path):
+    path = tmp_path / "Le Baiser — 1896 (été).mp4"
+    shutil.copy(film, path)
+    assert probe(str(path)).n_clips == 5
+
+
+def test_tiny_16px_video(media_dir):
+    path = make_film(media_dir / "tiny.mp4", size=(16, 16))
+    assert_colours(list(iter_clips(path, size=32)))
+
+
+@pytest.mark.parametrize("name,video_args,audio_args", [
+    ("vp9.webm", ("-c:v", "libvpx-vp9", "-deadline", "realtime", "-cpu-used", "8"), ("-c:a", "libopus")),
+    ("hevc.mkv", ("-c:v", "libx265", "-preset", "ultrafast", "-x265-params", "log-level=error"), ("-c:a", "ac3")),
+    ("mpeg2.ts", ("-c:v", "mpeg2video", "-q:v", "2"), ("-c:a", "mp2")),
+    ("msmpeg4.avi", ("-c:v", "msmpeg4v2", "-q:v", "2"), ("-c:a", "libmp3lame")),
+    ("mpeg4.mov", ("-c:v", "mpeg4", "-q:v", "2"), ("-c:a", "pcm_s16le")),
+])
+def test_other_codecs_and_containers(media_dir, name, video_args, audio_args):
+    path = make_film(media_dir / name, size=(64, 48), video_args=video_args, audio_args=audio_args)
+    clips = list(iter_clips(path, size=32))
+    assert len(clips) == 5
+    assert_colours(clips, tolerance=20)
+    assert [tone_present(c) for c in clips] == [False, True, False, True, False]
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def write_bytes(path, data: bytes) -> str:
+    path.write_bytes(data)
+    return str(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(MediaOpenError, match="no such file"):
+        probe(str(tmp_path / "nope.mp4"))
+
+
+@pytest.mark.parametrize("name,data", [("empty.mp4", b""), ("text.mp4", b"this is not a film\n" * 50)])
+def test_not_a_film(tmp_path, name, data):
+    path = write_bytes(tmp_path / name, data)
+    with pytest.raises(MediaOpenError) as info:
+        probe(path)
+    assert path in str(info.value)
+
+
+def test_audio_only_file(tmp_path):
+    from kissray.ffmpeg import run_ffmpeg
+
+    path = str(tmp_path / "audio-only.mp4")
+    run_ffmpeg(["-f", "lavfi", "-i", "sine=f=440:d=2", "-c:a", "aac", path])
+    with pytest.raises(MediaOpenError, match="audio-only"):
+        probe(path)
+
+
+def test_too_short(tmp_path):
+    path = make_film(tmp_path / "short.mp4", duration_s=0.3)
+    with pytest.raises(TooShortError, match="too short"):
+        list(iter_clips(path))
+
+
+def test_still_image_named_mp4(tmp_path):
+    from kissray.ffmpeg import run_ffmpeg
+
+    png = str(tmp_path / "x.png")
+    run_ffmpeg(["-f", "lavfi", "-i", "color=c=red:s=32x32:d=1", "-frames:v", "1", png])
+    path = str(tmp_path / "still.mp4")
+    shutil.copy(png, path)
+    with pytest.raises((TooShortError, MediaOpenError)):
+        probe(path)
+
+
+def decode_all_or_error(path):
+    """Clips decoded before a typed error (or all of them): never a raw exception or a hang."""
+    clips = []
+    try:
+        for clip in iter_clips(path, size=32, timeout_s=10):
+            clips.append(clip)
+    except MediaError as e:
+        assert path in str(e)
+        return clips, e
+    return clips, None
+
+
+def test_file_cut_in_half(tmp_path, media_dir):
+    src = make_film(media_dir / "long-faststart.mp4", duration_s=20, extra_args=("-movflags", "+faststart"))
+    data = open(src, "rb").read()
+    path = write_bytes(tmp_path / "half.mp4", data[: len(data) // 2])
+    clips, error = decode_all_or_error(path)
+    assert error is not None or len(clips) == 20
+    if isinstance(error, DecodeError):
+        assert 0 < len(clips) < 20
+    assert_colours(clips)
+
+
+def test_corrupted_bytes_in_the_middle(tmp_path, media_dir):
+    src = make_film(media_dir / "long.mp4", duration_s=20)
+    data = bytearray(open(src, "rb").read())
+    rng = np.random.default_rng(0)
+    middle = len(data) // 2
+    data[middle:middle + 4000] = rng.integers(0, 256, 4000, dtype=np.uint8).tobytes()
+    clips, error = decode_all_or_error(write_bytes(tmp_path / "corrupt.mp4", bytes(data)))
+    assert len(clips) >= 5  # the start of the film survives
+    assert [c.index for c in clips] == list(range(len(clips)))
+
+
+def test_audio_that_fails_to_decode(tmp_path, film):
+    """Break the AAC decoder config (esds): the film is still scored, with silent audio."""
+    data = bytearray(open(film, "rb").read())
+    at = data.find(b"esds")
+    assert at > 0
+    tag = data.find(b"\x05", at + 4 + 4 + 20)  # DecoderSpecificInfo tag
+    length = data[tag + 1]
+    data[tag + 2:tag + 2 + length] = b"\xff" * length
+    clips, error = decode_all_or_error(write_bytes(tmp_path / "bad-audio.mp4", bytes(data)))
+    assert error is None and len(clips) == 5
+    assert not any(c.has_audio for c in clips)
+    assert_colours(clips)
