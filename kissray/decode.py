@@ -18,12 +18,11 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from kissray.audio import CLIP_SAMPLES, EXAMPLE_SAMPLES, SAMPLE_RATE_HZ, SILENCE_LOG_MEL, clip_log_mels
+from kissray.audio import CLIP_SAMPLES, PATCH_OFFSET_SAMPLES, SAMPLE_RATE_HZ, SILENCE_LOG_MEL, clip_log_mels
 from kissray.errors import DecodeError, MediaError, MediaOpenError, TooShortError
 from kissray.media import Clip, MediaInfo, n_clips_for
 
 AUDIO_SEEK_MARGIN_S = 1.0  # seek this far before the first sample needed, then decode forward
-PATCH_OFFSET_SAMPLES = CLIP_SAMPLES - EXAMPLE_SAMPLES  # 400: a clip's patch starts this far into it
 PTS_JITTER_SAMPLES = 2  # audio frame timestamps closer than this to "contiguous" are contiguous
 
 
@@ -40,7 +39,7 @@ class _Container:
 def short_reason(error: BaseException) -> str:
     """One readable line from a decord/FFmpeg exception (drops log prefixes and C++ frames)."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    text = re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", text)
+    text = re.sub(r"\[[\d:]+\] \S+:\d+: ", "", text)  # decord's "[hh:mm:ss] file.cc:123: " prefixes
     return text[:300]
 
 
@@ -60,16 +59,22 @@ def _inspect_container(path: str, uri: str) -> _Container:
         raise MediaOpenError(uri, f"not a readable media file ({short_reason(e)})") from e
 
 
+def _inspect_with_decord(path: str, uri: str, pyav_error: MediaOpenError) -> _Container:
+    """When PyAV cannot read the container but decord can read the video, score without audio."""
+    try:
+        height, width = VideoTrack(path, uri, None, threads=1).reader[0].shape[:2]
+    except Exception:
+        raise pyav_error from None
+    return _Container(width, height, 0.0, None)
+
+
 class VideoTrack:
     """decord's frame index of one film, with presentation times relative to the first frame."""
 
     def __init__(self, path: str, uri: str, size: int | None, threads: int = 0):
-        import decord
-
-        self.uri = uri
-        resize = {"width": size, "height": size} if size else {}
+        self.uri, self._path, self._size = uri, path, size
         try:
-            self.reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=threads, **resize)
+            self.reader = self._open(threads)
             n = len(self.reader)
             times = self.reader.get_frame_timestamp(np.arange(n)) if n else np.zeros((0, 2))
         except Exception as e:  # decord raises DECORDError / RuntimeError with C++ log text
@@ -90,12 +95,24 @@ class VideoTrack:
         idx = np.searchsorted(self.pts_s, times + eps, side="right") - 1
         return np.clip(idx, 0, len(self.pts_s) - 1)
 
+    def _open(self, threads: int):
+        import decord
+
+        resize = {"width": self._size, "height": self._size} if self._size else {}
+        return decord.VideoReader(self._path, ctx=decord.cpu(0), num_threads=threads, **resize)
+
     def stills(self, indices: np.ndarray, clip_index: int) -> np.ndarray:
+        """uint8[K, H, W, 3] RGB. A damaged packet can leave decord's threaded decoder in an
+        error state, so a failure is retried once on a freshly opened single-threaded reader."""
         unique, inverse = np.unique(indices, return_inverse=True)
         try:
             batch = self.reader.get_batch(unique.tolist()).asnumpy()
-        except Exception as e:
-            raise DecodeError(self.uri, f"clip {clip_index}: {short_reason(e)}") from e
+        except Exception:
+            try:
+                self.reader = self._open(threads=1)
+                batch = self.reader.get_batch(unique.tolist()).asnumpy()
+            except Exception as e:
+                raise DecodeError(self.uri, f"clip {clip_index}: {short_reason(e)}") from e
         return np.ascontiguousarray(batch[inverse])
 
 
@@ -125,12 +142,17 @@ class AudioTrack:
         import av
 
         seek_s = self._origin_s + first_sample / SAMPLE_RATE_HZ - AUDIO_SEEK_MARGIN_S
-        stream, resampler = self._stream, av.AudioResampler(format="fltp", rate=SAMPLE_RATE_HZ)
+        stream = self._stream
+        # mono first (SPEC: the mean of the channels), then resample: swresample's own downmix
+        # is not a mean, and it crashes on some 7.1 layouts
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE_HZ)
         if stream.start_time is not None and seek_s > float(stream.start_time * stream.time_base):
             self._container.seek(int(seek_s / stream.time_base), stream=stream)
         for frame in self._container.decode(stream):
-            for out in resampler.resample(frame):
-                yield self._timeline_sample(out), out.to_ndarray().mean(axis=0, dtype=np.float32)
+            mono = av.AudioFrame.from_ndarray(_mean_of_channels(frame)[None, :], format="flt", layout="mono")
+            mono.sample_rate, mono.pts, mono.time_base = frame.sample_rate, frame.pts, frame.time_base
+            for out in resampler.resample(mono):
+                yield self._timeline_sample(out), out.to_ndarray()[0]
 
     def _timeline_sample(self, frame) -> int | None:
         if frame.pts is None:
@@ -167,11 +189,32 @@ class AudioTrack:
         self._buf = np.concatenate([self._buf, samples])
 
 
+_PCM_SCALE = {"u8": 128.0, "s16": 32768.0, "s32": 2147483648.0, "s64": 9223372036854775808.0}
+
+
+def _mean_of_channels(frame) -> np.ndarray:
+    """float32[samples]: the mean of an audio frame's channels, in [-1, 1]."""
+    data = frame.to_ndarray()
+    fmt = frame.format.name.rstrip("p")
+    channels = len(frame.layout.channels)
+    if not frame.format.is_planar:
+        data = data.reshape(-1, channels).T
+    data = data.astype(np.float32)
+    if fmt == "u8":
+        data -= 128.0
+    if fmt in _PCM_SCALE:
+        data /= _PCM_SCALE[fmt]
+    return np.ascontiguousarray(data.mean(axis=0, dtype=np.float32))
+
+
 def decode_clips(path: str, uri: str, start: int = 0, stop: int | None = None, *,
                  frames_per_clip: int = 1, size: int = 224,
                  threads: int = 0) -> tuple[MediaInfo, Iterator[Clip]]:
     """Open a local film; return its MediaInfo and an iterator over clips ``[start, stop)``."""
-    container = _inspect_container(path, uri)
+    try:
+        container = _inspect_container(path, uri)
+    except MediaOpenError as e:
+        container = _inspect_with_decord(path, uri, e)  # PyAV refused (e.g. a broken audio config)
     video = VideoTrack(path, uri, size or None, threads)
     info = MediaInfo(round(video.duration_s, 6), video.fps, container.width, container.height,
                      container.audio_stream is not None, n_clips_for(video.duration_s))

@@ -86,8 +86,10 @@ def _rational_threshold(min_fraction: float, min_len: int, n: int) -> tuple[int,
     return best.numerator, best.denominator
 
 
-def _round(intervals, hits, rank, min_len, n, segments) -> list[tuple[int, int]]:
-    """Run the right-remainder chains of all `intervals`; return the left remainders for the next round."""
+def _round(intervals: list[tuple[int, int]], hits: np.ndarray, rank: np.ndarray, min_len: int, n: int,
+           segments: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Pick along the right-remainder chains of all free `intervals` (inclusive bounds), appending to
+    `segments`; return the left remainders, which need a fresh round."""
     pos, seg, bounds = _gather(intervals, hits)
     start, length = _longest_from(pos, seg, rank, min_len, n)
     pos_l, start_l, length_l = pos.tolist(), start.tolist(), length.tolist()
@@ -106,7 +108,8 @@ def _round(intervals, hits, rank, min_len, n, segments) -> list[tuple[int, int]]
     return remainders
 
 
-def _gather(intervals, hits) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
+def _gather(intervals: list[tuple[int, int]],
+            hits: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
     """Positive seconds of all intervals, concatenated: positions, interval ids, and each interval's slice."""
     a, b = np.array(intervals, dtype=np.int64).T
     lo, hi = np.searchsorted(hits, a, "left"), np.searchsorted(hits, b, "right")
@@ -117,7 +120,8 @@ def _gather(intervals, hits) -> tuple[np.ndarray, np.ndarray, list[tuple[int, in
     return pos, seg, list(zip(first.tolist(), (first + sizes).tolist()))
 
 
-def _longest_from(pos, seg, rank, min_len, n) -> tuple[np.ndarray, np.ndarray]:
+def _longest_from(pos: np.ndarray, seg: np.ndarray, rank: np.ndarray, min_len: int,
+                  n: int) -> tuple[np.ndarray, np.ndarray]:
     """For each position j: the best window (longest, earliest) starting at or after pos[j] in its interval.
 
     Returns (start, length) arrays, length 0 when there is none. Intervals are kept apart by packing the
