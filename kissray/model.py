@@ -226,8 +226,11 @@ def read_state_dict(uri: str, expect_sha256_prefix: str | None = None) -> dict[s
     """A state dict from a ``.safetensors`` or ``.pth`` file on any fsspec URI (``weights_only``)."""
     import fsspec
 
-    with fsspec.open(str(uri), "rb") as f:
-        data = f.read()
+    try:
+        with fsspec.open(str(uri), "rb") as f:
+            data = f.read()
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{uri}: no such weights file") from e
     digest = hashlib.sha256(data).hexdigest()
     if expect_sha256_prefix and not digest.startswith(expect_sha256_prefix):
         raise CheckpointError(f"{uri}: SHA-256 {digest} does not match the pinned {expect_sha256_prefix}")

@@ -1,0 +1,87 @@
+"""kissray.score_film: one film in, per-second probabilities and segments out."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import kissray
+from conftest import make_film
+from kissray.errors import MediaOpenError, TooShortError
+from kissray.media import iter_clips
+from kissray.score import FilmResult, predict_clips, segments_by_label, title_id_for
+from kissray.segment import find_segments
+
+
+def test_score_film(film, model):
+    result = kissray.score_film(film, model)
+    assert isinstance(result, FilmResult)
+    assert (result.title_id, result.status, result.n_clips, result.n_scored) == ("film", "ok", 5, 5)
+    assert result.probs.shape == (5, 1) and result.probs.dtype == np.float32
+    assert result.has_audio and result.duration_s == pytest.approx(5.0, abs=1e-3)
+    assert result.labels == ["kiss"]
+
+
+def test_deterministic_and_equal_to_the_pieces(film, model):
+    first = kissray.score_film(film, model, batch_size=2)
+    second = kissray.score_film(film, model, batch_size=32)
+    clips = list(iter_clips(film, size=model.config.image_size))
+    np.testing.assert_allclose(first.probs, second.probs, atol=1e-5)
+    np.testing.assert_allclose(first.probs, predict_clips(model, clips), atol=1e-5)
+    again = kissray.score_film(film, model, batch_size=2)
+    np.testing.assert_array_equal(first.probs, again.probs)
+
+
+def test_segments_follow_the_segmenter(film, model):
+    result = kissray.score_film(film, model, threshold=0.0, min_len=3, min_fraction=0.7)
+    assert [(s.label, s.start_s, s.end_s) for s in result.segments] == [("kiss", 0, 5)]
+    assert result.segments[0].mean_p == pytest.approx(float(result.probs[:, 0].mean()))
+    assert result.segments[0].n_seconds == 5
+    assert kissray.score_film(film, model, threshold=1.01).segments == []
+
+
+def test_segments_by_label_is_per_label():
+    probs = np.zeros((30, 2), np.float32)
+    probs[5:20, 0] = 0.9
+    probs[10:30, 1] = 0.8
+    segments = segments_by_label(probs, ["kiss", "explicit"])
+    assert [(s.label, s.start_s, s.end_s) for s in segments] == [("kiss", 5, 20), ("explicit", 10, 30)]
+    assert segments[1].mean_p == pytest.approx(0.8)
+    assert find_segments(probs[:, 0]) == [(5, 20)]
+
+
+def test_film_without_audio(media_dir, model):
+    path = make_film(media_dir / "score-silent.mp4", audio=False)
+    result = kissray.score_film(path, model, title_id="silent one")
+    assert result.title_id == "silent one" and not result.has_audio and result.status == "ok"
+
+
+def test_truncated_film_is_partial_or_refused(tmp_path, media_dir, model):
+    src = make_film(media_dir / "score-long.mp4", duration_s=12, extra_args=("-movflags", "+faststart"))
+    data = open(src, "rb").read()
+    path = tmp_path / "cut.mp4"
+    path.write_bytes(data[: len(data) // 2])
+    try:
+        result = kissray.score_film(str(path), model, timeout_s=10)
+    except MediaOpenError:
+        return
+    assert result.n_scored <= result.n_clips
+    if result.n_scored < result.n_clips:
+        assert result.status == "partial" and result.error
+
+
+def test_bad_films_raise_typed_errors(tmp_path, model):
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    with pytest.raises(MediaOpenError, match="empty.mp4"):
+        kissray.score_film(str(empty), model)
+    short = make_film(tmp_path / "short.mp4", duration_s=0.3)
+    with pytest.raises(TooShortError):
+        kissray.score_film(short, model)
+
+
+@pytest.mark.parametrize("uri,title", [("/films/Casablanca (1942).mp4", "Casablanca (1942)"),
+                                       ("s3://bucket/a/b/film.final.mkv", "film.final"),
+                                       ("memory://x/noext", "noext")])
+def test_title_id_is_the_file_stem(uri, title):
+    assert title_id_for(uri) == title
