@@ -23,6 +23,7 @@ from kissray.errors import DecodeError, MediaError, MediaOpenError, TooShortErro
 from kissray.media import Clip, MediaInfo, n_clips_for
 
 AUDIO_SEEK_MARGIN_S = 1.0  # seek this far before the first sample needed, then decode forward
+AUDIO_GROUP_CLIPS = 16  # clips whose log-mel patches are computed in one batched FFT
 PTS_JITTER_SAMPLES = 2  # audio frame timestamps closer than this to "contiguous" are contiguous
 
 
@@ -160,7 +161,8 @@ class AudioTrack:
         return int(round((float(frame.pts * frame.time_base) - self._origin_s) * SAMPLE_RATE_HZ))
 
     def read(self, a: int, b: int) -> np.ndarray:
-        while not (self.failed or self._exhausted) and self._buf_start + len(self._buf) < b:
+        pending, end = [self._buf], self._buf_start + len(self._buf)
+        while not (self.failed or self._exhausted) and end < b:
             try:
                 at, samples = next(self._chunks)
             except StopIteration:  # the audio ended: the rest is zeros, still has_audio
@@ -169,24 +171,26 @@ class AudioTrack:
             except Exception:  # undecodable audio: the rest of the film is silence
                 self.failed = True
                 break
-            self._append(at, samples)
+            samples = self._align(at, end, samples)
+            pending.append(samples)
+            end += len(samples)
+        self._buf = np.concatenate(pending) if len(pending) > 1 else self._buf
         out = np.zeros(b - a, np.float32)
-        lo, hi = max(a, self._buf_start), min(b, self._buf_start + len(self._buf))
+        lo, hi = max(a, self._buf_start), min(b, end)
         if hi > lo:
             out[lo - a:hi - a] = self._buf[lo - self._buf_start:hi - self._buf_start]
         keep = max(0, a - self._buf_start)  # later reads never look before a
         self._buf, self._buf_start = self._buf[keep:], self._buf_start + keep
         return out
 
-    def _append(self, at: int | None, samples: np.ndarray) -> None:
-        end = self._buf_start + len(self._buf)
+    @staticmethod
+    def _align(at: int | None, end: int, samples: np.ndarray) -> np.ndarray:
+        """Place a decoded chunk that starts at timeline sample ``at`` after the buffer's ``end``."""
         if at is None or abs(at - end) <= PTS_JITTER_SAMPLES:
-            at = end
+            return samples
         if at > end:  # a gap in the audio: silence
-            samples = np.concatenate([np.zeros(at - end, np.float32), samples])
-        elif at < end:  # overlaps what we have (decoded from before the seek target)
-            samples = samples[end - at:]
-        self._buf = np.concatenate([self._buf, samples])
+            return np.concatenate([np.zeros(at - end, np.float32), samples])
+        return samples[end - at:]  # overlaps what we have (decoded from before the seek target)
 
 
 _PCM_SCALE = {"u8": 128.0, "s16": 32768.0, "s32": 2147483648.0, "s64": 9223372036854775808.0}
@@ -238,18 +242,23 @@ def _clips(video: VideoTrack, container: _Container, path: str, start: int, stop
             audio = None
     indices = video.still_indices(np.arange(start, stop), frames_per_clip)
     try:
-        for row, i in enumerate(range(start, stop)):
-            frames = video.stills(indices[row], i)
-            log_mel, has_audio = SILENCE_LOG_MEL, False
-            if audio is not None:
-                first = i * CLIP_SAMPLES + PATCH_OFFSET_SAMPLES
-                samples = audio.read(first, (i + 1) * CLIP_SAMPLES)
-                has_audio = not audio.failed
-                log_mel = clip_log_mels(samples, i, 1, offset_samples=first)[0]
-            yield Clip(i, frames, log_mel, has_audio)
+        for group in range(start, stop, AUDIO_GROUP_CLIPS):
+            group_stop = min(group + AUDIO_GROUP_CLIPS, stop)
+            log_mels, has_audio = _group_log_mels(audio, group, group_stop)
+            for i in range(group, group_stop):
+                yield Clip(i, video.stills(indices[i - start], i), log_mels[i - group], has_audio)
     finally:
         if audio is not None:
             audio.close()
+
+
+def _group_log_mels(audio: AudioTrack | None, start: int, stop: int) -> tuple[np.ndarray, bool]:
+    """The VGGish patches of clips [start, stop) in one batched FFT (silence without audio)."""
+    if audio is None:
+        return np.broadcast_to(SILENCE_LOG_MEL, (stop - start, *SILENCE_LOG_MEL.shape)), False
+    first = start * CLIP_SAMPLES + PATCH_OFFSET_SAMPLES
+    samples = audio.read(first, stop * CLIP_SAMPLES)
+    return clip_log_mels(samples, start, stop - start, offset_samples=first), not audio.failed
 
 
 def _serve(request: dict, send: Callable[[dict, bytes], None]) -> None:
