@@ -8,10 +8,12 @@ bytes. Messages: ``info`` (the film's MediaInfo), ``clip`` (frames + log-mel byt
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import struct
+import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
@@ -20,6 +22,7 @@ import numpy as np
 
 from kissray.audio import CLIP_SAMPLES, PATCH_OFFSET_SAMPLES, SAMPLE_RATE_HZ, SILENCE_LOG_MEL, clip_log_mels
 from kissray.errors import DecodeError, MediaError, MediaOpenError, TooShortError
+from kissray.ffmpeg import ffmpeg_exe
 from kissray.media import Clip, MediaInfo, n_clips_for
 
 AUDIO_SEEK_MARGIN_S = 1.0  # seek this far before the first sample needed, then decode forward
@@ -35,6 +38,7 @@ class _Container:
     height: int
     video_start_s: float  # absolute start of the video stream (decord's timestamps are relative to it)
     audio_stream: int | None  # index of the first audio stream, if any
+    duration_s: float | None = None  # what the container declares (a truncated file declares more than it has)
 
 
 def short_reason(error: BaseException) -> str:
@@ -55,7 +59,11 @@ def _inspect_container(path: str, uri: str) -> _Container:
             video = container.streams.video[0]
             start = float(video.start_time * video.time_base) if video.start_time is not None else 0.0
             audio = container.streams.audio[0].index if container.streams.audio else None
-            return _Container(video.codec_context.width, video.codec_context.height, start, audio)
+            if video.duration is not None:
+                declared = float(video.duration * video.time_base)
+            else:
+                declared = container.duration / 1e6 if container.duration else None
+            return _Container(video.codec_context.width, video.codec_context.height, start, audio, declared)
     except av.FFmpegError as e:
         raise MediaOpenError(uri, f"not a readable media file ({short_reason(e)})") from e
 
@@ -212,21 +220,60 @@ def _mean_of_channels(frame) -> np.ndarray:
 
 
 def decode_clips(path: str, uri: str, start: int = 0, stop: int | None = None, *,
-                 frames_per_clip: int = 1, size: int = 224,
-                 threads: int = 0) -> tuple[MediaInfo, Iterator[Clip]]:
-    """Open a local film; return its MediaInfo and an iterator over clips ``[start, stop)``."""
+                 frames_per_clip: int = 1, size: int = 224, threads: int = 0,
+                 scratch_dir: str | None = None) -> tuple[MediaInfo, Iterator[Clip]]:
+    """Open a local film; return its MediaInfo and an iterator over clips ``[start, stop)``.
+
+    A file decord cannot index (typically truncated: its index lists frames its data lacks) is
+    remuxed into ``scratch_dir`` up to the first unreadable packet; the clips of that readable part
+    are delivered, then a :class:`DecodeError` says how much of the declared duration was missing.
+    """
     try:
         container = _inspect_container(path, uri)
     except MediaOpenError as e:
         container = _inspect_with_decord(path, uri, e)  # PyAV refused (e.g. a broken audio config)
-    video = VideoTrack(path, uri, size or None, threads)
-    info = MediaInfo(round(video.duration_s, 6), video.fps, container.width, container.height,
-                     container.audio_stream is not None, n_clips_for(video.duration_s))
+    try:
+        video, readable_to_s = VideoTrack(path, uri, size or None, threads), None
+    except MediaOpenError:
+        path = _salvage(path, uri, container, scratch_dir)  # re-raises when nothing is salvageable
+        container = dataclasses.replace(_inspect_container(path, uri), duration_s=container.duration_s)
+        video = VideoTrack(path, uri, size or None, threads)
+        readable_to_s = video.duration_s
+    duration_s = video.duration_s if readable_to_s is None else max(container.duration_s, readable_to_s)
+    info = MediaInfo(round(duration_s, 6), video.fps, container.width, container.height,
+                     container.audio_stream is not None, n_clips_for(duration_s))
     if info.n_clips < 1:
-        raise TooShortError(uri, f"too short: {video.duration_s:.3f} s of video (at least 0.5 s needed)")
+        raise TooShortError(uri, f"too short: {duration_s:.3f} s of video (at least 0.5 s needed)")
     stop = info.n_clips if stop is None else min(int(stop), info.n_clips)
     start = max(0, int(start))
-    return info, _clips(video, container, path, start, stop, frames_per_clip)
+    clips = _clips(video, container, path, start, stop, frames_per_clip)
+    if readable_to_s is not None:
+        clips = _then_truncated(clips, uri, n_clips_for(readable_to_s), stop, readable_to_s, duration_s)
+    return info, clips
+
+
+def _salvage(path: str, uri: str, container: _Container, scratch_dir: str | None) -> str:
+    """Remux the readable packets of a damaged film into a Matroska file decord can index."""
+    if not (scratch_dir and container.duration_s):
+        raise MediaOpenError(uri, "cannot open video: decord could not index the file")
+    out = os.path.join(scratch_dir, "salvaged.mkv")
+    subprocess.run([ffmpeg_exe(), "-nostdin", "-y", "-v", "quiet", "-err_detect", "ignore_err",
+                    "-fflags", "+genpts+discardcorrupt", "-i", path, "-map", "0:v:0", "-map", "0:a:0?",
+                    "-c", "copy", "-f", "matroska", out], stdin=subprocess.DEVNULL, check=False)
+    if not os.path.exists(out) or os.path.getsize(out) == 0:
+        raise MediaOpenError(uri, "cannot open video: damaged beyond repair")
+    return out
+
+
+def _then_truncated(clips: Iterator[Clip], uri: str, readable_clips: int, stop: int,
+                    readable_to_s: float, declared_s: float) -> Iterator[Clip]:
+    for clip in clips:
+        if clip.index >= readable_clips:
+            break
+        yield clip
+    if stop > readable_clips:
+        raise DecodeError(uri, f"truncated or damaged: only the first {readable_to_s:.1f} s of "
+                               f"{declared_s:.1f} s could be decoded")
 
 
 def _clips(video: VideoTrack, container: _Container, path: str, start: int, stop: int,
@@ -264,7 +311,7 @@ def _group_log_mels(audio: AudioTrack | None, start: int, stop: int) -> tuple[np
 def _serve(request: dict, send: Callable[[dict, bytes], None]) -> None:
     info, clips = decode_clips(request["path"], request["uri"], request["start"], request["stop"],
                                frames_per_clip=request["frames_per_clip"], size=request["size"],
-                               threads=request["threads"])
+                               threads=request["threads"], scratch_dir=request.get("scratch_dir"))
     send({"type": "info", "info": asdict(info)}, b"")
     for clip in clips:
         payload = clip.frames.tobytes() + np.ascontiguousarray(clip.log_mel, np.float32).tobytes()

@@ -130,7 +130,9 @@ class ClipReader:
     def __enter__(self) -> "ClipReader":
         try:
             path = self._stack.enter_context(local_path(self.uri))
-            self._child = self._stack.enter_context(_DecoderProcess(self.uri, path, self.request))
+            scratch = self._stack.enter_context(tempfile.TemporaryDirectory(prefix="kissray-decode-"))
+            request = {**self.request, "scratch_dir": scratch}
+            self._child = self._stack.enter_context(_DecoderProcess(self.uri, path, request))
             header, _ = self._child.receive(self.timeout_s * OPEN_TIMEOUT_FACTOR, opening=True)
             self.info = MediaInfo(**header["info"])
         except BaseException:

@@ -71,12 +71,19 @@ def title_id_for(uri: str) -> str:
 
 
 def batched(clips: Iterable[Clip], batch_size: int) -> Iterator[list[Clip]]:
+    """Lists of up to ``batch_size`` clips. If decoding fails, the clips decoded before the
+    failure are still delivered, then the :class:`DecodeError` is raised."""
     batch: list[Clip] = []
-    for clip in clips:
-        batch.append(clip)
-        if len(batch) == batch_size:
+    try:
+        for clip in clips:
+            batch.append(clip)
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
+    except DecodeError:
+        if batch:
             yield batch
-            batch = []
+        raise
     if batch:
         yield batch
 

@@ -1,0 +1,260 @@
+"""Annotations: the CSV format, its validation, clip labels, and the film-level split.
+
+Format (one span a row, header required)::
+
+    uri,start_s,end_s,label[,split]
+    films/a.mp4,12.0,19.5,kiss
+    films/a.mp4,40,55,none,train
+
+``label`` is any name; ``none`` marks an annotated negative span. ``split`` (optional) is
+``train``, ``val`` or ``test`` and must agree across a film's rows; films without one are split
+80/10/10 by a seeded shuffle. Splits are always by film, never by clip.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+from kissray.errors import UsageError
+
+NEGATIVE = "none"  # the label of annotated negative spans
+COLUMNS = ("uri", "start_s", "end_s", "label")
+OPTIONAL_COLUMNS = ("split",)
+SPLITS = ("train", "val", "test")
+SPLIT_FRACTIONS = (0.8, 0.1, 0.1)  # train / val / test, by film
+MIN_COVER_S = 0.5  # a span labels a clip when it covers at least this much of the clip's second
+UNLABELLED_CHOICES = ("ignore", "negative")
+_EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class Span:
+    """One annotated interval ``[start_s, end_s)`` of a film."""
+
+    uri: str
+    start_s: float
+    end_s: float
+    label: str
+    split: str | None = None
+    line: int = 0  # line number in the CSV (1 = header)
+
+
+@dataclass
+class Annotations:
+    """The validated spans of a CSV, grouped by film, with the model's labels."""
+
+    spans: dict[str, list[Span]]  # uri -> spans sorted by start
+    labels: list[str]  # non-``none`` labels, in order of first appearance
+    path: str = ""
+
+    @property
+    def films(self) -> list[str]:
+        return list(self.spans)
+
+    def split_of(self, uri: str) -> str | None:
+        """The film's split from the ``split`` column, or None when not given."""
+        return next((s.split for s in self.spans[uri] if s.split), None)
+
+
+def read_annotations(path: str, check_films: bool = True) -> Annotations:
+    """Read and validate an annotations CSV (any fsspec URI).
+
+    Every bad row is reported, with its line number, in one :class:`UsageError`.
+    """
+    import fsspec
+
+    try:
+        with fsspec.open(str(path), "rt", encoding="utf-8-sig") as f:
+            text = f.read()
+    except FileNotFoundError as e:
+        raise UsageError(f"{path}: no such annotations file") from e
+    return parse_annotations(text, path=str(path), check_films=check_films)
+
+
+def parse_annotations(text: str, path: str = "<annotations>", check_films: bool = True) -> Annotations:
+    """Validate the CSV text; see :func:`read_annotations`."""
+    reader = csv.reader(io.StringIO(text))
+    header = [h.strip() for h in next(reader, [])]
+    errors = _header_errors(header)
+    if errors:
+        raise UsageError(_format(path, errors))
+    spans = []
+    for line, row in enumerate(reader, start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        span, problems = _parse_row(dict(zip(header, (c.strip() for c in row))), len(row), len(header), line)
+        errors += [(line, p) for p in problems]
+        if span is not None:
+            spans.append(span)
+    if not spans and not errors:
+        errors.append((1, "no annotated spans"))
+    by_film = _group(spans)
+    errors += _overlap_errors(by_film) + _split_errors(by_film)
+    if check_films:
+        errors += _missing_film_errors(by_film)
+    if errors:
+        raise UsageError(_format(path, errors))
+    labels = list(dict.fromkeys(s.label for s in spans if s.label != NEGATIVE))
+    if not labels:
+        raise UsageError(f"{path}: no positive label (every span is '{NEGATIVE}')")
+    return Annotations(by_film, labels, path)
+
+
+def _header_errors(header: list[str]) -> list[tuple[int, str]]:
+    errors = []
+    unknown = [h for h in header if h not in COLUMNS + OPTIONAL_COLUMNS]
+    missing = [c for c in COLUMNS if c not in header]
+    if unknown:
+        errors.append((1, f"unknown column(s) {unknown}; allowed: {list(COLUMNS + OPTIONAL_COLUMNS)}"))
+    if missing:
+        errors.append((1, f"missing column(s) {missing}; expected header 'uri,start_s,end_s,label[,split]'"))
+    if len(set(header)) != len(header):
+        errors.append((1, "duplicate column names"))
+    return errors
+
+
+def _parse_row(row: dict, n_cells: int, n_columns: int, line: int) -> tuple[Span | None, list[str]]:
+    problems = []
+    if n_cells != n_columns:
+        problems.append(f"{n_cells} cells, expected {n_columns}")
+    times = {}
+    for key in ("start_s", "end_s"):
+        try:
+            times[key] = float(row.get(key, ""))
+            if not math.isfinite(times[key]) or times[key] < 0:
+                problems.append(f"{key} must be a finite number >= 0, not {row.get(key)!r}")
+        except ValueError:
+            problems.append(f"{key} is not a number: {row.get(key)!r}")
+    if not problems and times["end_s"] <= times["start_s"]:
+        problems.append(f"end_s {times['end_s']:g} <= start_s {times['start_s']:g}")
+    if not row.get("uri"):
+        problems.append("empty uri")
+    if not row.get("label"):
+        problems.append("empty label")
+    split = row.get("split") or None
+    if split is not None and split not in SPLITS:
+        problems.append(f"split must be one of {list(SPLITS)}, not {split!r}")
+    if problems:
+        return None, problems
+    return Span(row["uri"], times["start_s"], times["end_s"], row["label"], split, line), []
+
+
+def _group(spans: list[Span]) -> dict[str, list[Span]]:
+    by_film: dict[str, list[Span]] = defaultdict(list)
+    for span in spans:
+        by_film[span.uri].append(span)
+    return {uri: sorted(group, key=lambda s: (s.start_s, s.end_s)) for uri, group in by_film.items()}
+
+
+def _overlap_errors(by_film: dict[str, list[Span]]) -> list[tuple[int, str]]:
+    errors = []
+    for spans in by_film.values():
+        for i, a in enumerate(spans):
+            for b in spans[i + 1:]:
+                if b.start_s >= a.end_s:
+                    break
+                if a.label != b.label:
+                    errors.append((max(a.line, b.line), f"span {b.start_s:g}-{b.end_s:g} '{b.label}' overlaps "
+                                                        f"{a.start_s:g}-{a.end_s:g} '{a.label}' (line "
+                                                        f"{min(a.line, b.line)}) with a different label"))
+    return errors
+
+
+def _split_errors(by_film: dict[str, list[Span]]) -> list[tuple[int, str]]:
+    errors = []
+    for uri, spans in by_film.items():
+        given = {s.split for s in spans if s.split}
+        if len(given) > 1:
+            errors.append((spans[0].line, f"{uri}: rows give different splits {sorted(given)}"))
+    return errors
+
+
+def _missing_film_errors(by_film: dict[str, list[Span]]) -> list[tuple[int, str]]:
+    import fsspec
+
+    errors = []
+    for uri, spans in by_film.items():
+        try:
+            fs, p = fsspec.core.url_to_fs(uri)
+            exists = fs.isfile(p)
+        except (ValueError, ImportError, OSError):
+            exists = False
+        if not exists:
+            errors += [(s.line, f"film not found: {uri}") for s in spans]
+    return errors
+
+
+def _format(path: str, errors: list[tuple[int, str]]) -> str:
+    lines = [f"{path}: {len(errors)} bad row(s):"]
+    lines += [f"  line {line}: {message}" for line, message in sorted(errors, key=lambda e: e[0])]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- clip labels
+
+
+def clip_targets(spans: list[Span], labels: list[str], n_clips: int,
+                 unlabelled: str = "ignore") -> tuple[np.ndarray, np.ndarray]:
+    """Which clips are labelled, and their targets: ``(indices int64[n], targets float32[n, n_labels])``.
+
+    Clip ``i`` covers ``[i, i+1)`` s. A label applies to a clip when its spans cover at least
+    0.5 s of it; a clip covered at least 0.5 s by any span (``none`` included) is labelled.
+    Clips in no annotated span are left out, or are all-negative when ``unlabelled="negative"``.
+    """
+    if unlabelled not in UNLABELLED_CHOICES:
+        raise UsageError(f"unlabelled must be one of {UNLABELLED_CHOICES}, not {unlabelled!r}")
+    names = labels + [NEGATIVE]
+    cover_s = np.zeros((n_clips, len(names)), np.float64)
+    for span in spans:
+        if span.label not in names:
+            continue
+        j = names.index(span.label)
+        first, last = int(math.floor(span.start_s)), min(n_clips, int(math.ceil(span.end_s)))
+        for i in range(max(first, 0), last):
+            cover_s[i, j] += max(0.0, min(span.end_s, i + 1) - max(span.start_s, i))
+    hit = cover_s >= MIN_COVER_S - _EPS
+    labelled = hit.any(axis=1) if unlabelled == "ignore" else np.ones(n_clips, bool)
+    indices = np.flatnonzero(labelled)
+    return indices.astype(np.int64), hit[indices, :len(labels)].astype(np.float32)
+
+
+def annotated_seconds(spans: list[Span], n_clips: int) -> np.ndarray:
+    """bool[n_clips]: clips covered at least 0.5 s by any annotated span."""
+    labels = list(dict.fromkeys(s.label for s in spans if s.label != NEGATIVE))
+    idx, _ = clip_targets(spans, labels, n_clips, "ignore")
+    mask = np.zeros(n_clips, bool)
+    mask[idx] = True
+    return mask
+
+
+# ---------------------------------------------------------------- film-level split
+
+
+def split_films(annotations: Annotations, seed: int = 0,
+                fractions: tuple[float, float, float] = SPLIT_FRACTIONS) -> dict[str, list[str]]:
+    """``{"train": [...], "val": [...], "test": [...]}`` of film URIs; no film is in two splits.
+
+    Films with a ``split`` column value keep it; the others are shuffled with ``seed`` and cut
+    80/10/10 (at least one film each in val and test when three or more are unassigned).
+    """
+    splits: dict[str, list[str]] = {name: [] for name in SPLITS}
+    free = []
+    for uri in annotations.films:
+        given = annotations.split_of(uri)
+        (splits[given] if given else free).append(uri)
+    free = sorted(free)
+    order = np.random.default_rng(seed).permutation(len(free))
+    free = [free[i] for i in order]
+    n = len(free)
+    n_val = max(1, round(n * fractions[1])) if n >= 3 else 0
+    n_test = max(1, round(n * fractions[2])) if n >= 3 else 0
+    splits["val"] += free[:n_val]
+    splits["test"] += free[n_val:n_val + n_test]
+    splits["train"] += free[n_val + n_test:]
+    return splits

@@ -1,0 +1,198 @@
+"""The steps of the library job, as plain functions and callable classes for Ray Data.
+
+titles -> :func:`probe_windows` (one row per window of a film) -> :func:`decode_window` (clip rows
+plus one *trailer* row per window saying how it ended) -> :class:`Classifier` (probabilities) ->
+:class:`TitleWriter` (per-title reduce: segments, three Parquet files, one summary row).
+Nothing here raises for a bad film: errors travel as the ``error`` column of trailer rows.
+Only :class:`Classifier` touches the model; none of this imports Ray.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from kissray.audio import SILENCE_LOG_MEL
+from kissray.batch.tables import ResultStore, TitleRecord, scores_table, segments_table
+from kissray.errors import DecodeError, MediaError
+from kissray.media import ClipReader, probe
+from kissray.score import SegmentParams, segments_by_label
+
+CLIPS_PER_BLOCK = 32  # clips per output batch of a decode task (bounds block size)
+SUMMARY_SCHEMA = pa.schema([
+    ("title_id", pa.string()), ("status", pa.string()), ("error", pa.string()),
+    ("n_clips", pa.int32()), ("n_scored", pa.int32()),
+])
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """How clips are cut: from the checkpoint's config, plus the job's window and timeout."""
+
+    frames_per_clip: int
+    size: int
+    window_s: int
+    timeout_s: float
+
+
+def one_line(error: BaseException) -> str:
+    if isinstance(error, MediaError):
+        return error.reason
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}"[:300] if text else type(error).__name__
+
+
+def probe_windows(title: dict, spec: DecodeSpec) -> list[dict]:
+    """The windows ``[start, stop)`` of one film, or a single failed window when it cannot be opened."""
+    base = {"title_id": title["title_id"], "uri": title["uri"]}
+    try:
+        info = probe(title["uri"], timeout_s=spec.timeout_s)
+    except Exception as e:  # MediaError, or anything unexpected: this title fails, not the job
+        return [{**base, "start": 0, "stop": 0, "n_windows": 1, "n_clips": 0, "duration_s": math.nan,
+                 "has_audio": False, "error": one_line(e)}]
+    starts = range(0, info.n_clips, spec.window_s)
+    return [{**base, "start": a, "stop": min(a + spec.window_s, info.n_clips), "n_windows": len(starts),
+             "n_clips": info.n_clips, "duration_s": info.duration_s, "has_audio": info.has_audio,
+             "error": ""} for a in starts]
+
+
+def decode_window(windows: dict[str, np.ndarray], spec: DecodeSpec) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data ``map_batches`` fn: clip rows of each window, then the window's trailer row."""
+    for i in range(len(windows["title_id"])):
+        window = {k: v[i] for k, v in windows.items()}
+        if str(window["error"]):  # the film failed to open: only its trailer goes on
+            yield _rows(window, [], spec, trailer=(str(window["error"]), 0))
+            continue
+        clips, n_delivered, error = [], 0, ""
+        try:
+            with ClipReader(str(window["uri"]), int(window["start"]), int(window["stop"]),
+                            frames_per_clip=spec.frames_per_clip, size=spec.size,
+                            timeout_s=spec.timeout_s, decode_threads=1) as reader:
+                for clip in reader:
+                    clips.append(clip)
+                    n_delivered += 1
+                    if len(clips) == CLIPS_PER_BLOCK:
+                        yield _rows(window, clips, spec)
+                        clips = []
+        except Exception as e:  # a bad window (or a hung decoder) fails this window only
+            error = one_line(e) or "decode failed"
+        if not error and n_delivered < int(window["stop"]) - int(window["start"]):
+            error = f"decoder stopped after {n_delivered} of the window's clips"
+        yield _rows(window, clips, spec, trailer=(error, n_delivered))
+
+
+def _rows(window: dict, clips: list, spec: DecodeSpec,
+          trailer: tuple[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Clip rows, plus the window's trailer row (error, clips delivered) when given.
+    Columns have fixed shapes so that every block has one schema."""
+    n = len(clips) + (trailer is not None)
+    frames = np.zeros((n, spec.frames_per_clip, spec.size, spec.size, 3), np.uint8)
+    log_mel = np.array(np.broadcast_to(SILENCE_LOG_MEL, (n, 96, 64)), np.float32)
+    for j, clip in enumerate(clips):
+        frames[j], log_mel[j] = clip.frames, clip.log_mel
+    error, n_delivered = trailer if trailer is not None else ("", 0)
+
+    def column(value, dtype):
+        return np.full(n, value, dtype=dtype)
+
+    return {
+        "title_id": column(str(window["title_id"]), object), "uri": column(str(window["uri"]), object),
+        "second": np.asarray([c.index for c in clips] + [int(window["start"])] * (n - len(clips)), np.int32),
+        "frames": frames, "log_mel": log_mel,
+        "clip_has_audio": np.asarray([c.has_audio for c in clips] + [True] * (n - len(clips)), bool),
+        "trailer": np.arange(n) >= len(clips), "error": column(error, object),
+        "n_delivered": column(n_delivered, np.int32), "n_windows": column(int(window["n_windows"]), np.int32),
+        "n_clips": column(int(window["n_clips"]), np.int32),
+        "duration_s": column(float(window["duration_s"]), np.float64),
+        "has_audio": column(bool(window["has_audio"]), bool),
+    }
+
+
+class Classifier:
+    """Ray Data actor: loads the checkpoint once, adds ``p`` (float32[n_labels]) to clip rows.
+
+    Trailer rows pass through with ``p`` = NaN; frames and log-mels are dropped from the output.
+    """
+
+    def __init__(self, model_uri: str, batch_size: int = 32, device: str | None = None):
+        import torch
+
+        from kissray.model import load_model
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = load_model(model_uri, device=device)
+        self.batch_size = batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        clips = ~batch["trailer"]
+        p = np.full((len(clips), len(self.model.labels)), np.nan, np.float32)
+        if clips.any():
+            p[clips] = self.model.predict_proba(batch["frames"][clips], batch["log_mel"][clips],
+                                                batch_size=self.batch_size)
+        out = {k: v for k, v in batch.items() if k not in ("frames", "log_mel")}
+        out["p"] = p
+        return out
+
+
+@dataclass
+class _OpenTitle:
+    """What has arrived so far for one title."""
+
+    probs: dict[int, np.ndarray] = field(default_factory=dict)  # second -> p[n_labels]
+    trailers: list[dict] = field(default_factory=list)
+    clips_have_audio: bool = True
+
+
+class TitleWriter:
+    """Ray Data actor (one): the per-title reduce. Collects a title's rows as they stream in; once
+    every window's trailer has arrived, segments the scores, writes the title's three files and
+    emits one summary row. Rows of a title are never all in memory at once across titles: a
+    title leaves as soon as it is complete."""
+
+    def __init__(self, out: str, labels: list[str], model_uri: str, params: SegmentParams):
+        self.store = ResultStore(out)
+        self.labels, self.model_uri, self.params = list(labels), model_uri, params
+        self.open: dict[str, _OpenTitle] = {}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        finished = []
+        for i in range(len(batch["title_id"])):
+            title_id = str(batch["title_id"][i])
+            state = self.open.setdefault(title_id, _OpenTitle())
+            if batch["trailer"][i]:
+                state.trailers.append({k: batch[k][i] for k in batch if k not in ("p",)})
+            else:
+                state.probs[int(batch["second"][i])] = batch["p"][i]
+                state.clips_have_audio &= bool(batch["clip_has_audio"][i])
+            if len(state.trailers) == int(batch["n_windows"][i]):
+                finished.append(self.finish(title_id, self.open.pop(title_id)))
+        return pa.Table.from_pylist(finished, schema=SUMMARY_SCHEMA)
+
+    def finish(self, title_id: str, state: _OpenTitle) -> dict:
+        """Write one complete title; returns its summary row."""
+        first = min(state.trailers, key=lambda t: int(t["second"]))
+        n_clips = int(first["n_clips"])
+        n_scored = 0
+        while n_scored in state.probs:  # the contiguous prefix, as single-process score_film keeps
+            n_scored += 1
+        probs = (np.stack([state.probs[s] for s in range(n_scored)]) if n_scored
+                 else np.zeros((0, len(self.labels)), np.float32)).astype(np.float32)
+        errors = sorted((int(t["second"]) + int(t["n_delivered"]), str(t["error"]))
+                        for t in state.trailers if str(t["error"]))
+        error = errors[0][1] if errors else None
+        if error is None and n_scored < n_clips:
+            error = f"second {n_scored} was not scored"
+        status = "ok" if error is None else ("partial" if n_scored else "failed")
+        record = TitleRecord(title_id, str(first["uri"]), status, error,
+                             None if math.isnan(float(first["duration_s"])) else float(first["duration_s"]),
+                             n_clips, n_scored, bool(first["has_audio"]) and state.clips_have_audio,
+                             self.model_uri)
+        segments = segments_by_label(probs, self.labels, self.params)
+        self.store.write_title(record, scores_table(title_id, self.labels, probs),
+                               segments_table(title_id, segments))
+        return {"title_id": title_id, "status": status, "error": error, "n_clips": n_clips,
+                "n_scored": n_scored}

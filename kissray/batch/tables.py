@@ -1,0 +1,169 @@
+"""The three output tables of ``kissray score`` (SPEC section 7) and how they are stored.
+
+Each title is three Parquet files, ``OUT/{scores,segments,titles}/<name>.parquet``, where
+``<name>`` is the title id escaped to a safe file name (:func:`file_name_for`). Every file is
+written to a hidden temporary name and renamed into place, scores and segments before titles:
+a ``titles`` file is the commit record, so a killed run never leaves a half-written title that a
+rerun would skip. Readers (pandas / pyarrow datasets) ignore the hidden temporary files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+
+from kissray.errors import UsageError
+from kissray.score import Segment
+
+TABLES = ("scores", "segments", "titles")
+TEMP_PREFIX = ".tmp-"  # leading dot: ignored by pyarrow / pandas dataset readers
+MAX_NAME_CHARS = 150  # longer escaped ids are cut and suffixed with a hash
+SAFE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+SCORES_SCHEMA = pa.schema([
+    ("title_id", pa.string()), ("label", pa.string()), ("second", pa.int32()),
+    ("start_s", pa.float64()), ("end_s", pa.float64()), ("p", pa.float32()),
+])
+SEGMENTS_SCHEMA = pa.schema([
+    ("title_id", pa.string()), ("label", pa.string()), ("segment", pa.int32()),
+    ("start_s", pa.float64()), ("end_s", pa.float64()), ("n_seconds", pa.int32()), ("mean_p", pa.float32()),
+])
+TITLES_SCHEMA = pa.schema([
+    ("title_id", pa.string()), ("uri", pa.string()), ("status", pa.string()), ("error", pa.string()),
+    ("duration_s", pa.float64()), ("n_clips", pa.int32()), ("n_scored", pa.int32()),
+    ("has_audio", pa.bool_()), ("model", pa.string()), ("scored_at", pa.timestamp("us", tz="UTC")),
+])
+
+
+@dataclass(frozen=True)
+class TitleRecord:
+    """One ``titles`` row."""
+
+    title_id: str
+    uri: str
+    status: str  # ok | partial | failed
+    error: str | None
+    duration_s: float | None
+    n_clips: int
+    n_scored: int
+    has_audio: bool
+    model: str
+
+
+def file_name_for(title_id: str) -> str:
+    """A deterministic, filesystem- and URL-safe file stem for a title id (``%XX`` escapes)."""
+    escaped = "".join(c if c in SAFE_CHARS else "".join(f"%{b:02X}" for b in c.encode()) for c in title_id)
+    if escaped[:1] in (".", "_", ""):  # hidden to dataset readers: escape the first character
+        escaped = f"%{ord(escaped[:1] or ' '):02X}{escaped[1:]}" if escaped else "%20"
+    if len(escaped) > MAX_NAME_CHARS:
+        digest = hashlib.sha256(title_id.encode()).hexdigest()[:16]
+        escaped = f"{escaped[:MAX_NAME_CHARS - 17]}~{digest}"
+    return escaped
+
+
+def scores_table(title_id: str, labels: list[str], probs: np.ndarray) -> pa.Table:
+    """One row per (label, second): label-major, seconds ascending."""
+    n = probs.shape[0]
+    seconds = np.tile(np.arange(n, dtype=np.int32), len(labels))
+    return pa.table({
+        "title_id": pa.array([title_id] * (n * len(labels)), pa.string()),
+        "label": pa.array(np.repeat(np.asarray(labels, dtype=object), n).tolist(), pa.string()),
+        "second": seconds, "start_s": seconds.astype(np.float64), "end_s": seconds + 1.0,
+        "p": np.ascontiguousarray(probs.T.reshape(-1), dtype=np.float32),
+    }, schema=SCORES_SCHEMA)
+
+
+def segments_table(title_id: str, segments: list[Segment]) -> pa.Table:
+    """One row per segment, numbered from 0 per label."""
+    numbers: dict[str, int] = {}
+    rows = []
+    for seg in segments:
+        k = numbers.get(seg.label, 0)
+        numbers[seg.label] = k + 1
+        rows.append({"title_id": title_id, "label": seg.label, "segment": k, "start_s": float(seg.start_s),
+                     "end_s": float(seg.end_s), "n_seconds": seg.n_seconds, "mean_p": seg.mean_p})
+    return pa.Table.from_pylist(rows, schema=SEGMENTS_SCHEMA)
+
+
+def titles_table(record: TitleRecord) -> pa.Table:
+    row = {**record.__dict__, "scored_at": datetime.now(timezone.utc)}
+    return pa.Table.from_pylist([row], schema=TITLES_SCHEMA)
+
+
+class ResultStore:
+    """The output directory ``OUT`` (any fsspec URI): per-title atomic writes and resume."""
+
+    def __init__(self, out: str):
+        import fsspec
+
+        self.out = str(out).rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.out)
+        self.root = self.root.rstrip("/")
+
+    def prepare(self) -> None:
+        """Create the table folders, prove they are writable, and drop temp files of killed runs."""
+        try:
+            for table in TABLES:
+                self.fs.makedirs(self._dir(table), exist_ok=True)
+            probe = f"{self._dir('titles')}/{TEMP_PREFIX}write-test-{uuid.uuid4().hex}"
+            with self.fs.open(probe, "wb") as f:
+                f.write(b"ok")
+            self.fs.rm(probe)
+        except (OSError, PermissionError, ValueError) as e:
+            raise UsageError(f"output {self.out} is not writable: {e}") from e
+        for table in TABLES:
+            for path in self.fs.glob(f"{self._dir(table)}/{TEMP_PREFIX}*"):
+                self._remove_quietly(path)
+
+    def finished_titles(self, model: str) -> set[str]:
+        """Ids of titles already ``ok`` with this model (a rerun skips them)."""
+        table = self.read("titles")
+        if table is None or table.num_rows == 0:
+            return set()
+        frame = table.select(["title_id", "status", "model"]).to_pandas()
+        done = frame[(frame["status"] == "ok") & (frame["model"] == model)]
+        return set(done["title_id"])
+
+    def read(self, name: str) -> pa.Table | None:
+        """One table over all titles written so far, or None when there is none yet."""
+        import pyarrow.dataset as pds
+
+        schema = {"scores": SCORES_SCHEMA, "segments": SEGMENTS_SCHEMA, "titles": TITLES_SCHEMA}[name]
+        files = [p for p in self.fs.glob(f"{self._dir(name)}/*.parquet")]
+        if not files:
+            return None
+        return pds.dataset(files, schema=schema, filesystem=self.fs, format="parquet").to_table()
+
+    def write_title(self, record: TitleRecord, scores: pa.Table, segments: pa.Table) -> None:
+        """Replace the title's three files; the titles file goes last (it commits the title)."""
+        name = file_name_for(record.title_id)
+        self._write_atomic("scores", name, scores)
+        self._write_atomic("segments", name, segments)
+        self._write_atomic("titles", name, titles_table(record))
+
+    def _write_atomic(self, table_name: str, name: str, table: pa.Table) -> None:
+        import pyarrow.parquet as pq
+
+        folder = self._dir(table_name)
+        tmp = f"{folder}/{TEMP_PREFIX}{name}-{uuid.uuid4().hex}.parquet"
+        try:
+            with self.fs.open(tmp, "wb") as f:
+                pq.write_table(table, f)
+            self.fs.mv(tmp, f"{folder}/{name}.parquet")
+        except BaseException:
+            self._remove_quietly(tmp)
+            raise
+
+    def _remove_quietly(self, path: str) -> None:
+        try:
+            self.fs.rm(path)
+        except (OSError, FileNotFoundError):
+            pass
+
+    def _dir(self, table_name: str) -> str:
+        return f"{self.root}/{table_name}"

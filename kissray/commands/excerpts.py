@@ -1,0 +1,41 @@
+"""``kissray excerpts``: cut every segment of a score output from its film, with a JPEG thumbnail each."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kissray.excerpts import ExcerptOptions, write_excerpts
+
+EXIT_OK, EXIT_SOME_FAILED = 0, 3
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    defaults = ExcerptOptions()
+    p = sub.add_parser("excerpts", help="cut segments into playable excerpts (+ thumbnails)", description=__doc__,
+                       epilog="Files: DIR/<title_id>/<label>-<n>-<start>-<end>.mp4 and .jpg (n: the segment "
+                              "number, start/end: the segment's seconds, before padding). Existing files are "
+                              "skipped; exit code 3 when some film could not be cut.")
+    p.add_argument("--scores", required=True, metavar="OUT", help="a `kissray score --out` directory (any fsspec URI)")
+    p.add_argument("--label", action="append", default=None,
+                   help="only this label's segments (repeatable; default: every label)")
+    p.add_argument("--pad", type=float, default=defaults.pad_s, metavar="SECONDS",
+                   help=f"seconds added before and after each segment (default {defaults.pad_s})")
+    p.add_argument("--out", default=None, metavar="DIR", help="where excerpts go (default: OUT/excerpts)")
+    p.add_argument("--copy", action="store_true",
+                   help="stream copy: fast, but starts at the keyframe before the segment (default: re-encode, "
+                        "frame-accurate, H.264 + AAC)")
+    p.add_argument("--no-thumbnails", action="store_true", help="skip the JPEG thumbnails")
+    p.add_argument("--jobs", type=int, default=1, help="films cut at once (default 1)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    options = ExcerptOptions(pad_s=args.pad, copy=args.copy, thumbnails=not args.no_thumbnails)
+    summary = write_excerpts(args.scores, args.out, labels=args.label, options=options, jobs=args.jobs,
+                             progress=sys.stderr.isatty())
+    for title_id, reason in sorted(summary.failed.items()):
+        print(f"failed {title_id}: {reason}", file=sys.stderr)
+    print(f"{summary.dest}: {len(summary.written)} files written, {len(summary.skipped)} already there, "
+          f"{len(summary.failed)} films failed")
+    return EXIT_SOME_FAILED if summary.failed else EXIT_OK

@@ -1,0 +1,255 @@
+"""Cut every segment of a score output from its film: ``DEST/<title_id>/<label>-<n>-<start>-<end>.mp4``.
+
+Each excerpt covers the segment padded by ``pad_s`` on both sides (clamped to the film), with
+audio; next to it a JPEG thumbnail (same name, ``.jpg``) shows the still at the segment's most
+confident second. Cuts are frame-accurate re-encodes (H.264 + AAC) by default, or stream copies
+from the keyframe at or before the start with ``copy=True``. ffmpeg always gets argument lists.
+Outputs are written to a temporary name and renamed, so an interrupted run never leaves a file
+that a rerun would take as done; existing outputs are skipped. Films on remote fsspec URIs are
+staged to a local temporary file once per film, and only when something is left to cut.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from kissray.errors import KissrayError, UsageError
+from kissray.ffmpeg import run_ffmpeg
+from kissray.media import local_path
+from kissray.outputs import EXCERPTS_DIR, ScoreOutputs, join_uri, read_outputs
+
+THUMBNAIL_MAX_WIDTH = 320  # pixels; thumbnails are for the report and for browsing
+REENCODE_ARGS = ("-c:v", "libx264", "-preset", "veryfast", "-crf", "18", "-pix_fmt", "yuv420p",
+                 "-vf", "scale=trunc(iw/2)*2:trunc(ih/2)*2",  # yuv420p needs even sizes
+                 "-c:a", "aac", "-b:a", "192k")
+COPY_ARGS = ("-c", "copy", "-avoid_negative_ts", "make_zero")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.=+-]+")
+
+
+def safe_name(text: str) -> str:
+    """``text`` usable as one file or folder name on any file system."""
+    return _UNSAFE.sub("_", str(text)).strip("._") or "_"
+
+
+def excerpt_stem(label: str, segment: int, start_s: float, end_s: float) -> str:
+    """``<label>-<n>-<start>-<end>``: segment number and (unpadded) segment seconds."""
+    return f"{safe_name(label)}-{int(segment)}-{_seconds_text(start_s)}-{_seconds_text(end_s)}"
+
+
+def _seconds_text(t_s: float) -> str:
+    return str(int(t_s)) if float(t_s).is_integer() else f"{float(t_s):.3f}"
+
+
+@dataclass(frozen=True)
+class ExcerptOptions:
+    pad_s: float = 1.0  # seconds added before and after each segment (clamped to the film)
+    copy: bool = False  # stream copy (fast, starts at a keyframe) instead of an accurate re-encode
+    thumbnails: bool = True
+    timeout_s: float = 3600.0  # longest one ffmpeg call may run
+
+
+@dataclass(frozen=True)
+class Cut:
+    """One excerpt to make: the segment, its padded interval and the still for its thumbnail."""
+
+    stem: str
+    start_s: float  # padded, on the film's timeline (t = 0 at the first video frame)
+    end_s: float
+    thumbnail_s: float  # middle of the most confident second
+
+
+@dataclass
+class FilmCuts:
+    title_id: str
+    uri: str
+    cuts: list[Cut]
+
+
+@dataclass
+class ExcerptSummary:
+    dest: str
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # title_id -> reason
+
+
+def plan_cuts(outputs: ScoreOutputs, pad_s: float = 1.0) -> list[FilmCuts]:
+    """The excerpts of every title that has segments, in title order."""
+    if pad_s < 0:
+        raise UsageError(f"--pad must be >= 0, got {pad_s}")
+    titles = outputs.titles.set_index("title_id")
+    scores = outputs.scores if outputs.scores is not None else pd.DataFrame(columns=["title_id", "label"])
+    probs_by_key = {key: frame for key, frame in scores.groupby(["title_id", "label"], sort=False)}
+    films = []
+    for title_id, segments in outputs.segments.groupby("title_id", sort=True):
+        row = titles.loc[title_id]
+        cuts = [_cut(seg, float(row["duration_s"]), pad_s, _best_second(probs_by_key.get((title_id, seg.label)), seg))
+                for seg in segments.itertuples(index=False)]
+        films.append(FilmCuts(str(title_id), str(row["uri"]), cuts))
+    return films
+
+
+def _best_second(probs: pd.DataFrame | None, seg) -> int:
+    """The second of the segment with the highest probability of its label (first on ties)."""
+    if probs is None:
+        return int(seg.start_s)
+    inside = probs[(probs["second"] >= seg.start_s) & (probs["second"] < seg.end_s)]
+    return int(inside.loc[inside["p"].idxmax(), "second"]) if len(inside) else int(seg.start_s)
+
+
+def _cut(seg, duration_s: float, pad_s: float, best_second: int) -> Cut:
+    start_s = max(0.0, float(seg.start_s) - pad_s)
+    end_s = min(duration_s, float(seg.end_s) + pad_s) if duration_s > 0 else float(seg.end_s) + pad_s
+    return Cut(excerpt_stem(seg.label, seg.segment, seg.start_s, seg.end_s), start_s, end_s,
+               min(best_second + 0.5, max(end_s - 0.01, start_s)))
+
+
+@dataclass(frozen=True)
+class FilmTiming:
+    """Where a film's frames lie: what input ``-ss`` needs to hit frame boundaries exactly."""
+
+    origin_s: float = 0.0  # first video frame, relative to the container start that ffmpeg's -ss counts from
+    fps: float = 0.0  # average frame rate; 0 when unknown (no snapping to frames)
+
+    def frame_span(self, start_s: float, end_s: float) -> tuple[float, float]:
+        """(seek_s, duration_s) covering exactly the frames shown during [start_s, end_s).
+
+        The first frame is the one on screen at ``start_s`` (the last with pts <= start_s); the
+        seek lands a tenth of a frame before it so float rounding can never skip it.
+        """
+        if self.fps <= 0:
+            return self.origin_s + start_s, end_s - start_s
+        first = math.floor(start_s * self.fps + 1e-6)
+        stop = max(first + 1, math.ceil(end_s * self.fps - 1e-6))
+        return self.origin_s + max(0.0, (first - 0.1) / self.fps), (stop - first) / self.fps
+
+
+def excerpt_args(film_path: str, cut: Cut, out_path: str, copy: bool = False,
+                 timing: FilmTiming = FilmTiming()) -> list[str]:
+    """ffmpeg arguments for one excerpt (input seeking: frame-accurate when re-encoding)."""
+    seek_s, duration_s = timing.frame_span(cut.start_s, cut.end_s)
+    return ["-ss", f"{seek_s:.6f}", "-i", film_path, "-t", f"{duration_s:.6f}",
+            "-map", "0:v:0", "-map", "0:a?", *(COPY_ARGS if copy else REENCODE_ARGS),
+            "-movflags", "+faststart", "-f", "mp4", out_path]
+
+
+def thumbnail_args(film_path: str, cut: Cut, out_path: str, timing: FilmTiming = FilmTiming()) -> list[str]:
+    """ffmpeg arguments for the JPEG still on screen at ``cut.thumbnail_s``."""
+    seek_s, _ = timing.frame_span(cut.thumbnail_s, cut.thumbnail_s)
+    return ["-ss", f"{seek_s:.6f}", "-i", film_path, "-frames:v", "1", "-an",
+            "-vf", f"scale='min({THUMBNAIL_MAX_WIDTH},iw)':-2", "-q:v", "3", "-f", "image2", "-update", "1",
+            out_path]
+
+
+def film_timing(film_path: str) -> FilmTiming:
+    """The :class:`FilmTiming` of a local film, read with PyAV."""
+    import av
+
+    with av.open(film_path) as container:
+        video = container.streams.video[0]
+        fps = float(video.average_rate or video.guessed_rate or 0)
+        if video.start_time is None or container.start_time is None:
+            return FilmTiming(0.0, fps)
+        origin_s = float(video.start_time * video.time_base) - container.start_time / av.time_base
+        return FilmTiming(max(0.0, origin_s), fps)
+
+
+def cut_film(film: FilmCuts, dest: str, options: ExcerptOptions = ExcerptOptions()) -> tuple[list[str], list[str]]:
+    """Write the excerpts (and thumbnails) of one film under ``dest/<title_id>/``.
+
+    Returns (written, skipped) output URIs. Raises on the first failure; what was written stays.
+    """
+    folder = join_uri(dest, safe_name(film.title_id))
+    todo, skipped = _outputs_to_make(film, folder, options.thumbnails)
+    if not todo:
+        return [], skipped
+    written = []
+    with local_path(film.uri) as film_path, tempfile.TemporaryDirectory(prefix="kissray-cut-") as tmp:
+        timing = film_timing(film_path)
+        for cut, kind, uri in todo:
+            part = os.path.join(tmp, os.path.basename(uri))
+            if kind == "mp4":
+                args = excerpt_args(film_path, cut, part, options.copy, timing)
+            else:
+                args = thumbnail_args(film_path, cut, part, timing)
+            run_ffmpeg(args, timeout_s=options.timeout_s)
+            _publish(part, uri)
+            written.append(uri)
+    return written, skipped
+
+
+def _outputs_to_make(film: FilmCuts, folder: str, thumbnails: bool) -> tuple[list[tuple[Cut, str, str]], list[str]]:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(folder)
+    existing = {os.path.basename(p) for p in fs.ls(path, detail=False)} if fs.isdir(path) else set()
+    todo, skipped = [], []
+    for cut in film.cuts:
+        for kind in ("mp4", "jpg") if thumbnails else ("mp4",):
+            name = f"{cut.stem}.{kind}"
+            uri = join_uri(folder, name)
+            (skipped.append(uri) if name in existing else todo.append((cut, kind, uri)))
+    return todo, skipped
+
+
+def _publish(local_file: str, uri: str) -> None:
+    """Move a finished file to its final name (atomic on local disks; an upload elsewhere)."""
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        shutil.move(local_file, path)
+    else:
+        fs.makedirs(os.path.dirname(path), exist_ok=True)
+        fs.put_file(local_file, path)
+
+
+def write_excerpts(scores_dir: str, dest: str | None = None, *, labels: list[str] | None = None,
+                   options: ExcerptOptions = ExcerptOptions(), jobs: int = 1, progress: bool = False) -> ExcerptSummary:
+    """Cut every segment of the score output ``scores_dir`` into ``dest`` (default ``scores_dir/excerpts``).
+
+    A film that fails (missing, unreadable, ffmpeg error) is recorded in ``summary.failed`` and the
+    other films go on.
+    """
+    outputs = read_outputs(scores_dir, with_scores=options.thumbnails, labels=labels)
+    dest = dest or join_uri(outputs.out_dir, EXCERPTS_DIR)
+    films = plan_cuts(outputs, options.pad_s)
+    summary = ExcerptSummary(dest)
+    with ThreadPoolExecutor(max(1, jobs)) as pool, _progress_bar(len(films), progress) as bar:
+        futures = {pool.submit(cut_film, film, dest, options): film for film in films}
+        for future in as_completed(futures):
+            film = futures[future]
+            try:
+                written, skipped = future.result()
+                summary.written += written
+                summary.skipped += skipped
+            except Exception as e:  # noqa: BLE001 - one bad film must not stop the library
+                summary.failed[film.title_id] = _one_line(e)
+            bar.update(1)
+    summary.written.sort()
+    summary.skipped.sort()
+    return summary
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if not isinstance(error, KissrayError) else text
+
+
+@contextlib.contextmanager
+def _progress_bar(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="film", desc="excerpts", disable=not enabled) as bar:
+        yield bar

@@ -1,0 +1,208 @@
+"""Library-scale scoring on Ray Data: :func:`score_library` (SPEC sections 6-7).
+
+The plan, streamed end to end so memory stays bounded however large the library::
+
+    titles (driver: inputs expanded, ids checked, titles already ``ok`` skipped)
+      -> probe_windows   CPU tasks: one row per window of ``window_s`` seconds of each film
+      -> decode_window   CPU tasks, one window each: clip rows (uint8 stills, float32 log-mels)
+      -> Classifier      actor pool, GPUs when the cluster has them, model loaded once per actor
+      -> TitleWriter     one actor: per-title reduce (segments + three Parquet files per title)
+      -> driver          progress bar and summary from one small row per title
+
+A title leaves the job as soon as its last window is scored, so a killed run keeps every title
+that finished. The steps themselves live in :mod:`kissray.batch.stages`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from kissray.batch.stages import Classifier, DecodeSpec, TitleWriter, decode_window, probe_windows
+from kissray.batch.tables import ResultStore, TitleRecord, scores_table, segments_table
+from kissray.errors import CheckpointError
+from kissray.inputs import Title, expand_inputs
+from kissray.model import CONFIG_FILE, WEIGHTS_FILE, ModelConfig
+from kissray.score import DEFAULT_BATCH_SIZE, SegmentParams
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WINDOW_S = 120  # seconds of film per decode task: a long film spreads over many workers
+DEFAULT_DECODE_TIMEOUT_S = 60.0  # a window whose decoder makes no progress this long fails
+DECODE_TASK_RETRIES = 3  # a decode task whose worker process died is retried this often
+LOST_ERROR = "no result came back (a worker died); rerun to retry"
+
+
+@dataclass
+class LibrarySummary:
+    """What one ``score_library`` run did."""
+
+    n_titles: int = 0  # titles named by the inputs
+    n_skipped: int = 0  # already ok in ``out`` with this model
+    n_ok: int = 0
+    n_partial: int = 0
+    n_failed: int = 0
+    seconds_scored: int = 0
+    wall_s: float = 0.0
+    failures: list[tuple[str, str, str]] = field(default_factory=list)  # (title_id, status, error)
+
+    @property
+    def throughput(self) -> float:
+        """Seconds of film scored per second of wall time."""
+        return self.seconds_scored / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def all_ok(self) -> bool:
+        return self.n_partial == 0 and self.n_failed == 0
+
+    def add(self, status: str, n_scored: int, title_id: str = "", error: str | None = None) -> None:
+        setattr(self, f"n_{status}", getattr(self, f"n_{status}") + 1)
+        self.seconds_scored += int(n_scored)
+        if status != "ok":
+            self.failures.append((title_id, status, error or ""))
+
+    def __str__(self) -> str:
+        return (f"{self.n_titles} titles: {self.n_ok} ok, {self.n_partial} partial, {self.n_failed} failed, "
+                f"{self.n_skipped} skipped (already ok); {self.seconds_scored} s of film scored in "
+                f"{self.wall_s:.1f} s ({self.throughput:.1f} film-s/s)")
+
+
+def read_model_config(model_uri: str) -> ModelConfig:
+    """The checkpoint's config, read on the driver so a bad checkpoint fails before any work."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(str(model_uri))
+    root = root.rstrip("/")
+    try:
+        with fs.open(f"{root}/{CONFIG_FILE}", "rb") as f:
+            config = ModelConfig.from_dict(json.loads(f.read()))
+        if not fs.exists(f"{root}/{WEIGHTS_FILE}"):
+            raise FileNotFoundError(WEIGHTS_FILE)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{model_uri}: not a kissray checkpoint (missing {e.filename or e})") from e
+    except (ValueError, TypeError, OSError) as e:
+        raise CheckpointError(f"{model_uri}: unreadable checkpoint: {e}") from e
+    return config
+
+
+def score_library(inputs: list[str], model_uri: str, out: str, *, params: SegmentParams = SegmentParams(),
+                  window_s: int = DEFAULT_WINDOW_S, batch_size: int = DEFAULT_BATCH_SIZE,
+                  num_actors: int | None = None, num_gpus_per_actor: float | None = None,
+                  decode_timeout_s: float = DEFAULT_DECODE_TIMEOUT_S, frames_per_clip: int | None = None,
+                  progress: bool = True) -> LibrarySummary:
+    """Score every film named by ``inputs`` with the checkpoint ``model_uri`` into ``out``.
+
+    Ray must be initialised (``ray.init``). Titles already ``ok`` in ``out`` with the same model
+    are skipped; every other title gets exactly one fresh ``titles`` row. Bad films never fail the
+    job. Raises :class:`UsageError` / :class:`CheckpointError` before any work for bad arguments.
+    """
+    if window_s < 1 or batch_size < 1:
+        raise ValueError("window_s and batch_size must be >= 1")
+    started = time.monotonic()
+    titles = expand_inputs(inputs)
+    config = read_model_config(model_uri)
+    store = ResultStore(out)
+    store.prepare()
+    done = store.finished_titles(model_uri)
+    todo = [t for t in titles if t.title_id not in done]
+    summary = LibrarySummary(n_titles=len(titles), n_skipped=len(titles) - len(todo))
+    if todo:
+        spec = DecodeSpec(frames_per_clip or config.frames_per_clip, config.image_size, int(window_s),
+                          float(decode_timeout_s))
+        dataset = build_dataset(todo, model_uri, out, config, spec, params, batch_size=batch_size,
+                                num_actors=num_actors, num_gpus_per_actor=num_gpus_per_actor)
+        reported = _collect(dataset, summary, len(todo), progress)
+        _record_lost(store, [t for t in todo if t.title_id not in reported], model_uri, summary)
+    summary.wall_s = time.monotonic() - started
+    return summary
+
+
+def build_dataset(titles: list[Title], model_uri: str, out: str, config: ModelConfig, spec: DecodeSpec,
+                  params: SegmentParams, *, batch_size: int, num_actors: int | None,
+                  num_gpus_per_actor: float | None):
+    """The lazy Ray Data plan; iterating it runs the job and yields one summary row per title."""
+    import ray
+
+    gpus, cpus = _cluster_gpus_cpus()
+    cpu_share = min(1.0, cpus / 2)  # a 1- or 2-CPU Ray must still fit a decode task and an actor
+    if num_gpus_per_actor is None:
+        num_gpus_per_actor = 1 if gpus > 0 else 0
+    if num_actors is None:
+        num_actors = max(1, int(gpus // num_gpus_per_actor) if num_gpus_per_actor else int(cpus // 4))
+    items = [{"title_id": t.title_id, "uri": t.uri} for t in titles]
+    return (
+        ray.data.from_items(items, override_num_blocks=len(items))
+        .flat_map(probe_windows, fn_kwargs={"spec": spec}, num_cpus=cpu_share)
+        .repartition(target_num_rows_per_block=1)  # one window per decode task (streaming, no barrier)
+        # max_retries: a decode worker that dies (OOM) is retried; it also keeps decoding in CPU
+        # tasks rather than fused into the model's actors (fusion needs equal remote args)
+        .map_batches(decode_window, batch_size=1, batch_format="numpy", fn_kwargs={"spec": spec},
+                     num_cpus=cpu_share, max_retries=DECODE_TASK_RETRIES)
+        .map_batches(Classifier, fn_constructor_kwargs={"model_uri": model_uri, "batch_size": batch_size},
+                     batch_size=batch_size, batch_format="numpy", num_cpus=cpu_share, num_gpus=num_gpus_per_actor,
+                     compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors))
+        .map_batches(TitleWriter, fn_constructor_kwargs={"out": out, "labels": list(config.labels),
+                                                         "model_uri": model_uri, "params": params},
+                     batch_size=None, batch_format="numpy", num_cpus=0,
+                     compute=ray.data.ActorPoolStrategy(size=1))  # one writer sees every row of a title
+    )
+
+
+def _cluster_gpus_cpus() -> tuple[float, float]:
+    import ray
+
+    resources = ray.cluster_resources()
+    return float(resources.get("GPU", 0)), float(resources.get("CPU", 1))
+
+
+def _collect(dataset, summary: LibrarySummary, n_titles: int, progress: bool) -> set[str]:
+    """Run the job, counting titles as their summary rows stream back; returns the ids seen."""
+    from tqdm import tqdm
+
+    seen: set[str] = set()
+    with tqdm(total=n_titles, unit="title", disable=not progress, dynamic_ncols=True) as bar:
+        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for row in batch.to_pylist():
+                seen.add(row["title_id"])
+                summary.add(row["status"], row["n_scored"], row["title_id"], row["error"])
+                bar.update(1)
+                bar.set_postfix(scored_s=summary.seconds_scored, failed=summary.n_failed + summary.n_partial)
+    return seen
+
+
+def _record_lost(store: ResultStore, lost: list[Title], model_uri: str, summary: LibrarySummary) -> None:
+    """Titles whose result never came back (a writer that died) still get their one titles row."""
+    for title in lost:
+        log.warning("%s: %s", title.title_id, LOST_ERROR)
+        record = TitleRecord(title.title_id, title.uri, "failed", LOST_ERROR, None, 0, 0, False, model_uri)
+        store.write_title(record, scores_table(title.title_id, [], _no_probs()), segments_table(title.title_id, []))
+        summary.add("failed", 0, title.title_id, LOST_ERROR)
+
+
+def _no_probs():
+    import numpy as np
+
+    return np.zeros((0, 0), np.float32)
+
+
+@contextlib.contextmanager
+def ray_connection(address: str | None = None) -> Iterator[None]:
+    """Ray for the duration of a command: the running one when this process already has it,
+    else ``ray.init(address)`` (``None`` -> ``RAY_ADDRESS`` or a new local Ray; ``"local"`` -> a
+    new local Ray). Shuts down only a Ray it connected or started itself."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
+             logging_level=logging.WARNING, configure_logging=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -1,0 +1,366 @@
+"""One static, self-contained HTML page about a score output: ``kissray report``.
+
+The page has inline CSS, inline SVG timelines and a few lines of inline JavaScript; it loads
+nothing from the network. Parts: a library summary (titles by status, seconds scored, labelled
+time per label); a sortable, filterable, paged index of titles (100 a page, so 1,000 titles stay
+quick); one collapsed ``<details>`` per title with its timeline (probability over time, segments
+shaded, unscored time greyed) and its segments, with thumbnails and links to the excerpts that
+``kissray excerpts`` wrote; and the failed and partial titles with their reasons.
+Thumbnails and excerpts are linked relative to the page (keep the page next to OUT), or, with
+``embed_thumbnails``, the thumbnails are inlined as data URIs so the page travels alone.
+Without JavaScript every title is listed, collapsed.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from kissray.excerpts import excerpt_stem, safe_name
+from kissray.outputs import EXCERPTS_DIR, STATUSES, ScoreOutputs, join_uri, read_outputs
+
+PAGE_SIZE = 100  # titles per page of the index
+TIMELINE_WIDTH, TIMELINE_HEIGHT = 800, 120  # SVG user units
+MAX_POINTS = 600  # timeline points per label; longer films are max-pooled so peaks survive
+LABEL_COLOURS = ("#d6336c", "#1c7ed6", "#37b24d", "#f59f00", "#7048e8", "#0ca678", "#e8590c", "#495057")
+TICK_STEPS_S = (1, 2, 5, 10, 30, 60, 120, 300, 600, 900, 1800, 3600)
+
+
+@dataclass(frozen=True)
+class Media:
+    """Where the report finds excerpts: their folder and the files in it (relative names)."""
+
+    folder: str  # excerpts folder (local path or fsspec URI)
+    href_base: str  # the folder as written in links: relative to the page when both are local
+    files: frozenset[str]  # "<title folder>/<name>" of every file present
+    embed_thumbnails: bool = False
+
+    def find(self, title_id: str, stem: str, ext: str) -> str | None:
+        name = f"{safe_name(title_id)}/{stem}.{ext}"
+        return name if name in self.files else None
+
+    def href(self, name: str) -> str:
+        return f"{self.href_base}/{name}" if self.href_base else name
+
+    def thumbnail_src(self, name: str) -> str:
+        if not self.embed_thumbnails:
+            return self.href(name)
+        import fsspec
+
+        with fsspec.open(join_uri(self.folder, name), "rb") as f:
+            return "data:image/jpeg;base64," + base64.b64encode(f.read()).decode("ascii")
+
+
+def find_media(excerpts_dir: str, report_uri: str, embed_thumbnails: bool = False) -> Media:
+    """Index the excerpts folder once (it may not exist: then the page has no media)."""
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, root = fsspec.core.url_to_fs(excerpts_dir)
+    files = frozenset()
+    if fs.isdir(root):
+        prefix = root.rstrip("/") + "/"
+        files = frozenset(p[len(prefix):] for p in fs.find(root) if p.startswith(prefix))
+    report_fs, report_path = fsspec.core.url_to_fs(report_uri)
+    if isinstance(fs, LocalFileSystem) and isinstance(report_fs, LocalFileSystem):
+        href_base = os.path.relpath(root, os.path.dirname(os.path.abspath(report_path))).replace(os.sep, "/")
+    else:
+        href_base = str(excerpts_dir).rstrip("/")
+    return Media(str(excerpts_dir), "" if href_base == "." else href_base, files, embed_thumbnails)
+
+
+def write_report(scores_dir: str, out: str | None = None, *, excerpts_dir: str | None = None,
+                 embed_thumbnails: bool = False) -> str:
+    """Write the HTML report of ``scores_dir`` to ``out`` (default ``scores_dir/report.html``); return ``out``."""
+    outputs = read_outputs(scores_dir, with_scores=True)
+    out = out or join_uri(outputs.out_dir, "report.html")
+    media = find_media(excerpts_dir or join_uri(outputs.out_dir, EXCERPTS_DIR), out, embed_thumbnails)
+    page = render_report(outputs, media)
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(out)
+    if os.path.dirname(path):
+        fs.makedirs(os.path.dirname(path), exist_ok=True)
+    with fs.open(path, "w", encoding="utf-8") as f:
+        f.write(page)
+    return out
+
+
+def render_report(outputs: ScoreOutputs, media: Media) -> str:
+    """The whole page as one string."""
+    labels = outputs.labels
+    colours = {label: LABEL_COLOURS[i % len(LABEL_COLOURS)] for i, label in enumerate(labels)}
+    probs = _probs_by_title(outputs.scores)
+    segments = dict(tuple(outputs.segments.groupby("title_id", sort=False)))
+    titles = outputs.titles.to_dict("records")
+    sections = [_title_section(t, probs.get(t["title_id"], {}), segments.get(t["title_id"]), colours, media)
+                for t in titles]
+    body = "\n".join([
+        _header(outputs), _summary(outputs, labels),
+        _index(titles, segments, labels),
+        f'<section id="titles"><h2>Titles</h2>{"".join(sections)}</section>',
+        _failures(titles),
+    ])
+    return _PAGE.format(style=_STYLE, script=_SCRIPT.replace("PAGE_SIZE", str(PAGE_SIZE)), body=body,
+                        title=html.escape(f"kissray report: {outputs.out_dir}"))
+
+
+def _probs_by_title(scores: pd.DataFrame | None) -> dict[str, dict[str, np.ndarray]]:
+    """{title_id: {label: float32[n_scored]}} (second i at index i)."""
+    found: dict[str, dict[str, np.ndarray]] = {}
+    if scores is None or scores.empty:
+        return found
+    for (title_id, label), frame in scores.groupby(["title_id", "label"], sort=False):
+        n = int(frame["second"].max()) + 1
+        p = np.zeros(n, np.float32)
+        p[frame["second"].to_numpy()] = frame["p"].to_numpy()
+        found.setdefault(title_id, {})[label] = p
+    return found
+
+
+def _esc(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def duration_text(t_s: float) -> str:
+    """``1:02:03`` / ``2:03`` for a number of seconds."""
+    t = int(round(float(t_s)))
+    return f"{t // 3600}:{t // 60 % 60:02d}:{t % 60:02d}" if t >= 3600 else f"{t // 60}:{t % 60:02d}"
+
+
+def _header(outputs: ScoreOutputs) -> str:
+    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    models = sorted({str(m) for m in outputs.titles["model"].dropna()})
+    return (f"<header><h1>kissray report</h1><p>Scores: <code>{_esc(outputs.out_dir)}</code> · "
+            f"model: {_esc(', '.join(models) or 'unknown')} · generated {now}</p></header>")
+
+
+def library_summary(outputs: ScoreOutputs) -> dict:
+    """Counts behind the summary: titles by status, seconds scored, labelled seconds per label."""
+    titles, segments = outputs.titles, outputs.segments
+    by_label = segments.groupby("label")["n_seconds"].agg(["count", "sum"])
+    return {"titles": len(titles),
+            "by_status": {s: int((titles["status"] == s).sum()) for s in STATUSES},
+            "seconds_scored": int(titles["n_scored"].fillna(0).sum()),
+            "duration_s": float(titles["duration_s"].fillna(0).sum()),
+            "labelled_s": {label: int(row["sum"]) for label, row in by_label.iterrows()},
+            "segments": {label: int(row["count"]) for label, row in by_label.iterrows()}}
+
+
+def _summary(outputs: ScoreOutputs, labels: list[str]) -> str:
+    s = library_summary(outputs)
+    cards = [("titles", s["titles"])] + [(status, n) for status, n in s["by_status"].items()] + [
+        ("seconds scored", f'{s["seconds_scored"]:,}'), ("film time", duration_text(s["duration_s"]))]
+    card_html = "".join(f'<div class="card {_esc(k)}"><b>{_esc(v)}</b><span>{_esc(k)}</span></div>' for k, v in cards)
+    rows = "".join(
+        f'<tr><td>{_esc(label)}</td><td>{s["segments"].get(label, 0)}</td>'
+        f'<td>{duration_text(s["labelled_s"].get(label, 0))}</td>'
+        f'<td>{100 * s["labelled_s"].get(label, 0) / max(1, s["seconds_scored"]):.2f}%</td></tr>'
+        for label in labels)
+    table = ("<table><thead><tr><th>label</th><th>segments</th><th>labelled time</th><th>of scored time</th>"
+             f"</tr></thead><tbody>{rows}</tbody></table>") if labels else "<p>No labels scored yet.</p>"
+    return f'<section id="summary"><h2>Library</h2><div class="cards">{card_html}</div>{table}</section>'
+
+
+def _index(titles: list[dict], segments: dict[str, pd.DataFrame], labels: list[str]) -> str:
+    head = "".join(f'<th data-type="num">{_esc(label)} s</th>' for label in labels)
+    rows = []
+    for t in titles:
+        segs = segments.get(t["title_id"])
+        seconds = segs.groupby("label")["n_seconds"].sum() if segs is not None else pd.Series(dtype=int)
+        cells = "".join(f"<td>{int(seconds.get(label, 0))}</td>" for label in labels)
+        rows.append(f'<tr data-title="{_esc(t["title_id"])}" data-status="{_esc(t["status"])}">'
+                    f'<td><a href="#t-{_esc(safe_name(t["title_id"]))}">{_esc(t["title_id"])}</a></td>'
+                    f'<td class="status {_esc(t["status"])}">{_esc(t["status"])}</td>'
+                    f'<td data-v="{_number(t["duration_s"]):.3f}">{duration_text(_number(t["duration_s"]))}</td>'
+                    f'<td>{int(_number(t["n_scored"]))}</td><td>{0 if segs is None else len(segs)}</td>{cells}</tr>')
+    statuses = "".join(f'<option value="{s}">{s}</option>' for s in STATUSES)
+    controls = ('<div class="controls"><input id="filter" type="search" placeholder="filter titles">'
+                f'<select id="status"><option value="">all statuses</option>{statuses}</select>'
+                '<button id="prev" type="button">‹ prev</button><span id="page"></span>'
+                '<button id="next" type="button">next ›</button>'
+                '<button id="expand" type="button">expand page</button>'
+                '<button id="collapse" type="button">collapse all</button></div>')
+    return (f'<section id="index"><h2>Index</h2>{controls}<table id="index-table"><thead><tr>'
+            '<th>title</th><th>status</th><th data-type="num">duration</th><th data-type="num">seconds scored</th>'
+            f'<th data-type="num">segments</th>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></section>')
+
+
+def _number(value) -> float:
+    """A table value as float, 0 for null / NaN (failed titles have no duration)."""
+    return 0.0 if value is None or pd.isna(value) else float(value)
+
+
+def _title_section(title: dict, probs: dict[str, np.ndarray], segs: pd.DataFrame | None,
+                   colours: dict[str, str], media: Media) -> str:
+    title_id, status = str(title["title_id"]), str(title["status"])
+    n_segments = 0 if segs is None else len(segs)
+    summary = (f'<summary><b>{_esc(title_id)}</b> <span class="status {_esc(status)}">{_esc(status)}</span> '
+               f'{duration_text(_number(title["duration_s"]))} · {n_segments} segment{"s" * (n_segments != 1)}'
+               '</summary>')
+    parts = [f'<p class="uri"><code>{_esc(title["uri"])}</code></p>']
+    if status != "ok" and title.get("error"):
+        parts.append(f'<p class="error">{_esc(title["error"])}</p>')
+    if probs:
+        parts.append(timeline_svg(probs, segs, _number(title["duration_s"]), int(_number(title["n_scored"])), colours))
+    if segs is not None and len(segs):
+        parts.append(_segment_table(title_id, segs, media))
+    return (f'<details class="title" id="t-{_esc(safe_name(title_id))}" data-title="{_esc(title_id)}" '
+            f'data-status="{_esc(status)}">{summary}{"".join(parts)}</details>')
+
+
+def _segment_table(title_id: str, segs: pd.DataFrame, media: Media) -> str:
+    rows = []
+    for seg in segs.itertuples(index=False):
+        stem = excerpt_stem(seg.label, seg.segment, seg.start_s, seg.end_s)
+        thumb, clip = media.find(title_id, stem, "jpg"), media.find(title_id, stem, "mp4")
+        image = (f'<img src="{_esc(media.thumbnail_src(thumb))}" alt="{_esc(stem)}" loading="lazy">'
+                 if thumb else "")
+        link = f'<a href="{_esc(media.href(clip))}">{_esc(stem)}.mp4</a>' if clip else "—"
+        rows.append(f"<tr><td>{_esc(seg.label)}</td><td>{int(seg.segment)}</td>"
+                    f"<td>{duration_text(seg.start_s)}</td><td>{duration_text(seg.end_s)}</td>"
+                    f"<td>{int(seg.n_seconds)} s</td><td>{float(seg.mean_p):.3f}</td>"
+                    f'<td class="thumb">{image}</td><td>{link}</td></tr>')
+    return ('<table class="segments"><thead><tr><th>label</th><th>#</th><th>start</th><th>end</th><th>length</th>'
+            f'<th>mean p</th><th>thumbnail</th><th>excerpt</th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
+
+
+def _pooled(p: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """(x seconds, y) with at most ``max_points`` points: bucket maxima, so short peaks stay visible."""
+    if len(p) <= max_points:
+        return np.arange(len(p)) + 0.5, p
+    edges = np.linspace(0, len(p), max_points + 1).astype(int)
+    return (edges[:-1] + edges[1:]) / 2, np.maximum.reduceat(p, edges[:-1])
+
+
+def timeline_svg(probs: dict[str, np.ndarray], segs: pd.DataFrame | None, duration_s: float, n_scored: int,
+                 colours: dict[str, str]) -> str:
+    """Inline SVG: each label's probability per second, its segments shaded, unscored time greyed."""
+    span_s = max(duration_s, n_scored, 1.0)
+    w, h, top, bottom = TIMELINE_WIDTH, TIMELINE_HEIGHT, 6, 18
+    x = lambda t: f"{t * w / span_s:.1f}"  # noqa: E731 - seconds -> SVG x
+    y = lambda p: f"{top + (1 - p) * (h - top - bottom):.1f}"  # noqa: E731 - probability -> SVG y
+    parts = [f'<rect class="frame" x="0" y="{top}" width="{w}" height="{h - top - bottom}"/>']
+    if n_scored < duration_s - 0.5:
+        parts.append(f'<rect class="unscored" x="{x(n_scored)}" y="{top}" width="{float(x(span_s)) - float(x(n_scored)):.1f}" '
+                     f'height="{h - top - bottom}"><title>not scored</title></rect>')
+    for seg in ([] if segs is None else segs.itertuples(index=False)):
+        parts.append(f'<rect x="{x(seg.start_s)}" y="{top}" width="{max(float(x(seg.end_s)) - float(x(seg.start_s)), 1):.1f}" '
+                     f'height="{h - top - bottom}" fill="{colours[seg.label]}" fill-opacity="0.22">'
+                     f'<title>{_esc(seg.label)} {duration_text(seg.start_s)}–{duration_text(seg.end_s)} '
+                     f'mean p {float(seg.mean_p):.2f}</title></rect>')
+    parts.append(f'<line class="half" x1="0" x2="{w}" y1="{y(0.5)}" y2="{y(0.5)}"/>')
+    for label, p in probs.items():
+        xs, ys = _pooled(np.asarray(p, np.float32), MAX_POINTS)
+        points = " ".join(f"{x(a)},{y(b)}" for a, b in zip(xs, ys))
+        parts.append(f'<polyline fill="none" stroke="{colours[label]}" stroke-width="1.2" points="{points}">'
+                     f"<title>{_esc(label)}</title></polyline>")
+    parts += _ticks(span_s, x, h)
+    return (f'<svg class="timeline" viewBox="0 0 {w} {h}" preserveAspectRatio="none" role="img" '
+            f'aria-label="probability over time">{"".join(parts)}</svg>')
+
+
+def _ticks(span_s: float, x, h: int) -> list[str]:
+    step = next((s for s in TICK_STEPS_S if span_s / s <= 10), TICK_STEPS_S[-1] * int(np.ceil(span_s / 36000)))
+    return [f'<text x="{x(t)}" y="{h - 4}">{duration_text(t)}</text>' for t in range(0, int(span_s) + 1, step)]
+
+
+def _failures(titles: list[dict]) -> str:
+    bad = [t for t in titles if t["status"] != "ok"]
+    if not bad:
+        return '<section id="failures"><h2>Failed and partial titles</h2><p>None.</p></section>'
+    rows = "".join(f'<tr><td><a href="#t-{_esc(safe_name(t["title_id"]))}">{_esc(t["title_id"])}</a></td>'
+                   f'<td class="status {_esc(t["status"])}">{_esc(t["status"])}</td>'
+                   f'<td><code>{_esc(t["uri"])}</code></td><td>{_esc(t["error"] or "")}</td></tr>' for t in bad)
+    return ('<section id="failures"><h2>Failed and partial titles</h2><table><thead><tr><th>title</th><th>status</th>'
+            f'<th>uri</th><th>reason</th></tr></thead><tbody>{rows}</tbody></table></section>')
+
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,">
+<title>{title}</title>
+<style>{style}</style></head>
+<body>
+{body}
+<script>{script}</script>
+</body></html>
+"""
+
+_STYLE = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 0 auto; max-width: 1100px; padding: 0 16px 48px; color: #222; }
+h1 { margin-bottom: 0; } h2 { margin-top: 32px; border-bottom: 1px solid #ddd; }
+code { font-size: 12px; color: #555; word-break: break-all; }
+table { border-collapse: collapse; width: 100%; margin: 8px 0; }
+th, td { text-align: left; padding: 3px 8px; border-bottom: 1px solid #eee; vertical-align: middle; }
+#index-table th { cursor: pointer; user-select: none; background: #f6f6f6; }
+.cards { display: flex; flex-wrap: wrap; gap: 8px; }
+.card { border: 1px solid #ddd; border-radius: 6px; padding: 8px 14px; min-width: 90px; }
+.card b { display: block; font-size: 20px; } .card span { color: #666; }
+.status.ok { color: #2b8a3e; } .status.partial { color: #e67700; } .status.failed { color: #c92a2a; }
+.controls { display: flex; gap: 8px; align-items: center; flex-wrap: wrap; }
+details.title { border: 1px solid #e3e3e3; border-radius: 6px; margin: 6px 0; padding: 4px 10px; }
+details.title > summary { cursor: pointer; padding: 4px 0; }
+.error { color: #c92a2a; }
+svg.timeline { width: 100%; height: 120px; display: block; }
+svg.timeline .frame { fill: #fafafa; stroke: #ccc; } svg.timeline .unscored { fill: #ddd; }
+svg.timeline .half { stroke: #aaa; stroke-dasharray: 4 4; } svg.timeline text { font-size: 10px; fill: #666; }
+td.thumb img { max-height: 72px; max-width: 128px; display: block; }
+[hidden] { display: none !important; }
+"""
+
+_SCRIPT = """
+(function () {
+  const table = document.getElementById('index-table'), list = document.getElementById('titles');
+  const tbody = table.tBodies[0], rows = Array.from(tbody.rows);
+  const sections = new Map(Array.from(document.querySelectorAll('details.title')).map(d => [d.dataset.title, d]));
+  const filter = document.getElementById('filter'), status = document.getElementById('status');
+  let order = rows.slice(), page = 0, sortCol = -1, sortDir = 1;
+  const visible = () => {
+    const q = filter.value.toLowerCase(), s = status.value;
+    return order.filter(r => (!q || r.dataset.title.toLowerCase().includes(q)) && (!s || r.dataset.status === s));
+  };
+  function render() {
+    const shown = visible(), pages = Math.max(1, Math.ceil(shown.length / PAGE_SIZE));
+    page = Math.max(0, Math.min(page, pages - 1));
+    const onPage = new Set(shown.slice(page * PAGE_SIZE, (page + 1) * PAGE_SIZE));
+    for (const r of order) {
+      r.hidden = !onPage.has(r); tbody.appendChild(r);
+      const d = sections.get(r.dataset.title);
+      if (d) { d.hidden = r.hidden; list.appendChild(d); }
+    }
+    document.getElementById('page').textContent = `page ${page + 1} of ${pages} · ${shown.length} titles`;
+  }
+  Array.from(table.tHead.rows[0].cells).forEach((th, i) => th.addEventListener('click', () => {
+    sortDir = sortCol === i ? -sortDir : 1; sortCol = i;
+    const num = th.dataset.type === 'num';
+    const key = r => { const c = r.cells[i], v = c.dataset.v ?? c.textContent; return num ? parseFloat(v) : v.toLowerCase(); };
+    order.sort((a, b) => { const x = key(a), y = key(b); return (x < y ? -1 : x > y ? 1 : 0) * sortDir; });
+    page = 0; render();
+  }));
+  filter.addEventListener('input', () => { page = 0; render(); });
+  status.addEventListener('change', () => { page = 0; render(); });
+  document.getElementById('prev').addEventListener('click', () => { page -= 1; render(); });
+  document.getElementById('next').addEventListener('click', () => { page += 1; render(); });
+  document.getElementById('expand').addEventListener('click', () =>
+    sections.forEach(d => { if (!d.hidden) d.open = true; }));
+  document.getElementById('collapse').addEventListener('click', () => sections.forEach(d => { d.open = false; }));
+  function showHash() {
+    const d = document.getElementById(decodeURIComponent(location.hash.slice(1)));
+    if (!d || !d.matches('details.title')) return;
+    const at = () => visible().findIndex(r => r.dataset.title === d.dataset.title);
+    if (at() < 0) { filter.value = ''; status.value = ''; }
+    page = Math.floor(at() / PAGE_SIZE);
+    render(); d.open = true; d.scrollIntoView();
+  }
+  window.addEventListener('hashchange', showHash);
+  render(); if (location.hash) showHash();
+})();
+"""

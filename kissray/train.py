@@ -1,0 +1,319 @@
+"""Training from annotations: :func:`train` (the paper's recipe as defaults).
+
+Adam, lr 1e-3, batch 64, 10 epochs, BCE-with-logits per label (multi-label), keep the epoch with
+the best validation F1 (macro over labels, per second, threshold 0.5). Films, never clips, are
+split into train / val / test (:func:`kissray.annotations.split_films`).
+
+``mode="head"`` decodes and embeds every labelled clip once (frozen backbones, the same decode
+path as scoring) and trains the linear head on the cached embeddings in seconds; the embeddings
+are standardized for training and the standardization is folded back into the head, so the
+saved checkpoint is an ordinary :class:`KissModel`. ``mode="full"`` fine-tunes everything on the
+decoded clips, with random augmentation applied to training batches only.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from kissray.annotations import Annotations, clip_targets, split_films
+from kissray.errors import DecodeError, MediaError, UsageError
+from kissray.evaluate import mean_f1, per_second_metrics
+from kissray.media import ClipReader
+from kissray.model import MODALITIES, KissModel, ModelConfig, init_model, load_model, save_model
+from kissray.score import batched
+
+log = logging.getLogger(__name__)
+MODES = ("head", "full")
+METRICS_FILE = "metrics.json"
+EMBED_BATCH = 32  # clips per forward pass when caching embeddings
+
+
+@dataclass
+class TrainOptions:
+    """How to train; the defaults are the paper's recipe."""
+
+    mode: str = "head"  # head | full
+    modality: str | None = None  # av | video | audio; None: the init checkpoint's, else av
+    epochs: int = 10
+    lr: float = 1e-3
+    batch_size: int = 64
+    seed: int = 0
+    unlabelled: str = "ignore"  # ignore | negative (clips in no annotated span)
+    image_size: int = 224  # for a new model (no init checkpoint)
+    frames_per_clip: int = 1  # for a new model (no init checkpoint)
+    device: str | None = None  # None: cuda when available, else cpu
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise UsageError(f"mode must be one of {MODES}, not {self.mode!r}")
+        if self.modality is not None and self.modality not in MODALITIES:
+            raise UsageError(f"modality must be one of {MODALITIES}, not {self.modality!r}")
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise UsageError("epochs and batch size must be >= 1 and lr > 0")
+
+
+@dataclass
+class ClipSet:
+    """Labelled clips of some films: inputs (embeddings, or frames + log-mel) and targets."""
+
+    targets: np.ndarray  # float32[n, n_labels]
+    features: np.ndarray | None = None  # float32[n, feature_dim] (head mode)
+    frames: np.ndarray | None = None  # uint8[n, K, S, S, 3] (full mode)
+    log_mel: np.ndarray | None = None  # float32[n, 96, 64] (full mode)
+    films: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+def start_model(labels: list[str], options: TrainOptions, init: str | None = None) -> KissModel:
+    """The model to train: ``init``'s backbones (and head rows of shared labels) or a new one."""
+    if init is None:
+        config = ModelConfig(labels=labels, modality=options.modality or "av",
+                             frames_per_clip=options.frames_per_clip, image_size=options.image_size)
+        return init_model(config, seed=options.seed)
+    base = load_model(init)
+    config = ModelConfig(labels=labels, modality=options.modality or base.config.modality,
+                         frames_per_clip=base.config.frames_per_clip, image_size=base.config.image_size)
+    if config.labels == base.config.labels and config.modality == base.config.modality:
+        return base
+    torch.manual_seed(options.seed)
+    model = KissModel(config)
+    for name in ("resnet", "vggish"):
+        if getattr(model, name) is not None:
+            if getattr(base, name) is None:
+                raise UsageError(f"--init {init} has no {name} for modality {config.modality!r}")
+            getattr(model, name).load_state_dict(getattr(base, name).state_dict())
+    if config.modality == base.config.modality:
+        with torch.no_grad():
+            for j, label in enumerate(labels):
+                if label in base.labels:
+                    model.head.weight[j] = base.head.weight[base.labels.index(label)]
+                    model.head.bias[j] = base.head.bias[base.labels.index(label)]
+    return model.eval()
+
+
+def film_clips(uri: str, annotations: Annotations, labels: list[str], config: ModelConfig,
+               unlabelled: str, timeout_s: float = 60.0):
+    """Yield ``(clip, target)`` for the labelled clips of one film (decoding only the span needed)."""
+    spans = annotations.spans[uri]
+    start, stop = 0, None
+    if unlabelled == "ignore":
+        start, stop = int(min(s.start_s for s in spans)), int(np.ceil(max(s.end_s for s in spans)))
+    with ClipReader(uri, start, stop, frames_per_clip=config.frames_per_clip, size=config.image_size,
+                    timeout_s=timeout_s) as reader:
+        idx, targets = clip_targets(spans, labels, reader.info.n_clips, unlabelled)
+        row_of = {int(i): r for r, i in enumerate(idx)}
+        try:
+            for clip in reader:
+                if clip.index in row_of:
+                    yield clip, targets[row_of[clip.index]]
+        except DecodeError as e:
+            log.warning("%s: training on the %d clips decoded before: %s", uri, reader.n_delivered, e.reason)
+
+
+def load_clip_set(films: list[str], annotations: Annotations, model: KissModel, embed: bool,
+                  unlabelled: str, skipped: list[str], progress=None) -> ClipSet:
+    """Decode the labelled clips of ``films``; with ``embed``, keep only their embeddings."""
+    device = model.head.weight.device
+    parts: dict[str, list] = {"targets": [], "features": [], "frames": [], "log_mel": []}
+    for uri in films:
+        try:
+            for batch in batched(film_clips(uri, annotations, model.labels, model.config, unlabelled),
+                                 EMBED_BATCH):
+                frames = np.stack([c.frames for c, _ in batch])
+                log_mel = np.stack([c.log_mel for c, _ in batch])
+                parts["targets"].append(np.stack([t for _, t in batch]))
+                if embed:
+                    with torch.inference_mode():
+                        features = model.embed(torch.as_tensor(frames, device=device),
+                                               torch.as_tensor(log_mel, device=device))
+                    parts["features"].append(features.float().cpu().numpy())
+                else:
+                    parts["frames"].append(frames), parts["log_mel"].append(log_mel)
+        except MediaError as e:
+            log.warning("skipping %s", e)
+            skipped.append(str(e))
+        if progress is not None:
+            progress(uri)
+    cat = {k: np.concatenate(v) if v else None for k, v in parts.items()}
+    if cat["targets"] is None:
+        cat["targets"] = np.zeros((0, len(model.labels)), np.float32)
+    return ClipSet(**cat, films=list(films))
+
+
+# ---------------------------------------------------------------- the training loop
+
+
+@dataclass
+class _Fit:
+    """What one training run needs from its mode: the module trained, a loss, predictions."""
+
+    module: nn.Module  # its state_dict is what "keep the best epoch" keeps
+    loss_on: object  # (train row indices: LongTensor) -> scalar loss tensor
+    predict: object  # (ClipSet) -> float32[n, n_labels] probabilities
+
+
+def fit(job: _Fit, sets: dict[str, ClipSet], labels: list[str], options: TrainOptions,
+        show_progress: bool = True) -> dict:
+    """Train for ``options.epochs``, keep the best epoch's weights in ``job.module``; return metrics."""
+    from tqdm.auto import tqdm
+
+    selected_on = "val" if len(sets["val"]) else "train"
+    optimizer = torch.optim.Adam([p for p in job.module.parameters() if p.requires_grad], lr=options.lr)
+    generator = torch.Generator().manual_seed(options.seed)
+    n_train = len(sets["train"])
+    history, best, best_state = [], -1.0, None
+    for epoch in range(1, options.epochs + 1):
+        started = time.perf_counter()
+        order = torch.randperm(n_train, generator=generator)
+        losses = []
+        with tqdm(total=n_train, desc=f"epoch {epoch}/{options.epochs}", unit="clip", leave=True,
+                  disable=not show_progress) as bar:
+            for lo in range(0, n_train, options.batch_size):
+                rows = order[lo:lo + options.batch_size]
+                optimizer.zero_grad()
+                loss = job.loss_on(rows)
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss) * len(rows))
+                bar.update(len(rows))
+            record = {"epoch": epoch, "loss": sum(losses) / max(n_train, 1)}
+            record.update({split: per_second_metrics(sets[split].targets, job.predict(sets[split]), labels)
+                           for split in ("train", "val") if len(sets[split])})
+            record["seconds"] = time.perf_counter() - started
+            score = mean_f1(record[selected_on])
+            bar.set_postfix(loss=f"{record['loss']:.4f}", **{f"{selected_on}_f1": f"{score:.3f}"})
+        history.append(record)
+        if score > best:  # strictly better: ties keep the earlier epoch
+            best, best_state = score, copy.deepcopy(job.module.state_dict())
+    job.module.load_state_dict(best_state)
+    final = {split: per_second_metrics(s.targets, job.predict(s), labels) for split, s in sets.items() if len(s)}
+    best_epoch = max(history, key=lambda r: (mean_f1(r[selected_on]), -r["epoch"]))["epoch"]
+    return {"epochs": history, "best_epoch": best_epoch, "selected_on": selected_on, "final": final}
+
+
+def head_job(model: KissModel, sets: dict[str, ClipSet]) -> tuple[_Fit, object]:
+    """Train a copy of the head on standardized embeddings; the returned ``fold()`` writes it back."""
+    features = sets["train"].features
+    mean = torch.as_tensor(features.mean(0))
+    std = torch.as_tensor(features.std(0)) + 1e-6
+    head = nn.Linear(features.shape[1], len(model.labels))
+    with torch.no_grad():  # start from the model's head, expressed on standardized inputs
+        w, b = model.head.weight.detach().cpu().float(), model.head.bias.detach().cpu().float()
+        head.weight.copy_(w * std), head.bias.copy_(b + w @ mean)
+    z = {name: (torch.as_tensor(s.features) - mean) / std for name, s in sets.items() if len(s)}
+    y = torch.as_tensor(sets["train"].targets)
+    criterion = nn.BCEWithLogitsLoss()
+
+    def predict(clip_set: ClipSet) -> np.ndarray:
+        with torch.no_grad():
+            x = (torch.as_tensor(clip_set.features) - mean) / std
+            return torch.sigmoid(head(x)).numpy()
+
+    def fold() -> None:
+        with torch.no_grad():
+            weight = head.weight / std
+            model.head.weight.copy_(weight.to(model.head.weight.device))
+            model.head.bias.copy_((head.bias - weight @ mean).to(model.head.bias.device))
+
+    return _Fit(head, lambda rows: criterion(head(z["train"][rows]), y[rows]), predict), fold
+
+
+def augment(frames: torch.Tensor, log_mel: torch.Tensor, generator: torch.Generator):
+    """Training-only augmentation: flip, crop-and-resize, brightness on stills; gain on log-mel."""
+    b, k, s = frames.shape[:3]
+    x = frames.float()
+    flip = torch.rand(b, generator=generator) < 0.5
+    x[flip] = x[flip].flip(3)  # [B, K, H, W, 3]: mirror the width axis
+    crop = int(s * (0.8 + 0.2 * float(torch.rand(1, generator=generator))))
+    y0, x0 = (int(v) for v in torch.randint(0, s - crop + 1, (2,), generator=generator))
+    x = x[:, :, y0:y0 + crop, x0:x0 + crop].reshape(b * k, crop, crop, 3).permute(0, 3, 1, 2)
+    x = nn.functional.interpolate(x, size=(s, s), mode="bilinear", align_corners=False)
+    x = x.permute(0, 2, 3, 1).reshape(b, k, s, s, 3)
+    x = x * (0.8 + 0.4 * torch.rand(b, 1, 1, 1, 1, generator=generator))
+    gain = (torch.rand(b, 1, 1, generator=generator) - 0.5)  # about +-0.5 in log-mel: a level change
+    return x.clamp(0, 255), log_mel + gain
+
+
+def full_job(model: KissModel, sets: dict[str, ClipSet], seed: int) -> _Fit:
+    """Fine-tune the whole model on decoded clips, augmenting training batches."""
+    device = model.head.weight.device
+    train = sets["train"]
+    criterion = nn.BCEWithLogitsLoss()
+    generator = torch.Generator().manual_seed(seed + 1)
+
+    def loss_on(rows: torch.Tensor) -> torch.Tensor:
+        model.train()
+        frames, log_mel = augment(torch.as_tensor(train.frames[rows.numpy()]),
+                                  torch.as_tensor(train.log_mel[rows.numpy()]), generator)
+        logits = model(frames.to(device), log_mel.to(device))
+        return criterion(logits, torch.as_tensor(train.targets[rows.numpy()], device=device))
+
+    def predict(clip_set: ClipSet) -> np.ndarray:
+        model.eval()
+        return model.predict_proba(clip_set.frames, clip_set.log_mel, batch_size=EMBED_BATCH)
+
+    return _Fit(model, loss_on, predict)
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def train(annotations: Annotations, out: str, options: TrainOptions = TrainOptions(), init: str | None = None,
+          show_progress: bool = True) -> dict:
+    """Train on ``annotations`` and save the best epoch's checkpoint (with ``metrics.json``) to ``out``.
+
+    Returns the metrics that were saved.
+    """
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(options.seed)
+    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = start_model(annotations.labels, options, init).prepare(device)
+    splits = split_films(annotations, options.seed)
+    if not splits["train"]:
+        raise UsageError("no training films: every film is in the val or test split")
+    skipped: list[str] = []
+    with tqdm(total=len(annotations.films), desc="decoding" + (" + embedding" if options.mode == "head" else ""),
+              unit="film", disable=not show_progress) as bar:
+        sets = {name: load_clip_set(films, annotations, model, options.mode == "head", options.unlabelled,
+                                    skipped, progress=lambda _: bar.update())
+                for name, films in splits.items()}
+    if not len(sets["train"]):
+        raise UsageError("no labelled clips in the training films (see --unlabelled)")
+    started = time.perf_counter()
+    if options.mode == "head":
+        job, fold = head_job(model, sets)
+        metrics = fit(job, sets, model.labels, options, show_progress)
+        fold()
+    else:
+        metrics = fit(full_job(model, sets, options.seed), sets, model.labels, options, show_progress)
+    metrics = {"labels": model.labels, "annotations": annotations.path, "init": init,
+               "options": {**asdict(options), "device": device}, "seed": options.seed,
+               "splits": splits, "n_clips": {k: len(s) for k, s in sets.items()},
+               "n_positive": {k: dict(zip(model.labels, s.targets.sum(0).astype(int).tolist()))
+                              for k, s in sets.items()},
+               "skipped_films": skipped, "train_seconds": time.perf_counter() - started, **metrics}
+    save_model(model.eval(), out, extra_files={METRICS_FILE: json.dumps(metrics, indent=2).encode()})
+    return metrics
+
+
+def read_metrics(checkpoint: str) -> dict | None:
+    """The ``metrics.json`` a training run saved in ``checkpoint``, or None."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(str(checkpoint))
+    path = f"{root.rstrip('/')}/{METRICS_FILE}"
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as f:
+        return json.loads(f.read())

@@ -1,0 +1,193 @@
+"""kissray excerpts: cut times and durations checked frame by frame with PyAV against the segments.
+
+Also home of :func:`write_score_out`, which builds a ``kissray score`` output directory exactly to
+SPEC section 7 (one Parquet file per title per table); test_export and test_report import it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import av
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import colour_of_second, make_film
+from kissray.cli import main as cli_main
+from kissray.excerpts import ExcerptOptions, excerpt_stem, write_excerpts
+from kissray.score import SegmentParams, segments_by_label
+
+SCORES_SCHEMA = pa.schema([("title_id", pa.string()), ("label", pa.string()), ("second", pa.int32()),
+                           ("start_s", pa.float64()), ("end_s", pa.float64()), ("p", pa.float32())])
+SEGMENTS_SCHEMA = pa.schema([("title_id", pa.string()), ("label", pa.string()), ("segment", pa.int32()),
+                             ("start_s", pa.float64()), ("end_s", pa.float64()), ("n_seconds", pa.int32()),
+                             ("mean_p", pa.float32())])
+TITLES_SCHEMA = pa.schema([("title_id", pa.string()), ("uri", pa.string()), ("status", pa.string()),
+                           ("error", pa.string()), ("duration_s", pa.float64()), ("n_clips", pa.int32()),
+                           ("n_scored", pa.int32()), ("has_audio", pa.bool_()), ("model", pa.string()),
+                           ("scored_at", pa.timestamp("us", tz="UTC"))])
+SHORT = SegmentParams(threshold=0.5, min_len=2, min_fraction=0.7)  # segments in a few seconds of film
+
+
+@dataclass
+class Title:
+    """One title's score result, as the score command would write it."""
+
+    title_id: str
+    uri: str
+    duration_s: float | None  # None when the film could not be opened
+    probs: np.ndarray = field(default_factory=lambda: np.zeros((0, 1), np.float32))  # [n_scored, n_labels]
+    labels: tuple[str, ...] = ("kiss",)
+    status: str = "ok"
+    error: str | None = None
+    has_audio: bool = True
+
+
+def write_score_out(out_dir: str | Path, titles: list[Title], params: SegmentParams = SHORT) -> str:
+    """Write ``scores/``, ``segments/`` and ``titles/`` (SPEC 7) for ``titles``; segments come from
+    the real segmenter on each title's probabilities."""
+    out_dir = Path(out_dir)
+    for name in ("scores", "segments", "titles"):
+        (out_dir / name).mkdir(parents=True, exist_ok=True)
+    for t in titles:
+        n_scored = len(t.probs)
+        scores = {"title_id": [], "label": [], "second": [], "start_s": [], "end_s": [], "p": []}
+        for j, label in enumerate(t.labels):
+            seconds = np.arange(n_scored)
+            for key, values in (("title_id", [t.title_id] * n_scored), ("label", [label] * n_scored),
+                                ("second", seconds), ("start_s", seconds.astype(float)),
+                                ("end_s", seconds + 1.0), ("p", t.probs[:, j])):
+                scores[key].extend(values)
+        segments = segments_by_label(np.asarray(t.probs, np.float32).reshape(n_scored, len(t.labels)),
+                                     list(t.labels), params)
+        numbers = {label: 0 for label in t.labels}
+        rows = []
+        for s in segments:
+            rows.append((t.title_id, s.label, numbers[s.label], float(s.start_s), float(s.end_s), s.n_seconds, s.mean_p))
+            numbers[s.label] += 1
+        seg_table = pa.table({name: [r[i] for r in rows] for i, name in enumerate(SEGMENTS_SCHEMA.names)},
+                             schema=SEGMENTS_SCHEMA)
+        title_row = {"title_id": [t.title_id], "uri": [t.uri], "status": [t.status], "error": [t.error],
+                     "duration_s": [t.duration_s],
+                     "n_clips": [None if t.duration_s is None else int(np.floor(t.duration_s + 0.5))],
+                     "n_scored": [n_scored], "has_audio": [t.has_audio], "model": ["ckpt-test"],
+                     "scored_at": [dt.datetime(2025, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)]}
+        pq.write_table(pa.table(scores, schema=SCORES_SCHEMA), out_dir / "scores" / f"{t.title_id}.parquet")
+        pq.write_table(seg_table, out_dir / "segments" / f"{t.title_id}.parquet")
+        pq.write_table(pa.table(title_row, schema=TITLES_SCHEMA), out_dir / "titles" / f"{t.title_id}.parquet")
+    return str(out_dir)
+
+
+def probs_with_peak(n: int, high: range, peak: int | None = None) -> np.ndarray:
+    """float32[n, 1]: 0.1 everywhere, 0.8 on ``high``, 0.95 at ``peak``."""
+    p = np.full((n, 1), 0.1, np.float32)
+    p[list(high), 0] = 0.8
+    if peak is not None:
+        p[peak, 0] = 0.95
+    return p
+
+
+def first_and_last_frames(path: str) -> tuple[float, float, np.ndarray, np.ndarray, int, bool]:
+    """(start_s, duration_s, first RGB frame, last RGB frame, n_frames, has_audio) of a file."""
+    with av.open(path) as c:
+        video = c.streams.video[0]
+        frames = [f for f in c.decode(video)]
+        has_audio = bool(c.streams.audio)
+    first, last = frames[0], frames[-1]
+    start_s = float(first.pts * first.time_base)
+    end_s = float(last.pts * last.time_base) + 1 / float(video.average_rate)
+    return start_s, end_s - start_s, first.to_ndarray(format="rgb24"), last.to_ndarray(format="rgb24"), \
+        len(frames), has_audio
+
+
+def assert_colour(frame: np.ndarray, second: int) -> None:
+    centre = frame[frame.shape[0] // 2, frame.shape[1] // 2].astype(int)
+    assert np.abs(centre - colour_of_second(second).astype(int)).max() < 40, (centre, colour_of_second(second))
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory) -> dict:
+    """Two films (8 s at 25 fps, 7 s at 30000/1001), one missing film, one failed title."""
+    root = tmp_path_factory.mktemp("excerpts")
+    a = make_film(root / "a.mp4", duration_s=8, extra_args=("-bf", "2", "-g", "50"))
+    b = make_film(root / "b.mp4", duration_s=7, fps="30000/1001", tone_seconds=(2, 3))
+    titles = [Title("a", a, 8.0, probs_with_peak(8, range(2, 5), peak=3)),  # segment [2, 5)
+              Title("b", b, 7.007, probs_with_peak(7, range(1, 3))),  # segment [1, 3)
+              Title("gone", str(root / "gone.mp4"), 6.0, probs_with_peak(6, range(0, 3))),
+              Title("broken", str(root / "broken.mp4"), None, status="failed", error="broken.mp4: no video stream")]
+    return {"root": root, "out": write_score_out(root / "out", titles), "films": {"a": a, "b": b}}
+
+
+def test_reencoded_excerpts_start_and_last_where_the_segments_do(library, tmp_path):
+    summary = write_excerpts(library["out"], str(tmp_path), options=ExcerptOptions(pad_s=0.5))
+    assert set(summary.failed) == {"gone"} and "no such file" in summary.failed["gone"]
+    cases = {"a": (excerpt_stem("kiss", 0, 2, 5), 1.5, 5.5, 25.0), "b": (excerpt_stem("kiss", 0, 1, 3), 0.5, 3.5, 30000 / 1001)}
+    for title_id, (stem, start_s, end_s, fps) in cases.items():
+        path = tmp_path / title_id / f"{stem}.mp4"
+        assert str(path) in summary.written and (tmp_path / title_id / f"{stem}.jpg").exists()
+        t0, duration_s, first, last, n_frames, has_audio = first_and_last_frames(str(path))
+        assert has_audio
+        assert abs(t0) < 1e-3, "excerpts start at t = 0"
+        # exactly the frames on screen during [start_s, end_s): a partly covered frame counts
+        expected_frames = int(np.ceil(end_s * fps)) - int(np.floor(start_s * fps))
+        assert n_frames == expected_frames, (title_id, n_frames, expected_frames)
+        assert abs(duration_s - expected_frames / fps) < 1e-3
+        assert_colour(first, int(start_s))  # the film's colour at the cut start (mid-second)
+        assert_colour(last, int(np.ceil(end_s)) - 1)
+    assert not (tmp_path / "broken").exists()
+
+
+def test_thumbnail_is_the_still_of_the_most_confident_second(library, tmp_path):
+    write_excerpts(library["out"], str(tmp_path), options=ExcerptOptions(pad_s=1.0))
+    with av.open(str(tmp_path / "a" / f"{excerpt_stem('kiss', 0, 2, 5)}.jpg")) as c:
+        still = next(c.decode(video=0)).to_ndarray(format="rgb24")
+    assert still.shape[:2] == (48, 64)
+    assert_colour(still, 3)  # the peak second, not the segment's first
+
+
+def test_existing_outputs_are_skipped_and_copy_mode_cuts_at_keyframes(library, tmp_path):
+    first = write_excerpts(library["out"], str(tmp_path), labels=["kiss"], options=ExcerptOptions(copy=True))
+    assert len(first.written) == 4 and not first.skipped
+    mtimes = {p: os.stat(p).st_mtime_ns for p in first.written}
+    again = write_excerpts(library["out"], str(tmp_path), options=ExcerptOptions(copy=True))
+    assert not again.written and sorted(again.skipped) == sorted(first.written)
+    assert all(os.stat(p).st_mtime_ns == m for p, m in mtimes.items())
+    # film a has one keyframe every 2 s (-g 50): a copy of [1, 6) starts at the keyframe at 0 s
+    t0, duration_s, first_frame, _, _, has_audio = first_and_last_frames(str(tmp_path / "a" / f"{excerpt_stem('kiss', 0, 2, 5)}.mp4"))
+    assert has_audio and duration_s >= 5.0 - 0.05
+    assert not list(tmp_path.rglob("*.part*")), "no temporary files left behind"
+
+
+def test_films_on_fsspec_uris_are_staged(library, tmp_path):
+    data = Path(library["films"]["a"]).read_bytes()
+    with fsspec.open("memory://kissray-excerpts/a.mp4", "wb") as f:
+        f.write(data)
+    out = write_score_out(tmp_path / "out", [Title("mem", "memory://kissray-excerpts/a.mp4", 8.0,
+                                                   probs_with_peak(8, range(4, 7)))])
+    summary = write_excerpts(out, "memory://kissray-excerpts/cuts", options=ExcerptOptions(pad_s=0))
+    assert not summary.failed and len(summary.written) == 2
+    local = tmp_path / "cut.mp4"
+    local.write_bytes(fsspec.open(f"memory://kissray-excerpts/cuts/mem/{excerpt_stem('kiss', 0, 4, 7)}.mp4", "rb").open().read())
+    _, duration_s, first, _, _, _ = first_and_last_frames(str(local))
+    assert abs(duration_s - 3.0) <= 0.041
+    assert_colour(first, 4)
+
+
+def test_cli_reports_failed_films_and_exits_3(library, tmp_path, capsys):
+    code = cli_main(["excerpts", "--scores", library["out"], "--out", str(tmp_path), "--no-thumbnails", "--pad", "0"])
+    captured = capsys.readouterr()
+    assert code == 3
+    assert "failed gone:" in captured.err and "2 files written" in captured.out
+    assert sorted(p.name for p in tmp_path.rglob("*.mp4")) == [f"{excerpt_stem('kiss', 0, 1, 3)}.mp4",
+                                                                f"{excerpt_stem('kiss', 0, 2, 5)}.mp4"]
+
+
+def test_cli_rejects_a_folder_that_is_not_a_score_output(tmp_path, capsys):
+    assert cli_main(["excerpts", "--scores", str(tmp_path)]) == 2
+    assert "no titles/ dataset" in capsys.readouterr().err

@@ -1,0 +1,217 @@
+"""kissray.pipeline on a local Ray: the three tables exactly, equality with score_film, faults, resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import make_film
+from kissray.batch.tables import file_name_for
+from kissray.cli import main as cli_main
+from kissray.score import SegmentParams, score_film
+from kissray.segment import find_segments
+
+PARAMS = SegmentParams(threshold=0.47, min_len=3, min_fraction=0.6)  # random weights: p is near 0.5
+WINDOW_S = 4  # several windows per film, so windows of one title meet again in the reduce
+GOOD = {"seven": 7, "silent": 4, "twelve": 12, "ntsc": 5}
+BAD = {"short": "too short", "empty": "", "text": "", "missing": "no such file"}
+
+
+def write_library(root: Path, media_dir: Path) -> dict[str, str]:
+    """Mixed films, good and bad; title_id -> uri."""
+    root.mkdir(parents=True, exist_ok=True)
+    films = {
+        "seven": make_film(root / "seven.mp4", 7, extra_args=("-bf", "2", "-g", "12")),
+        "silent": make_film(root / "silent.mkv", 4, audio=False),
+        "twelve": make_film(root / "sub" / "twelve.webm", 12, tone_seconds=(2, 9),
+                            video_args=("-c:v", "libvpx-vp9", "-deadline", "realtime", "-cpu-used", "8"),
+                            audio_args=("-c:a", "libopus")) if (root / "sub").mkdir() is None else "",
+        "ntsc": make_film(root / "ntsc.mov", 5.0, fps="30000/1001", channels=2, sample_rate=44100),
+        "short": make_film(root / "short.mp4", 0.3),
+    }
+    (root / "empty.mp4").write_bytes(b"")
+    (root / "text.mp4").write_text("this is not a film\n" * 40)
+    films["empty"], films["text"] = str(root / "empty.mp4"), str(root / "text.mp4")
+    src = make_film(media_dir / "pipeline-faststart.mp4", 20, extra_args=("-movflags", "+faststart"))
+    data = open(src, "rb").read()
+    (root / "half.mp4").write_bytes(data[: len(data) // 2])
+    films["half"] = str(root / "half.mp4")
+    return films
+
+
+def read(out: Path, table: str) -> pd.DataFrame:
+    return pd.read_parquet(out / table)
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory, media_dir, checkpoint, ray_session):
+    """One scoring run over a directory plus a missing file; (films, out, summary)."""
+    from kissray.pipeline import score_library
+
+    root = tmp_path_factory.mktemp("library")
+    films = write_library(root / "films", media_dir)
+    films["missing"] = str(root / "films" / "missing.mp4")
+    out = root / "out"
+    summary = score_library([str(root / "films"), films["missing"]], checkpoint, str(out), params=PARAMS,
+                            window_s=WINDOW_S, batch_size=5, num_actors=2, decode_timeout_s=20, progress=False)
+    return films, out, summary
+
+
+def test_one_titles_row_per_input_with_status(library):
+    films, out, summary = library
+    titles = read(out, "titles").set_index("title_id")
+    assert sorted(titles.index) == sorted(films)
+    assert {t: titles.status[t] for t in GOOD} == dict.fromkeys(GOOD, "ok")
+    assert {t: titles.status[t] for t in BAD} == dict.fromkeys(BAD, "failed")
+    assert titles.status["half"] == "partial"
+    for t, words in BAD.items():
+        assert words in titles.error[t] and "\n" not in titles.error[t]
+    assert titles.error[list(GOOD)].isna().all()
+    assert (titles.n_scored[list(BAD)] == 0).all()
+    assert 0 < titles.n_scored["half"] < titles.n_clips["half"] == 20
+    assert list(titles.loc[list(GOOD), "n_clips"]) == list(GOOD.values())
+    assert (titles.n_scored[list(GOOD)] == titles.n_clips[list(GOOD)]).all()
+    assert titles.has_audio.to_dict() | {} == {**dict.fromkeys(films, False), **{t: True for t in GOOD if t != "silent"},
+                                               "half": True}
+    assert titles.uri["seven"] == films["seven"] and (titles.model == titles.model.iloc[0]).all()
+    assert (summary.n_ok, summary.n_partial, summary.n_failed, summary.n_skipped) == (4, 1, 4, 0)
+    assert summary.seconds_scored == int(titles.n_scored.sum())
+
+
+def test_schemas_are_spec_section_7(library):
+    import pyarrow.dataset as pds
+
+    _, out, _ = library
+    expected = {
+        "scores": "title_id:string label:string second:int32 start_s:double end_s:double p:float",
+        "segments": "title_id:string label:string segment:int32 start_s:double end_s:double n_seconds:int32 "
+                    "mean_p:float",
+        "titles": "title_id:string uri:string status:string error:string duration_s:double n_clips:int32 "
+                  "n_scored:int32 has_audio:bool model:string scored_at:timestamp[us, tz=UTC]",
+    }
+    for table, fields in expected.items():
+        schema = pds.dataset(str(out / table), format="parquet").schema
+        assert " ".join(f"{f.name}:{f.type}" for f in schema) == fields
+        assert sorted(os.listdir(out / table)) == sorted(f"{file_name_for(t)}.parquet"
+                                                         for t in read(out, "titles").title_id)
+
+
+def test_scores_equal_score_film_and_are_contiguous(library, model):
+    films, out, _ = library
+    scores = read(out, "scores")
+    titles = read(out, "titles").set_index("title_id")
+    for title_id in [*GOOD, "half"]:
+        mine = scores[scores.title_id == title_id].sort_values("second")
+        assert list(mine.second) == list(range(titles.n_scored[title_id])), title_id
+        assert (mine.start_s == mine.second).all() and (mine.end_s == mine.second + 1).all()
+        assert set(mine.label) == {"kiss"}
+        reference = score_film(films[title_id], model, timeout_s=20)
+        assert reference.n_scored == len(mine) and reference.n_clips == titles.n_clips[title_id]
+        np.testing.assert_allclose(mine.p.to_numpy(), reference.probs[:, 0], atol=1e-5)
+        assert titles.duration_s[title_id] == pytest.approx(reference.duration_s)
+    assert scores[scores.title_id.isin(list(BAD))].empty
+    assert not scores.duplicated(["title_id", "label", "second"]).any()
+
+
+def test_segments_match_find_segments_on_stored_scores(library):
+    _, out, _ = library
+    scores, segments = read(out, "scores"), read(out, "segments")
+    assert len(segments) > 0  # PARAMS are chosen so that random weights give some segments
+    for title_id, mine in scores.groupby("title_id"):
+        p = mine.sort_values("second").p.to_numpy()
+        found = segments[segments.title_id == title_id].sort_values("segment")
+        spans = find_segments(p, PARAMS.threshold, PARAMS.min_len, PARAMS.min_fraction)
+        assert list(zip(found.start_s, found.end_s)) == [(float(s), float(e)) for s, e in spans]
+        assert list(found.segment) == list(range(len(spans)))
+        assert list(found.n_seconds) == [e - s for s, e in spans]
+        np.testing.assert_allclose(found.mean_p, [p[s:e].mean() for s, e in spans], rtol=1e-6)
+
+
+def test_cli_rerun_skips_ok_titles_and_never_duplicates(library, checkpoint, ray_session, capsys):
+    films, out, _ = library
+    before = read(out, "titles").set_index("title_id")
+    address = ray_session.get_runtime_context().gcs_address
+    code = cli_main(["score", str(Path(films["seven"]).parent), films["missing"], "--model", checkpoint,
+                     "--out", str(out), "--address", address, "--window-s", "4", "--threshold", "0.47",
+                     "--min-len", "3", "--min-fraction", "0.6", "--no-progress", "--decode-timeout-s", "20"])
+    assert code == 3
+    printed = capsys.readouterr()
+    assert "4 ok" not in printed.out and "4 skipped" in printed.out and "4 failed" in printed.out
+    assert "failed: missing:" in printed.err
+    after = read(out, "titles").set_index("title_id")
+    assert sorted(after.index) == sorted(before.index)
+    ok = list(GOOD)
+    assert (after.scored_at[ok] == before.scored_at[ok]).all()  # not rescored
+    assert (after.scored_at[["half", *BAD]] > before.scored_at[["half", *BAD]]).all()  # retried
+    assert not read(out, "scores").duplicated(["title_id", "label", "second"]).any()
+    assert ray_session.is_initialized()  # the CLI did not stop the Ray it did not start
+
+
+@pytest.mark.parametrize("problem,argv,message", [
+    ("missing checkpoint", ["--model", "{tmp}/no-ckpt"], "not a kissray checkpoint"),
+    ("unreadable manifest", ["{tmp}/list.csv"], "cannot read manifest"),
+    ("duplicate ids", ["{tmp}/a/x.mp4", "{tmp}/b/x.mkv"], "duplicate title_id 'x'"),
+    ("out not writable", ["--out", "{tmp}/file-not-dir/out"], "not writable"),
+    ("no films", ["{tmp}/a/*.avi"], "matched no files"),
+])
+def test_usage_errors_exit_2(problem, argv, message, tmp_path, checkpoint, capsys):
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+    (tmp_path / "a" / "x.mp4").write_bytes(b"x")
+    (tmp_path / "b" / "x.mkv").write_bytes(b"x")
+    (tmp_path / "list.csv").write_text("path\nfoo.mp4\n")  # no uri column
+    (tmp_path / "file-not-dir").write_text("a file")
+    base = {"inputs": [str(tmp_path / "a" / "x.mp4")], "--model": checkpoint, "--out": str(tmp_path / "out")}
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    if argv[0].startswith("--"):
+        base[argv[0]] = argv[1]
+    else:
+        base["inputs"] = argv
+    code = cli_main(["score", *base["inputs"], "--model", base["--model"], "--out", base["--out"],
+                     "--address", "local", "--no-progress"])
+    assert code == 2, problem
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out" / "titles").exists() or not os.listdir(tmp_path / "out" / "titles")
+
+
+def test_killed_run_loses_no_finished_title(tmp_path, checkpoint, ray_session):
+    from kissray.pipeline import score_library
+
+    films = tmp_path / "films"
+    films.mkdir()
+    for i in range(6):
+        make_film(films / f"film{i}.mp4", 3 + i % 3)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "kissray.cli", "score", str(films), "--model", checkpoint, "--out", str(out),
+           "--address", "local", "--window-s", "2", "--actors", "1", "--no-progress"]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / "titles").is_dir() and any(p.suffix == ".parquet" for p in (out / "titles").iterdir()):
+                break
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finished = set(read(out, "titles").title_id)
+    assert 1 <= len(finished) < 6, "kill the run mid-way"
+    before = read(out, "scores")
+    summary = score_library([str(films)], checkpoint, str(out), window_s=2, progress=False)
+    assert summary.n_skipped == len(finished) and summary.n_ok == 6 - len(finished)
+    titles, scores = read(out, "titles"), read(out, "scores")
+    assert sorted(titles.title_id) == [f"film{i}" for i in range(6)] and (titles.status == "ok").all()
+    assert not scores.duplicated(["title_id", "label", "second"]).any()
+    assert len(scores) == int(titles.n_scored.sum()) == sum(3 + i % 3 for i in range(6))
+    kept = scores[scores.title_id.isin(finished)].sort_values(["title_id", "second"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(kept, before.sort_values(["title_id", "second"]).reset_index(drop=True))

@@ -1,0 +1,142 @@
+"""kissray report: the page's numbers, and the page itself opened in headless Debian chromium."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_film
+from kissray.cli import main as cli_main
+from kissray.excerpts import ExcerptOptions, write_excerpts
+from kissray.outputs import read_outputs
+from kissray.report import PAGE_SIZE, _pooled, library_summary, write_report
+from test_excerpts import Title, probs_with_peak, write_score_out
+
+CHROME_ARGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               "--no-first-run", "--window-size=1200,900")
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory) -> dict:
+    """Two scored films with excerpts, one partial title, one failed title, a title id needing escaping."""
+    root = tmp_path_factory.mktemp("report")
+    a = make_film(root / "a.mp4", duration_s=8)
+    b = make_film(root / "b.mp4", duration_s=6, fps="24000/1001")
+    two = np.concatenate([probs_with_peak(6, range(1, 4)), probs_with_peak(6, range(3, 6))], axis=1)
+    titles = [Title("alpha", a, 8.0, probs_with_peak(8, range(2, 5), peak=3)),
+              Title("beta", b, 6.0, two, labels=("kiss", "hug")),
+              Title("cut short", a, 8.0, probs_with_peak(5, range(1, 4)), status="partial",
+                    error="a.mp4: decoder died (signal 9) at second 5"),
+              Title("broken<&>", str(root / "broken.mp4"), None, status="failed",
+                    error="broken.mp4: no video stream")]
+    out = write_score_out(root / "out", titles)
+    summary = write_excerpts(out, options=ExcerptOptions(pad_s=0.5))
+    assert not summary.failed
+    return {"root": root, "out": out, "titles": [t.title_id for t in titles]}
+
+
+def test_summary_counts_titles_seconds_and_labelled_time(library):
+    s = library_summary(read_outputs(library["out"]))
+    assert s["titles"] == 4 and s["by_status"] == {"ok": 2, "partial": 1, "failed": 1}
+    assert s["seconds_scored"] == 8 + 6 + 5
+    assert s["labelled_s"] == {"kiss": 3 + 3 + 3, "hug": 3} and s["segments"] == {"kiss": 3, "hug": 1}
+
+
+def test_long_timelines_keep_their_peaks():
+    p = np.zeros(10_800, np.float32)
+    p[5_001] = 0.9
+    xs, ys = _pooled(p, 600)
+    assert len(xs) == 600 and ys.max() == pytest.approx(0.9) and abs(xs[ys.argmax()] - 5_001) < 10_800 / 600
+
+
+def test_page_is_self_contained_and_escapes_titles(library, tmp_path):
+    page = Path(write_report(library["out"], str(tmp_path / "r.html"), excerpts_dir=str(Path(library["out"]) / "excerpts"),
+                             embed_thumbnails=True)).read_text()
+    assert "broken&lt;&amp;&gt;" in page and "broken<&>" not in page
+    assert not re.search(r'(src|href)="(https?:)?//', page), "nothing loads from the network"
+    assert page.count("data:image/jpeg;base64,") == 4  # alpha, beta x2, cut short
+    assert "decoder died (signal 9)" in page and "no video stream" in page
+
+
+@pytest.fixture()
+def browser(tmp_path):
+    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and chromedriver):
+        pytest.skip("no chromium + chromedriver on PATH: `make browser` (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in (*CHROME_ARGS, f"--user-data-dir={tmp_path / 'chrome-profile'}"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(chromedriver), options=options)
+    yield driver
+    driver.quit()
+
+
+def _severe_console_messages(driver) -> list[str]:
+    return [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def _load_all_images(driver) -> list[dict]:
+    """Scroll every image into view, wait for it, and return its src and natural width."""
+    driver.execute_script("document.querySelectorAll('img').forEach(i => { i.scrollIntoView(); });")
+    driver.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        Promise.all(Array.from(document.images).map(i => i.decode().catch(() => null))).then(() => done());""")
+    return driver.execute_script(
+        "return Array.from(document.images).map(i => ({src: i.src, w: i.naturalWidth, ok: i.complete}));")
+
+
+def test_report_in_chromium(library, browser, tmp_path):
+    assert cli_main(["report", "--scores", library["out"]]) == 0
+    report = Path(library["out"]) / "report.html"
+    browser.get(report.as_uri())
+    assert browser.title.startswith("kissray report")
+    ids = browser.execute_script("return Array.from(document.querySelectorAll('details.title')).map(d => d.dataset.title)")
+    assert sorted(ids) == sorted(library["titles"])
+    rows = browser.execute_script("return Array.from(document.querySelectorAll('#index-table tbody tr'))"
+                                  ".filter(r => !r.hidden).map(r => r.dataset.title)")
+    assert sorted(rows) == sorted(library["titles"])
+    browser.find_element("id", "expand").click()
+    images = _load_all_images(browser)
+    assert len(images) == 4 and all(i["w"] > 0 for i in images), images
+    links = browser.execute_script("return Array.from(document.querySelectorAll('td a')).map(a => a.href)"
+                                   ".filter(h => h.endsWith('.mp4'))")
+    assert len(links) == 4 and all(Path(h.removeprefix("file://")).is_file() for h in links)
+    assert browser.execute_script("return document.querySelectorAll('svg.timeline polyline').length") == 4
+    failures = browser.find_element("id", "failures").text
+    assert "broken<&>" in failures and "no video stream" in failures and "signal 9" in failures
+    shot = tmp_path / "report.png"
+    assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+    assert _severe_console_messages(browser) == []
+
+
+def test_a_thousand_titles_are_paged(tmp_path, browser):
+    rng = np.random.default_rng(0)
+    titles = [Title(f"t{i:04d}", f"s3://films/t{i:04d}.mp4", 600.0, rng.random((600, 1), np.float32))
+              for i in range(1000)] + [Title("zz-failed", "s3://films/zz.mp4", None, status="failed", error="gone")]
+    out = write_score_out(tmp_path / "out", titles)
+    report = Path(write_report(out))
+    assert report.stat().st_size < 20e6
+    browser.get(report.as_uri())
+    count = "return Array.from(document.querySelectorAll('details.title')).filter(d => !d.hidden).length"
+    assert browser.execute_script("return document.querySelectorAll('details.title').length") == 1001
+    assert browser.execute_script(count) == PAGE_SIZE
+    assert browser.find_element("id", "page").text.startswith("page 1 of 11")
+    for _ in range(10):
+        browser.find_element("id", "next").click()
+    assert browser.execute_script(count) == 1
+    browser.find_element("id", "status").send_keys("failed")
+    assert browser.execute_script("return Array.from(document.querySelectorAll('details.title'))"
+                                  ".filter(d => !d.hidden).map(d => d.dataset.title)") == ["zz-failed"]
+    browser.get(report.as_uri() + "#t-t0777")
+    assert browser.execute_script("return document.getElementById('t-t0777').open") is True
+    assert _severe_console_messages(browser) == []
