@@ -26,7 +26,7 @@ from kissray.ffmpeg import ffmpeg_exe
 from kissray.media import Clip, MediaInfo, n_clips_for
 
 AUDIO_SEEK_MARGIN_S = 1.0  # seek this far before the first sample needed, then decode forward
-AUDIO_GROUP_CLIPS = 16  # clips whose log-mel patches are computed in one batched FFT
+CLIP_GROUP = 32  # clips decoded together: one decord get_batch, one batched log-mel FFT
 PTS_JITTER_SAMPLES = 2  # audio frame timestamps closer than this to "contiguous" are contiguous
 
 
@@ -110,19 +110,33 @@ class VideoTrack:
         resize = {"width": self._size, "height": self._size} if self._size else {}
         return decord.VideoReader(self._path, ctx=decord.cpu(0), num_threads=threads, **resize)
 
-    def stills(self, indices: np.ndarray, clip_index: int) -> np.ndarray:
-        """uint8[K, H, W, 3] RGB. A damaged packet can leave decord's threaded decoder in an
-        error state, so a failure is retried once on a freshly opened single-threaded reader."""
+    def stills(self, indices: np.ndarray, first_clip: int) -> Iterator[np.ndarray | DecodeError]:
+        """Per clip, uint8[K, H, W, 3] RGB stills, or a DecodeError for a clip that cannot be
+        decoded (``indices``: int[n, K] of consecutive clips from ``first_clip``).
+
+        One ``get_batch`` per group, then ``seek(0)``: decord's threaded decoder otherwise keeps
+        decoding ahead while the caller is busy (measured: 1.5 GB RSS and +40% CPU on a 2-hour
+        film; benchmarks/NOTES.md). A damaged packet leaves that decoder in an error state, so a
+        failed group is redone clip by clip, reopening the reader after each failure.
+        """
         unique, inverse = np.unique(indices, return_inverse=True)
         try:
             batch = self.reader.get_batch(unique.tolist()).asnumpy()
+            self.reader.seek(0)
         except Exception:
+            yield from self._stills_one_by_one(indices, first_clip)
+            return
+        yield from batch[inverse.reshape(indices.shape)]
+
+    def _stills_one_by_one(self, indices: np.ndarray, first_clip: int) -> Iterator[np.ndarray | DecodeError]:
+        self.reader = self._open(threads=1)
+        for row, clip_indices in enumerate(indices):
             try:
-                self.reader = self._open(threads=1)
-                batch = self.reader.get_batch(unique.tolist()).asnumpy()
+                yield self.reader.get_batch(clip_indices.tolist()).asnumpy()
             except Exception as e:
-                raise DecodeError(self.uri, f"clip {clip_index}: {short_reason(e)}") from e
-        return np.ascontiguousarray(batch[inverse])
+                yield DecodeError(self.uri, f"clip {first_clip + row}: {short_reason(e)}")
+                self.reader = self._open(threads=1)
+        self.reader.seek(0)
 
 
 class AudioTrack:
@@ -224,6 +238,8 @@ def decode_clips(path: str, uri: str, start: int = 0, stop: int | None = None, *
                  scratch_dir: str | None = None) -> tuple[MediaInfo, Iterator[Clip]]:
     """Open a local film; return its MediaInfo and an iterator over clips ``[start, stop)``.
 
+    The iterator yields a :class:`DecodeError` in place of a clip that cannot be decoded.
+
     A file decord cannot index (typically truncated: its index lists frames its data lacks) is
     remuxed into ``scratch_dir`` up to the first unreadable packet; the clips of that readable part
     are delivered, then a :class:`DecodeError` says how much of the declared duration was missing.
@@ -268,7 +284,7 @@ def _salvage(path: str, uri: str, container: _Container, scratch_dir: str | None
 def _then_truncated(clips: Iterator[Clip], uri: str, readable_clips: int, stop: int,
                     readable_to_s: float, declared_s: float) -> Iterator[Clip]:
     for clip in clips:
-        if clip.index >= readable_clips:
+        if getattr(clip, "index", -1) >= readable_clips:
             break
         yield clip
     if stop > readable_clips:
@@ -289,11 +305,15 @@ def _clips(video: VideoTrack, container: _Container, path: str, start: int, stop
             audio = None
     indices = video.still_indices(np.arange(start, stop), frames_per_clip)
     try:
-        for group in range(start, stop, AUDIO_GROUP_CLIPS):
-            group_stop = min(group + AUDIO_GROUP_CLIPS, stop)
+        for group in range(start, stop, CLIP_GROUP):
+            group_stop = min(group + CLIP_GROUP, stop)
             log_mels, has_audio = _group_log_mels(audio, group, group_stop)
-            for i in range(group, group_stop):
-                yield Clip(i, video.stills(indices[i - start], i), log_mels[i - group], has_audio)
+            stills = video.stills(indices[group - start:group_stop - start], group)
+            for i, frames in enumerate(stills, start=group):
+                if isinstance(frames, DecodeError):
+                    yield frames  # a gap: the caller records it and goes on
+                else:
+                    yield Clip(i, np.ascontiguousarray(frames), log_mels[i - group], has_audio)
     finally:
         if audio is not None:
             audio.close()
@@ -314,6 +334,9 @@ def _serve(request: dict, send: Callable[[dict, bytes], None]) -> None:
                                threads=request["threads"], scratch_dir=request.get("scratch_dir"))
     send({"type": "info", "info": asdict(info)}, b"")
     for clip in clips:
+        if isinstance(clip, DecodeError):
+            send({"type": "gap", "reason": clip.reason}, b"")
+            continue
         payload = clip.frames.tobytes() + np.ascontiguousarray(clip.log_mel, np.float32).tobytes()
         send({"type": "clip", "index": clip.index, "has_audio": clip.has_audio}, payload)
     send({"type": "end"}, b"")

@@ -107,9 +107,10 @@ def local_path(uri: str) -> Iterator[str]:
 class ClipReader:
     """Decodes clips ``[start, stop)`` of one film in an isolated, time-limited child process.
 
-    Use as a context manager; ``info`` is the film's :class:`MediaInfo`, iteration yields clips.
-    Iteration raises :class:`DecodeError` (or :class:`DecodeTimeoutError`) after the clips that
-    did decode; ``n_delivered`` counts them.
+    Use as a context manager; ``info`` is the film's :class:`MediaInfo`, iteration yields clips in
+    order. A clip that cannot be decoded is skipped (its index is missing) and iteration ends with
+    a :class:`DecodeError` after every clip that did decode; a decoder that hangs is killed
+    (:class:`DecodeTimeoutError`). ``n_delivered`` counts the clips delivered.
     """
 
     def __init__(self, uri: str, start: int = 0, stop: int | None = None, *,
@@ -124,6 +125,7 @@ class ClipReader:
         self.timeout_s = float(timeout_s)
         self.info: MediaInfo | None = None
         self.n_delivered = 0
+        self.gaps: list[str] = []  # reasons for clips skipped because they could not be decoded
         self._stack = contextlib.ExitStack()
         self._child: _DecoderProcess | None = None
 
@@ -148,7 +150,13 @@ class ClipReader:
         frame_bytes = k * size * size * 3
         while True:
             header, payload = self._child.receive(self.timeout_s)
+            if header["type"] == "gap":  # one undecodable clip: go on, report at the end
+                self.gaps.append(header["reason"])
+                continue
             if header["type"] == "end":
+                if self.gaps:
+                    raise DecodeError(self.uri, f"{len(self.gaps)} clip(s) could not be decoded "
+                                                f"(first: {self.gaps[0]})")
                 return
             frames = np.frombuffer(payload, np.uint8, frame_bytes).reshape(k, size, size, 3)
             log_mel = np.frombuffer(payload, np.float32, offset=frame_bytes).reshape(96, 64)

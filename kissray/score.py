@@ -48,13 +48,13 @@ class FilmResult:
     n_clips: int
     has_audio: bool
     labels: list[str]
-    probs: np.ndarray  # float32[n_scored, n_labels]; row i is second [i, i+1)
+    probs: np.ndarray  # float32[n_clips, n_labels]; row i is second [i, i+1), NaN where not scored
     segments: list[Segment] = field(default_factory=list)
     error: str | None = None  # set when decoding stopped early (status "partial")
 
     @property
     def n_scored(self) -> int:
-        return int(self.probs.shape[0])
+        return int(np.isfinite(self.probs).all(axis=1).sum())
 
     @property
     def status(self) -> str:
@@ -101,7 +101,7 @@ def segments_by_label(probs: np.ndarray, labels: list[str], params: SegmentParam
     for j, label in enumerate(labels):
         column = probs[:, j]
         for s, e in find_segments(column, params.threshold, params.min_len, params.min_fraction):
-            segments.append(Segment(label, int(s), int(e), float(column[s:e].mean())))
+            segments.append(Segment(label, int(s), int(e), float(np.nanmean(column[s:e]))))
     return segments
 
 
@@ -110,25 +110,26 @@ def score_film(uri: str, model, *, title_id: str | None = None, threshold: float
                timeout_s: float = DEFAULT_TIMEOUT_S, progress=None) -> FilmResult:
     """Score every second of one film with ``model`` and segment the result.
 
-    Raises :class:`MediaError` when the film cannot be opened. If decoding fails part-way, the
-    seconds decoded so far are kept and ``result.error`` says why (status ``partial``).
+    Raises :class:`MediaError` when the film cannot be opened. Seconds that cannot be decoded
+    are NaN rows of ``probs`` (below any threshold for the segmenter); ``result.error`` says why
+    and the status is ``partial``.
     """
-    params = SegmentParams(threshold, min_len, min_fraction)
     config = model.config
-    probs, has_audio, error = [], True, None
     with ClipReader(uri, frames_per_clip=config.frames_per_clip, size=config.image_size,
                     timeout_s=timeout_s) as reader:
         info = reader.info
+        probs = np.full((info.n_clips, len(config.labels)), np.nan, np.float32)
+        has_audio, error = info.has_audio, None
         try:
             for batch in batched(reader, batch_size):
-                probs.append(predict_clips(model, batch, batch_size))
+                probs[[c.index for c in batch]] = predict_clips(model, batch, batch_size)
                 has_audio = has_audio and all(c.has_audio for c in batch)
                 if progress is not None:
                     progress(len(batch))
         except DecodeError as e:
             error = e.reason
-    probs = np.concatenate(probs) if probs else np.zeros((0, len(config.labels)), np.float32)
     return FilmResult(
         title_id=title_id or title_id_for(uri), uri=str(uri), duration_s=info.duration_s,
-        n_clips=info.n_clips, has_audio=info.has_audio and has_audio, labels=list(config.labels),
-        probs=probs.astype(np.float32), segments=segments_by_label(probs, config.labels, params), error=error)
+        n_clips=info.n_clips, has_audio=has_audio, labels=list(config.labels), probs=probs,
+        segments=segments_by_label(probs, config.labels, SegmentParams(threshold, min_len, min_fraction)),
+        error=error)

@@ -206,9 +206,10 @@ def test_corrupted_bytes_in_the_middle(tmp_path, media_dir):
     middle = len(data) // 2
     data[middle:middle + 4000] = rng.integers(0, 256, 4000, dtype=np.uint8).tobytes()
     clips, error = decode_all_or_error(write_bytes(tmp_path / "corrupt.mp4", bytes(data)))
-    assert len(clips) >= 1  # the film before the damage survives, in order
-    assert [c.index for c in clips] == list(range(len(clips)))
+    indices = [c.index for c in clips]
+    assert indices == sorted(set(indices))  # in order, no duplicates; damaged seconds are skipped
     assert error is None or isinstance(error, DecodeError)
+    assert len(clips) >= 10 if error else len(clips) == 20  # damage costs a few seconds, not the film
     assert_colours(clips)
 
 

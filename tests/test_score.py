@@ -64,6 +64,8 @@ def test_truncated_film_is_partial(tmp_path, media_dir, model):
     result = kissray.score_film(str(path), model, timeout_s=10)
     assert result.n_clips == 12 and 0 < result.n_scored < 12
     assert result.status == "partial" and "truncated" in result.error
+    assert result.probs.shape == (12, 1)
+    assert np.isfinite(result.probs[: result.n_scored]).all() and np.isnan(result.probs[result.n_scored:]).all()
 
 
 def test_bad_films_raise_typed_errors(tmp_path, model):

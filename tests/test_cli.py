@@ -1,0 +1,31 @@
+"""The ``kissray`` entry point: every command has --help, usage errors exit 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from kissray.cli import COMMANDS, main
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert f"usage: kissray {command}" in capsys.readouterr().out
+
+
+def test_console_script_runs():
+    proc = subprocess.run([sys.executable, "-m", "kissray.cli", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    for command in COMMANDS:
+        assert command in proc.stdout
+
+
+def test_unknown_command_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["frobnicate"])
+    assert exit_info.value.code == 2
