@@ -50,6 +50,7 @@ IN_FLIGHT_CHUNKS = 4  # chunks of one request awaiting the classifier: bounds me
 HEALTH_TIMEOUT_S = 10.0
 SCORE_FIELDS = ("threshold", "min_len", "min_fraction", "title_id")
 _SAFE_SUFFIX = re.compile(r"\.[A-Za-z0-9]{1,8}$")
+_ENCODED_SEPARATOR = re.compile(r"%(2e|2f|5c)", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -68,9 +69,19 @@ class ServeConfig:
     chunk_clips: int = 8  # clips per call from ingress to classifier
     num_gpus: float | None = None  # per classifier replica; None: 1 when the cluster has GPUs, else 0
     classifier_cpus: float = 1.0  # also torch's thread count on CPU
-    max_concurrent_decodes: int | None = None  # per ingress replica; None: the replica's CPU count
+    max_concurrent_decodes: int | None = None  # per ingress replica; None: the node's CPU count
     max_ongoing_requests: int = 64  # per ingress replica; the proxy queues the rest
     decode_timeout_s: float = DEFAULT_TIMEOUT_S  # longest wait for one clip from the decoder
+
+    def __post_init__(self):
+        prefixes = self.allow_uri_prefixes
+        object.__setattr__(self, "allow_uri_prefixes", (prefixes,) if isinstance(prefixes, str) else tuple(prefixes))
+        if self.max_upload_mb <= 0 or self.max_batch_size < 1 or self.chunk_clips < 1:
+            raise UsageError("max_upload_mb, max_batch_size and chunk_clips must be positive")
+        if self.batch_wait_timeout_s < 0 or self.decode_timeout_s <= 0:
+            raise UsageError("batch_wait_timeout_s must be >= 0 and decode_timeout_s > 0")
+        for prefix in self.allow_uri_prefixes:
+            canonical_uri(prefix)  # raises UsageError for unusable prefixes
 
     @classmethod
     def from_dict(cls, args: dict[str, Any]) -> "ServeConfig":
@@ -81,19 +92,7 @@ class ServeConfig:
             raise UsageError(f"unknown serve option(s) {unknown}; known: {sorted(known)}")
         if "model" not in args:
             raise UsageError("serve needs 'model' (a checkpoint URI)")
-        values = dict(args)
-        prefixes = values.get("allow_uri_prefixes", ())
-        values["allow_uri_prefixes"] = (prefixes,) if isinstance(prefixes, str) else tuple(prefixes)
-        return cls(**values).validated()
-
-    def validated(self) -> "ServeConfig":
-        if self.max_upload_mb <= 0 or self.max_batch_size < 1 or self.chunk_clips < 1:
-            raise UsageError("max_upload_mb, max_batch_size and chunk_clips must be positive")
-        if self.batch_wait_timeout_s < 0 or self.decode_timeout_s <= 0:
-            raise UsageError("batch_wait_timeout_s must be >= 0 and decode_timeout_s > 0")
-        for prefix in self.allow_uri_prefixes:
-            canonical_uri(prefix)  # raises UsageError for unusable prefixes
-        return self
+        return cls(**args)
 
     @property
     def max_upload_bytes(self) -> int:
@@ -119,6 +118,8 @@ def canonical_uri(uri: str) -> str:
         return "file://" + os.path.realpath("/" + rest.lstrip("/"))
     if not re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme) or not rest.strip("/"):
         raise UsageError(f"unsupported URI {uri!r}")
+    if _ENCODED_SEPARATOR.search(rest):  # a web server would decode these after our prefix check
+        raise UsageError(f"unsupported URI {uri!r} (percent-encoded dot, slash or backslash)")
     return f"{scheme}://{posixpath.normpath(rest)}"
 
 
@@ -352,8 +353,7 @@ class BatchStats:
 class Classifier:
     """The fused model, loaded once; concurrent calls share one forward pass."""
 
-    def __init__(self, model_uri: str, device: str = "cpu", max_batch_size: int = 16,
-                 batch_wait_timeout_s: float = 0.05):
+    def __init__(self, model_uri: str, device: str, max_batch_size: int, batch_wait_timeout_s: float):
         from kissray.model import load_model
 
         self.model_uri = model_uri
@@ -375,7 +375,7 @@ class Classifier:
         """float32[len(clips), n_labels] for one chunk of one request's clips."""
         return await self.predict_batch((request_id, clips))
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)
+    @serve.batch  # sizes are set per replica in __init__, from ServeConfig
     async def predict_batch(self, calls: list[tuple[str, list]]) -> list[np.ndarray]:
         clips = [clip for _, chunk in calls for clip in chunk]
         requests = {request_id for request_id, _ in calls}
@@ -417,6 +417,12 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return JSONResponse({"error": _validation_message(exc.errors())}, status_code=422)
 
 
+@api.exception_handler(Exception)
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    logger.error("internal error: %r", exc, exc_info=exc)  # the log line carries the request id
+    return JSONResponse({"error": f"internal error ({type(exc).__name__}); see the server log"}, status_code=500)
+
+
 @serve.deployment(name="Ingress", graceful_shutdown_timeout_s=120)
 @serve.ingress(api)
 class Ingress:
@@ -435,7 +441,7 @@ class Ingress:
         try:
             info = await asyncio.wait_for(self.classifier.describe.remote(), HEALTH_TIMEOUT_S)
         except Exception as e:  # noqa: BLE001 - any failure of the classifier is "unhealthy"
-            logger.warning("health check failed: %s", e)
+            logger.warning("health check failed: %r", e)
             return JSONResponse({"error": f"classifier unavailable: {type(e).__name__}"}, status_code=503)
         return JSONResponse({"status": "ok", "model": info["model"], "labels": info["labels"]})
 
@@ -544,22 +550,25 @@ def app_builder(args: dict[str, Any]):
 
 
 def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
-               ready=None) -> None:
+               ready=print) -> None:
     """Run the app on a local Ray (or ``address``) until Ctrl-C or SIGTERM, then shut down gracefully."""
     import ray
 
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     own_ray = not (address or os.environ.get("RAY_ADDRESS"))
     ray.init(address=address, include_dashboard=False, configure_logging=False)
+    stop = threading.Event()  # handlers set after ray.init, which installs its own crash handlers
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(config), name=APP_NAME, route_prefix="/")
-        (ready or print)(f"kissray serve: http://{host}:{port}/v1/score ready (docs at /docs); Ctrl-C stops")
-        with contextlib.suppress(KeyboardInterrupt):
-            while not stop.wait(0.5):
-                pass
+        ready(f"kissray serve: http://{host}:{port}/v1/score ready (docs at /docs); Ctrl-C stops")
+        while not stop.wait(0.5):  # short waits: signal handlers run between them
+            pass
+        ready("kissray serve: stopping (in-flight requests finish first)")
     finally:
         # Our own Ray: stop Serve entirely. A shared cluster: remove only our application.
         serve.shutdown() if own_ray else serve.delete(APP_NAME)
         ray.shutdown()
+        for sig, handler in previous.items():
+            if handler is not None:  # None: the old handler was not set from Python
+                signal.signal(sig, handler)

@@ -93,8 +93,9 @@ def test_canonical_uri_resolves_dots_and_symlinks(tmp_path):
     assert canonical_uri(f"{tmp_path}/link/../real/a.mp4") == f"file://{tmp_path}/real/a.mp4"
     assert canonical_uri(f"file://{tmp_path}/link/a.mp4") == f"file://{tmp_path}/real/a.mp4"
     assert canonical_uri("s3://bucket/films/../secret/x.mp4") == "s3://bucket/secret/x.mp4"
-    with pytest.raises(UsageError):
-        canonical_uri("simplecache::s3://bucket/films/x.mp4")
+    for unsupported in ("simplecache::s3://bucket/films/x.mp4", "https://host/films/%2E%2e/x.mp4", ""):
+        with pytest.raises(UsageError):
+            canonical_uri(unsupported)
 
 
 def test_uri_policy():
@@ -124,6 +125,32 @@ def test_config_from_args_and_yaml_style_args(checkpoint):
     with pytest.raises(UsageError, match="unknown"):
         ServeConfig.from_dict({"model": checkpoint, "max_upload": 1})
     assert isinstance(args, argparse.Namespace) and args.host == "127.0.0.1"
+
+
+CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
+
+
+def serve_configs() -> dict[str, dict]:
+    """cluster/serve-config.yaml and the RayService's serveConfigV2, parsed."""
+    import yaml
+
+    rayservice = yaml.safe_load((CLUSTER / "rayservice.yaml").read_text())
+    assert rayservice["kind"] == "RayService"
+    return {"serve-config.yaml": yaml.safe_load((CLUSTER / "serve-config.yaml").read_text()),
+            "rayservice.yaml": yaml.safe_load(rayservice["spec"]["serveConfigV2"])}
+
+
+def test_cluster_serve_configs_build_the_same_app():
+    from ray.serve.deployment import Application
+    from ray.serve.schema import ServeDeploySchema
+
+    from kissray.serve import app_builder
+
+    configs = serve_configs()
+    apps = [ServeDeploySchema.model_validate(c).applications for c in configs.values()]
+    assert [a.import_path for a in apps[0]] == [a.import_path for a in apps[1]] == ["kissray.serve:app_builder"]
+    assert apps[0][0].args == apps[1][0].args
+    assert isinstance(app_builder(apps[0][0].args), Application)  # args are valid ServeConfig options
 
 
 # ---------------------------------------------------------------- over HTTP
@@ -248,3 +275,41 @@ def test_healthy_after_bad_requests_and_no_temp_files_left(server, film, model):
     assert r.status_code == 200
     assert_matches(server.upload(film).json(), score_film(film, model), "film")
     assert list(server.uploads.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_cli_serves_on_loopback_until_sigterm(checkpoint, film, tmp_path):
+    """`kissray serve` on its own local Ray: answers, then shuts down gracefully on SIGTERM."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    log = open(tmp_path / "serve.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "kissray.cli", "serve", "--model", checkpoint, "--port",
+                             str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=30).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(1)
+        url = f"http://127.0.0.1:{port}/v1/score"
+        with open(film, "rb") as f:
+            r = httpx.post(url, files={"file": ("film.mp4", f)}, timeout=120)
+        assert r.status_code == 200, r.text
+        assert len(r.json()["scores"]) == 5
+        assert_error(httpx.post(url, json={"uri": film}, timeout=60), 403, "disabled")  # no prefix given
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.seek(0)
+        print(log.read()[-3000:])
