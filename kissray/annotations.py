@@ -6,7 +6,7 @@ Format (one span a row, header required)::
     films/a.mp4,12.0,19.5,kiss
     films/a.mp4,40,55,none,train
 
-``label`` is any name; ``none`` marks an annotated negative span. ``split`` (optional) is
+Relative paths are relative to the CSV's directory. ``label`` is any name; ``none`` marks an annotated negative span. ``split`` (optional) is
 ``train``, ``val`` or ``test`` and must agree across a film's rows; films without one are split
 80/10/10 by a seeded shuffle. Splits are always by film, never by clip.
 """
@@ -16,8 +16,9 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -57,6 +58,10 @@ class Annotations:
     def films(self) -> list[str]:
         return list(self.spans)
 
+    def subset(self, films: list[str]) -> "Annotations":
+        """The annotations of ``films`` only (labels kept, so heads stay comparable)."""
+        return Annotations({uri: self.spans[uri] for uri in films}, list(self.labels), self.path)
+
     def split_of(self, uri: str) -> str | None:
         """The film's split from the ``split`` column, or None when not given."""
         return next((s.split for s in self.spans[uri] if s.split), None)
@@ -74,11 +79,13 @@ def read_annotations(path: str, check_films: bool = True) -> Annotations:
             text = f.read()
     except FileNotFoundError as e:
         raise UsageError(f"{path}: no such annotations file") from e
-    return parse_annotations(text, path=str(path), check_films=check_films)
+    base = os.path.dirname(str(path)) if "://" not in str(path) else None
+    return parse_annotations(text, path=str(path), check_films=check_films, base_dir=base)
 
 
-def parse_annotations(text: str, path: str = "<annotations>", check_films: bool = True) -> Annotations:
-    """Validate the CSV text; see :func:`read_annotations`."""
+def parse_annotations(text: str, path: str = "<annotations>", check_films: bool = True,
+                      base_dir: str | None = None) -> Annotations:
+    """Validate the CSV text; see :func:`read_annotations`. Relative local URIs are joined to ``base_dir``."""
     reader = csv.reader(io.StringIO(text))
     header = [h.strip() for h in next(reader, [])]
     errors = _header_errors(header)
@@ -91,7 +98,7 @@ def parse_annotations(text: str, path: str = "<annotations>", check_films: bool 
         span, problems = _parse_row(dict(zip(header, (c.strip() for c in row))), len(row), len(header), line)
         errors += [(line, p) for p in problems]
         if span is not None:
-            spans.append(span)
+            spans.append(_resolve(span, base_dir))
     if not spans and not errors:
         errors.append((1, "no annotated spans"))
     by_film = _group(spans)
@@ -143,6 +150,12 @@ def _parse_row(row: dict, n_cells: int, n_columns: int, line: int) -> tuple[Span
     if problems:
         return None, problems
     return Span(row["uri"], times["start_s"], times["end_s"], row["label"], split, line), []
+
+
+def _resolve(span: Span, base_dir: str | None) -> Span:
+    if base_dir is None or "://" in span.uri or os.path.isabs(span.uri):
+        return span
+    return replace(span, uri=os.path.normpath(os.path.join(base_dir, span.uri)))
 
 
 def _group(spans: list[Span]) -> dict[str, list[Span]]:

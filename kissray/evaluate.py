@@ -73,7 +73,8 @@ def match_segments(true: list[tuple[float, float]], pred: list[tuple[float, floa
         if -neg_iou < min_iou:
             break
         if i not in used_t and j not in used_p:
-            used_t.add(i), used_p.add(j)
+            used_t.add(i)
+            used_p.add(j)
             matches.append((i, j))
     return sorted(matches)
 
@@ -100,7 +101,8 @@ def evaluate_predictions(predictions: list[FilmPrediction], annotations: Annotat
         keep = idx < len(film.probs)  # seconds that were not scored count as predicted negative
         probs = np.zeros((len(idx), len(labels)), np.float32)
         probs[keep] = film.probs[idx[keep]]
-        y_true.append(targets), y_prob.append(probs)
+        y_true.append(targets)
+        y_prob.append(probs)
         _count_segments(counts, film, spans, labels, unlabelled)
     y_true = np.concatenate(y_true) if y_true else np.zeros((0, len(labels)), np.float32)
     y_prob = np.concatenate(y_prob) if y_prob else np.zeros((0, len(labels)), np.float32)

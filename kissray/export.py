@@ -169,6 +169,8 @@ def export_segments(scores_dir: str, fmt: str, out: str | None = None, *, labels
     if fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     outputs = read_outputs(scores_dir, labels=labels)
+    if fmt == "edl" and out == "-":
+        raise UsageError("--out - (stdout) is for csv and json; edl writes one file per title into a folder")
     if fmt == "edl":
         return _write_edls(outputs, out or join_uri(outputs.out_dir, "edl"), fps)
     table = segment_list(outputs)

@@ -178,7 +178,7 @@ def _index(titles: list[dict], segments: dict[str, pd.DataFrame], labels: list[s
         rows.append(f'<tr data-title="{_esc(t["title_id"])}" data-status="{_esc(t["status"])}">'
                     f'<td><a href="#t-{_esc(safe_name(t["title_id"]))}">{_esc(t["title_id"])}</a></td>'
                     f'<td class="status {_esc(t["status"])}">{_esc(t["status"])}</td>'
-                    f'<td data-v="{_number(t["duration_s"]):.3f}">{duration_text(_number(t["duration_s"]))}</td>'
+                    f'<td data-v="{_number(t["duration_s"]):.3f}">{_duration_or_dash(t["duration_s"])}</td>'
                     f'<td>{int(_number(t["n_scored"]))}</td><td>{0 if segs is None else len(segs)}</td>{cells}</tr>')
     statuses = "".join(f'<option value="{s}">{s}</option>' for s in STATUSES)
     controls = ('<div class="controls"><input id="filter" type="search" placeholder="filter titles">'
@@ -197,12 +197,16 @@ def _number(value) -> float:
     return 0.0 if value is None or pd.isna(value) else float(value)
 
 
+def _duration_or_dash(value) -> str:
+    return "—" if value is None or pd.isna(value) else duration_text(float(value))
+
+
 def _title_section(title: dict, probs: dict[str, np.ndarray], segs: pd.DataFrame | None,
                    colours: dict[str, str], media: Media) -> str:
     title_id, status = str(title["title_id"]), str(title["status"])
     n_segments = 0 if segs is None else len(segs)
     summary = (f'<summary><b>{_esc(title_id)}</b> <span class="status {_esc(status)}">{_esc(status)}</span> '
-               f'{duration_text(_number(title["duration_s"]))} · {n_segments} segment{"s" * (n_segments != 1)}'
+               f'{_duration_or_dash(title["duration_s"])} · {n_segments} segment{"s" * (n_segments != 1)}'
                '</summary>')
     parts = [f'<p class="uri"><code>{_esc(title["uri"])}</code></p>']
     if status != "ok" and title.get("error"):

@@ -24,6 +24,7 @@ SAMPLE_RATE_HZ = 16000  # the model's audio rate: nothing is lost to resampling
 FPS = 8  # low frame rate: one still per clip is all the model sees
 FRAME_SIZE = (80, 64)  # width, height in pixels
 SCENE_KINDS = ("kiss", "apart", "landscape", "cuts")
+KISS_GAP_S = 14  # seconds between two kisses, at least
 SKIN = np.array([224, 172, 140], np.float32)
 KISS_TONE_HZ = (2400.0, 3200.0)  # the soft sound: two high pure tones with tremolo, above music and voices
 
@@ -37,17 +38,27 @@ class Scene:
 
 
 def plan_film(rng: np.random.Generator, duration_s: int) -> list[Scene]:
-    """Random scenes filling ``duration_s`` seconds; roughly a third of them are kisses."""
-    scenes, t = [], 0
+    """Random scenes filling ``duration_s`` (>= 13) seconds, with at least one kiss.
+
+    Kisses last 10-14 s once the figures meet (the segmenter's default minimum is 10 s) and are
+    at least ``KISS_GAP_S`` apart, so the paper's segmenter does not bridge two of them into one.
+    """
+    scenes, t, last_kiss_end = [], 0, -KISS_GAP_S
     while t < duration_s:
-        kind = str(rng.choice(SCENE_KINDS, p=(0.35, 0.25, 0.2, 0.2)))
-        length = int(rng.integers(12, 19) if kind == "kiss" else rng.integers(4, 11))
+        kind = str(rng.choice(SCENE_KINDS, p=(0.4, 0.25, 0.2, 0.15)))
+        if t - last_kiss_end < KISS_GAP_S:
+            kind = str(rng.choice(SCENE_KINDS[1:]))
+        elif duration_s - t <= 24 and last_kiss_end < 0:
+            kind = "kiss"  # every film has at least one kiss (other scenes are at most 10 s)
+        approach_s = int(rng.integers(2, 4))
+        length = approach_s + int(rng.integers(10, 15)) if kind == "kiss" else int(rng.integers(4, 11))
         length = min(length, duration_s - t)
-        if kind == "kiss" and length < 6:
+        if kind == "kiss" and length < approach_s + 10:
             kind = "apart"
-        meet = t + int(rng.integers(2, 4)) if kind == "kiss" else None
+        meet = t + approach_s if kind == "kiss" else None
         scenes.append(Scene(kind, t, t + length, meet))
         t += length
+        last_kiss_end = t if kind == "kiss" else last_kiss_end
     return scenes
 
 

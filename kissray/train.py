@@ -50,14 +50,15 @@ class TrainOptions:
     image_size: int = 224  # for a new model (no init checkpoint)
     frames_per_clip: int = 1  # for a new model (no init checkpoint)
     device: str | None = None  # None: cuda when available, else cpu
+    ray_workers: int = 0  # head mode: embed films on this many Ray actors (0: in this process)
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise UsageError(f"mode must be one of {MODES}, not {self.mode!r}")
         if self.modality is not None and self.modality not in MODALITIES:
             raise UsageError(f"modality must be one of {MODALITIES}, not {self.modality!r}")
-        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
-            raise UsageError("epochs and batch size must be >= 1 and lr > 0")
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or self.ray_workers < 0:
+            raise UsageError("epochs and batch size must be >= 1, lr > 0 and ray workers >= 0")
 
 
 @dataclass
@@ -138,7 +139,8 @@ def load_clip_set(films: list[str], annotations: Annotations, model: KissModel, 
                                                torch.as_tensor(log_mel, device=device))
                     parts["features"].append(features.float().cpu().numpy())
                 else:
-                    parts["frames"].append(frames), parts["log_mel"].append(log_mel)
+                    parts["frames"].append(frames)
+                    parts["log_mel"].append(log_mel)
         except MediaError as e:
             log.warning("skipping %s", e)
             skipped.append(str(e))
@@ -148,6 +150,50 @@ def load_clip_set(films: list[str], annotations: Annotations, model: KissModel, 
     if cat["targets"] is None:
         cat["targets"] = np.zeros((0, len(model.labels)), np.float32)
     return ClipSet(**cat, films=list(films))
+
+
+class _FilmEmbedder:
+    """A Ray actor holding the model: one film in, its labelled clips' embeddings out."""
+
+    def __init__(self, model: KissModel, annotations: Annotations, unlabelled: str):
+        torch.set_num_threads(1)  # one actor per CPU
+        self.model, self.annotations, self.unlabelled = model.prepare("cpu"), annotations, unlabelled
+
+    def embed(self, uri: str) -> tuple[ClipSet, list[str]]:
+        skipped: list[str] = []
+        return load_clip_set([uri], self.annotations, self.model, True, self.unlabelled, skipped), skipped
+
+
+def embed_on_ray(films: list[str], annotations: Annotations, model: KissModel, unlabelled: str,
+                 skipped: list[str], n_workers: int, progress=None) -> dict[str, ClipSet]:
+    """Embed ``films`` on a pool of Ray actors (a local Ray, or ``RAY_ADDRESS``); film -> ClipSet."""
+    import ray
+    from ray.util import ActorPool
+
+    from kissray.pipeline import ray_connection
+
+    with ray_connection():
+        model_ref = ray.put(copy.deepcopy(model).cpu())
+        worker = ray.remote(num_cpus=1)(_FilmEmbedder)
+        pool = ActorPool([worker.remote(model_ref, annotations, unlabelled)
+                          for _ in range(max(1, min(n_workers, len(films))))])
+        by_film = {}
+        for uri, (clip_set, film_skipped) in zip(films, pool.map(lambda a, f: a.embed.remote(f), films)):
+            by_film[uri] = clip_set
+            skipped += film_skipped
+            if progress is not None:
+                progress(uri)
+    return by_film
+
+
+def merge_clip_sets(parts: list[ClipSet], n_labels: int) -> ClipSet:
+    """One ClipSet from several (e.g. one per film)."""
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return ClipSet(np.zeros((0, n_labels), np.float32))
+    return ClipSet(np.concatenate([p.targets for p in parts]),
+                   features=np.concatenate([p.features for p in parts]),
+                   films=[f for p in parts for f in p.films])
 
 
 # ---------------------------------------------------------------- the training loop
@@ -171,7 +217,7 @@ def fit(job: _Fit, sets: dict[str, ClipSet], labels: list[str], options: TrainOp
     optimizer = torch.optim.Adam([p for p in job.module.parameters() if p.requires_grad], lr=options.lr)
     generator = torch.Generator().manual_seed(options.seed)
     n_train = len(sets["train"])
-    history, best, best_state = [], -1.0, None
+    history, best, best_epoch, best_state = [], None, 0, None
     for epoch in range(1, options.epochs + 1):
         started = time.perf_counter()
         order = torch.randperm(n_train, generator=generator)
@@ -184,21 +230,29 @@ def fit(job: _Fit, sets: dict[str, ClipSet], labels: list[str], options: TrainOp
                 loss = job.loss_on(rows)
                 loss.backward()
                 optimizer.step()
-                losses.append(float(loss) * len(rows))
+                losses.append(float(loss.detach()) * len(rows))
                 bar.update(len(rows))
             record = {"epoch": epoch, "loss": sum(losses) / max(n_train, 1)}
-            record.update({split: per_second_metrics(sets[split].targets, job.predict(sets[split]), labels)
-                           for split in ("train", "val") if len(sets[split])})
+            for split in ("train", "val"):
+                if len(sets[split]):
+                    probs = job.predict(sets[split])
+                    record[split] = per_second_metrics(sets[split].targets, probs, labels)
+                    record[f"{split}_loss"] = bce(sets[split].targets, probs)
             record["seconds"] = time.perf_counter() - started
-            score = mean_f1(record[selected_on])
-            bar.set_postfix(loss=f"{record['loss']:.4f}", **{f"{selected_on}_f1": f"{score:.3f}"})
+            score = (mean_f1(record[selected_on]), -record[f"{selected_on}_loss"])
+            bar.set_postfix(loss=f"{record['loss']:.4f}", **{f"{selected_on}_f1": f"{score[0]:.3f}"})
         history.append(record)
-        if score > best:  # strictly better: ties keep the earlier epoch
-            best, best_state = score, copy.deepcopy(job.module.state_dict())
+        if best is None or score > best:  # F1 first, then loss; ties keep the earlier epoch
+            best, best_epoch, best_state = score, epoch, copy.deepcopy(job.module.state_dict())
     job.module.load_state_dict(best_state)
     final = {split: per_second_metrics(s.targets, job.predict(s), labels) for split, s in sets.items() if len(s)}
-    best_epoch = max(history, key=lambda r: (mean_f1(r[selected_on]), -r["epoch"]))["epoch"]
     return {"epochs": history, "best_epoch": best_epoch, "selected_on": selected_on, "final": final}
+
+
+def bce(targets: np.ndarray, probs: np.ndarray) -> float:
+    """Mean binary cross-entropy of probabilities (clipped away from 0 and 1)."""
+    p = np.clip(np.asarray(probs, np.float64), 1e-7, 1 - 1e-7)
+    return float(-np.mean(targets * np.log(p) + (1 - targets) * np.log(1 - p))) if p.size else 0.0
 
 
 def head_job(model: KissModel, sets: dict[str, ClipSet]) -> tuple[_Fit, object]:
@@ -209,7 +263,8 @@ def head_job(model: KissModel, sets: dict[str, ClipSet]) -> tuple[_Fit, object]:
     head = nn.Linear(features.shape[1], len(model.labels))
     with torch.no_grad():  # start from the model's head, expressed on standardized inputs
         w, b = model.head.weight.detach().cpu().float(), model.head.bias.detach().cpu().float()
-        head.weight.copy_(w * std), head.bias.copy_(b + w @ mean)
+        head.weight.copy_(w * std)
+        head.bias.copy_(b + w @ mean)
     z = {name: (torch.as_tensor(s.features) - mean) / std for name, s in sets.items() if len(s)}
     y = torch.as_tensor(sets["train"].targets)
     criterion = nn.BCEWithLogitsLoss()
@@ -268,14 +323,30 @@ def full_job(model: KissModel, sets: dict[str, ClipSet], seed: int) -> _Fit:
 # ---------------------------------------------------------------- entry point
 
 
+def load_split_sets(annotations: Annotations, splits: dict[str, list[str]], model: KissModel,
+                    options: TrainOptions, skipped: list[str], show_progress: bool = True) -> dict[str, ClipSet]:
+    """The labelled clips of every split: embedded (head mode, here or on Ray) or decoded (full mode)."""
+    from tqdm.auto import tqdm
+
+    head = options.mode == "head"
+    with tqdm(total=len(annotations.films), desc="decoding" + (" + embedding" if head else ""),
+              unit="film", disable=not show_progress) as bar:
+        if head and options.ray_workers > 0:
+            by_film = embed_on_ray(annotations.films, annotations, model, options.unlabelled, skipped,
+                                   options.ray_workers, progress=lambda _: bar.update())
+            return {name: merge_clip_sets([by_film[f] for f in films], len(model.labels))
+                    for name, films in splits.items()}
+        return {name: load_clip_set(films, annotations, model, head, options.unlabelled, skipped,
+                                    progress=lambda _: bar.update())
+                for name, films in splits.items()}
+
+
 def train(annotations: Annotations, out: str, options: TrainOptions = TrainOptions(), init: str | None = None,
           show_progress: bool = True) -> dict:
     """Train on ``annotations`` and save the best epoch's checkpoint (with ``metrics.json``) to ``out``.
 
     Returns the metrics that were saved.
     """
-    from tqdm.auto import tqdm
-
     torch.manual_seed(options.seed)
     device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = start_model(annotations.labels, options, init).prepare(device)
@@ -283,11 +354,7 @@ def train(annotations: Annotations, out: str, options: TrainOptions = TrainOptio
     if not splits["train"]:
         raise UsageError("no training films: every film is in the val or test split")
     skipped: list[str] = []
-    with tqdm(total=len(annotations.films), desc="decoding" + (" + embedding" if options.mode == "head" else ""),
-              unit="film", disable=not show_progress) as bar:
-        sets = {name: load_clip_set(films, annotations, model, options.mode == "head", options.unlabelled,
-                                    skipped, progress=lambda _: bar.update())
-                for name, films in splits.items()}
+    sets = load_split_sets(annotations, splits, model, options, skipped, show_progress)
     if not len(sets["train"]):
         raise UsageError("no labelled clips in the training films (see --unlabelled)")
     started = time.perf_counter()

@@ -49,12 +49,13 @@ class Title:
     has_audio: bool = True
 
 
-def write_score_out(out_dir: str | Path, titles: list[Title], params: SegmentParams = SHORT) -> str:
+def write_score_out(out_dir: str | Path, titles: list[Title], params: SegmentParams = SHORT,
+                    one_file: bool = False) -> str:
     """Write ``scores/``, ``segments/`` and ``titles/`` (SPEC 7) for ``titles``; segments come from
-    the real segmenter on each title's probabilities."""
+    the real segmenter on each title's probabilities. One file per title per table, as ``score``
+    writes them, or (``one_file``, for big fake libraries) one file per table."""
     out_dir = Path(out_dir)
-    for name in ("scores", "segments", "titles"):
-        (out_dir / name).mkdir(parents=True, exist_ok=True)
+    tables = {name: [] for name in ("scores", "segments", "titles")}
     for t in titles:
         n_scored = len(t.probs)
         scores = {"title_id": [], "label": [], "second": [], "start_s": [], "end_s": [], "p": []}
@@ -78,9 +79,15 @@ def write_score_out(out_dir: str | Path, titles: list[Title], params: SegmentPar
                      "n_clips": [None if t.duration_s is None else int(np.floor(t.duration_s + 0.5))],
                      "n_scored": [n_scored], "has_audio": [t.has_audio], "model": ["ckpt-test"],
                      "scored_at": [dt.datetime(2025, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)]}
-        pq.write_table(pa.table(scores, schema=SCORES_SCHEMA), out_dir / "scores" / f"{t.title_id}.parquet")
-        pq.write_table(seg_table, out_dir / "segments" / f"{t.title_id}.parquet")
-        pq.write_table(pa.table(title_row, schema=TITLES_SCHEMA), out_dir / "titles" / f"{t.title_id}.parquet")
+        tables["scores"].append((t.title_id, pa.table(scores, schema=SCORES_SCHEMA)))
+        tables["segments"].append((t.title_id, seg_table))
+        tables["titles"].append((t.title_id, pa.table(title_row, schema=TITLES_SCHEMA)))
+    for name, parts in tables.items():
+        (out_dir / name).mkdir(parents=True, exist_ok=True)
+        if one_file:
+            parts = [("all", pa.concat_tables([table for _, table in parts]))]
+        for title_id, table in parts:
+            pq.write_table(table, out_dir / name / f"{title_id}.parquet")
     return str(out_dir)
 
 
@@ -94,14 +101,18 @@ def probs_with_peak(n: int, high: range, peak: int | None = None) -> np.ndarray:
 
 
 def first_and_last_frames(path: str) -> tuple[float, float, np.ndarray, np.ndarray, int, bool]:
-    """(start_s, duration_s, first RGB frame, last RGB frame, n_frames, has_audio) of a file."""
+    """(start_s, duration_s, first RGB frame, last RGB frame, n_frames, has_audio) of a file;
+    has_audio means an audio track as long as the video (within 50 ms)."""
     with av.open(path) as c:
         video = c.streams.video[0]
         frames = [f for f in c.decode(video)]
-        has_audio = bool(c.streams.audio)
+        fps = float(video.average_rate)
+    with av.open(path) as c:
+        samples = [f.samples / f.sample_rate for f in c.decode(audio=0)] if c.streams.audio else []
+    has_audio = bool(samples) and abs(sum(samples) - len(frames) / fps) < 0.05
     first, last = frames[0], frames[-1]
     start_s = float(first.pts * first.time_base)
-    end_s = float(last.pts * last.time_base) + 1 / float(video.average_rate)
+    end_s = float(last.pts * last.time_base) + 1 / fps
     return start_s, end_s - start_s, first.to_ndarray(format="rgb24"), last.to_ndarray(format="rgb24"), \
         len(frames), has_audio
 

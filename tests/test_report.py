@@ -121,9 +121,10 @@ def test_report_in_chromium(library, browser, tmp_path):
 
 def test_a_thousand_titles_are_paged(tmp_path, browser):
     rng = np.random.default_rng(0)
-    titles = [Title(f"t{i:04d}", f"s3://films/t{i:04d}.mp4", 600.0, rng.random((600, 1), np.float32))
+    titles = [Title(f"t{i:04d}", f"s3://films/t{i:04d}.mp4", 600.0,
+                    probs_with_peak(600, range(i % 500, i % 500 + 20)) + 0.2 * rng.random((600, 1), np.float32))
               for i in range(1000)] + [Title("zz-failed", "s3://films/zz.mp4", None, status="failed", error="gone")]
-    out = write_score_out(tmp_path / "out", titles)
+    out = write_score_out(tmp_path / "out", titles, one_file=True)
     report = Path(write_report(out))
     assert report.stat().st_size < 20e6
     browser.get(report.as_uri())

@@ -1,0 +1,55 @@
+"""``kissray train``: train a checkpoint on an annotations CSV (the paper's recipe as defaults).
+
+Films are split 80/10/10 into train / val / test by a seeded shuffle (or by the CSV's ``split``
+column), never clip by clip. The epoch with the best validation F1 is kept; ``metrics.json`` in
+the checkpoint holds per-epoch and final metrics per split.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from kissray.annotations import UNLABELLED_CHOICES, read_annotations
+from kissray.model import MODALITIES
+from kissray.train import MODES, TrainOptions, train
+
+_DEFAULTS = TrainOptions()
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a checkpoint on annotated films", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--annotations", required=True, help="CSV: uri,start_s,end_s,label[,split] (see docs/training.md)")
+    p.add_argument("--out", required=True, help="checkpoint directory to write (any fsspec URI)")
+    p.add_argument("--init", default=None, help="start from this checkpoint (backbones, head rows of shared labels)")
+    p.add_argument("--modality", choices=MODALITIES, default=None, help="default: the --init checkpoint's, else av")
+    p.add_argument("--mode", choices=MODES, default=_DEFAULTS.mode,
+                   help="head: frozen backbones, cached embeddings (fast); full: fine-tune everything")
+    p.add_argument("--epochs", type=int, default=_DEFAULTS.epochs, help=f"default {_DEFAULTS.epochs}")
+    p.add_argument("--lr", type=float, default=_DEFAULTS.lr, help=f"Adam learning rate (default {_DEFAULTS.lr:g})")
+    p.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size, help=f"default {_DEFAULTS.batch_size}")
+    p.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="seed of the split, init and shuffling")
+    p.add_argument("--unlabelled", choices=UNLABELLED_CHOICES, default=_DEFAULTS.unlabelled,
+                   help="clips in no annotated span: ignore them (default) or treat them as negatives")
+    p.add_argument("--image-size", type=int, default=_DEFAULTS.image_size, help="new model only (no --init)")
+    p.add_argument("--frames-per-clip", type=int, default=_DEFAULTS.frames_per_clip, help="new model only")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--ray-workers", type=int, default=0,
+                   help="head mode: embed films on N Ray actors (a local Ray, or $RAY_ADDRESS); "
+                        "default 0: in this process")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    annotations = read_annotations(args.annotations)
+    options = TrainOptions(mode=args.mode, modality=args.modality, epochs=args.epochs, lr=args.lr,
+                           batch_size=args.batch_size, seed=args.seed, unlabelled=args.unlabelled,
+                           image_size=args.image_size, frames_per_clip=args.frames_per_clip, device=args.device,
+                           ray_workers=args.ray_workers)
+    metrics = train(annotations, args.out, options, init=args.init)
+    print(f"wrote {args.out} (best epoch {metrics['best_epoch']} by {metrics['selected_on']} F1)")
+    for split, per_label in metrics["final"].items():
+        scores = ", ".join(f"{label} F1 {m['f1']:.3f} P {m['precision']:.3f} R {m['recall']:.3f}"
+                           for label, m in per_label.items())
+        print(f"  {split:5s} ({metrics['n_clips'][split]} s): {scores}")
+    return 0
