@@ -5,6 +5,8 @@ Everything lands under one directory::
     DIR/corpus/          synthetic films + annotations.csv (split column: train / val / test)
     DIR/model/           the trained checkpoint (+ metrics.json)
     DIR/scores/          ``kissray score`` output for the held-out films (scores/, segments/, titles/)
+    DIR/scores/excerpts/ one .mp4 + .jpg per detected segment (``kissray excerpts``)
+    DIR/scores/report.html  the HTML report (``kissray report``)
     DIR/eval.json        held-out evaluation (keys: docs/training.md)
 
 The demo model detects the synthetic scenes only; it knows nothing about real films.
@@ -12,7 +14,6 @@ The demo model detects the synthetic scenes only; it knows nothing about real fi
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 
 from kissray.annotations import read_annotations, split_films
 from kissray.evaluate import FilmPrediction, evaluate_predictions
+from kissray.excerpts import write_excerpts
+from kissray.report import write_report
 from kissray.score import Segment, SegmentParams
 from kissray.synth import make_corpus
 from kissray.train import TrainOptions, train
@@ -43,7 +46,7 @@ def run_demo(out_dir: str, options: DemoOptions = DemoOptions(), log=print) -> d
     """Run the whole demo into ``out_dir``; return the held-out evaluation report (+ paths, timings)."""
     started = time.perf_counter()
     timings = {}
-    log(f"[1/4] generating {options.n_train} training and {options.n_test} held-out films ...")
+    log(f"[1/5] generating {options.n_train} training and {options.n_test} held-out films ...")
     csv_path = make_corpus(os.path.join(out_dir, "corpus"), options.n_train, options.n_test,
                            options.duration_s, options.seed)
     timings["corpus_s"] = time.perf_counter() - started
@@ -51,24 +54,26 @@ def run_demo(out_dir: str, options: DemoOptions = DemoOptions(), log=print) -> d
     splits = split_films(annotations, options.seed)  # the CSV's split column: train / val / test
     held_out = splits["test"]
     model_dir = os.path.join(out_dir, "model")
-    log("[2/4] training (head mode, audio + video) ...")
+    log("[2/5] training (head mode, audio + video) ...")
     metrics = train(annotations.subset(splits["train"] + splits["val"]), model_dir,
                     TrainOptions(mode="head", modality="av", epochs=options.epochs, seed=options.seed,
                                  image_size=DEMO_IMAGE_SIZE))
     timings["train_s"] = time.perf_counter() - started - timings["corpus_s"]
     scores_dir = os.path.join(out_dir, "scores")
     shutil.rmtree(scores_dir, ignore_errors=True)  # `score` would skip titles a previous demo scored
-    log(f"[3/4] scoring {len(held_out)} held-out films with `kissray score` ...")
+    log(f"[3/5] scoring {len(held_out)} held-out films with `kissray score` ...")
     t0 = time.perf_counter()
     predictions = score_films(held_out, model_dir, scores_dir)
-    if not os.path.isdir(scores_dir):
-        scores_dir = None  # scored in process: `kissray score` is not installed
     timings["score_s"] = time.perf_counter() - t0
-    log("[4/4] evaluating ...")
+    log("[4/5] evaluating ...")
     report = evaluate_predictions(predictions, annotations, metrics["labels"], SegmentParams())
+    log("[5/5] cutting excerpts and writing the report ...")
+    excerpts = write_excerpts(scores_dir)
+    report_html = write_report(scores_dir)
     timings["total_s"] = time.perf_counter() - started
     report.update({"split": "test", "model": model_dir, "timings": timings,
                    "paths": {"corpus": csv_path, "model": model_dir, "scores": scores_dir,
+                             "excerpts": excerpts.dest, "report": report_html,
                              "eval": os.path.join(out_dir, "eval.json")}})
     with open(report["paths"]["eval"], "w") as f:
         json.dump(report, f, indent=2)
@@ -76,12 +81,7 @@ def run_demo(out_dir: str, options: DemoOptions = DemoOptions(), log=print) -> d
 
 
 def score_films(uris: list[str], model_dir: str, out_dir: str) -> list[FilmPrediction]:
-    """Score films with the ``kissray score`` command (a local Ray) and read its Parquet back.
-
-    Falls back to :func:`kissray.score.score_film` in this process while ``score`` is not installed.
-    """
-    if importlib.util.find_spec("kissray.commands.score") is None:
-        return _score_in_process(uris, model_dir)
+    """Score films with the ``kissray score`` command (a local Ray) and read its Parquet back."""
     argv = [sys.executable, "-m", "kissray.cli", "score", *uris, "--model", model_dir, "--out", out_dir]
     proc = subprocess.run(argv)
     if proc.returncode not in (0, 3):
@@ -101,7 +101,7 @@ def read_score_outputs(out_dir: str) -> list[FilmPrediction]:
     predictions = []
     for title in titles.itertuples():
         mine = scores[scores["title_id"] == title.title_id]
-        probs = np.zeros((int(title.n_scored), len(labels)), np.float32)
+        probs = np.full((int(title.n_clips), len(labels)), np.nan, np.float32)  # NaN: not scored
         for j, label in enumerate(labels):
             rows = mine[mine["label"] == label]
             probs[rows["second"].to_numpy(), j] = rows["p"].to_numpy()
@@ -109,15 +109,6 @@ def read_score_outputs(out_dir: str) -> list[FilmPrediction]:
                 for s in segments[segments["title_id"] == title.title_id].itertuples()]
         predictions.append(FilmPrediction(title.uri, probs, segs, int(title.n_clips)))
     return predictions
-
-
-def _score_in_process(uris: list[str], model_dir: str) -> list[FilmPrediction]:
-    from kissray.model import load_model
-    from kissray.score import score_film
-
-    model = load_model(model_dir)
-    results = [score_film(uri, model) for uri in uris]
-    return [FilmPrediction(r.uri, r.probs, r.segments, r.n_clips) for r in results]
 
 
 def summary(report: dict) -> str:
@@ -134,12 +125,12 @@ def summary(report: dict) -> str:
               "", "outputs:",
               f"  films + annotations  {paths['corpus']}",
               f"  checkpoint           {paths['model']}  (metrics.json inside)",
-              (f"  scores, segments     {paths['scores']}/scores, {paths['scores']}/segments, {paths['scores']}/titles"
-               if paths["scores"] else "  scores, segments     (not written: `kissray score` is not installed)"),
+              f"  scores, segments     {paths['scores']}/scores, {paths['scores']}/segments, {paths['scores']}/titles",
+              f"  excerpts             {paths['excerpts']}",
               f"  evaluation           {paths['eval']}",
+              f"  report               {paths['report']}   <- open this in a browser",
               "", "open them:",
-              *([f"  python -c \"import pandas as pd; print(pd.read_parquet('{paths['scores']}/segments'))\""]
-                if paths["scores"] else []),
+              f"  python -c \"import pandas as pd; print(pd.read_parquet('{paths['scores']}/segments'))\"",
               f"  kissray eval --annotations {paths['corpus']} --model {paths['model']} --split test",
               "  (the demo model detects these synthetic scenes only, not kisses in real films)"]
     return "\n".join(lines)

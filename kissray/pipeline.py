@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import numpy as np
+
 from kissray.batch.stages import Classifier, DecodeSpec, TitleWriter, decode_window, probe_windows
 from kissray.batch.tables import ResultStore, TitleRecord, scores_table, segments_table
 from kissray.errors import CheckpointError
@@ -34,7 +36,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_WINDOW_S = 120  # seconds of film per decode task: a long film spreads over many workers
 DEFAULT_DECODE_TIMEOUT_S = 60.0  # a window whose decoder makes no progress this long fails
-DECODE_TASK_RETRIES = 3  # a decode task whose worker process died is retried this often
+DECODE_TASK_MEMORY_BYTES = 512 << 20  # a decode task: its decoder child plus a block of clips
 LOST_ERROR = "no result came back (a worker died); rerun to retry"
 
 
@@ -90,35 +92,65 @@ def read_model_config(model_uri: str) -> ModelConfig:
     return config
 
 
-def score_library(inputs: list[str], model_uri: str, out: str, *, params: SegmentParams = SegmentParams(),
-                  window_s: int = DEFAULT_WINDOW_S, batch_size: int = DEFAULT_BATCH_SIZE,
-                  num_actors: int | None = None, num_gpus_per_actor: float | None = None,
-                  decode_timeout_s: float = DEFAULT_DECODE_TIMEOUT_S, frames_per_clip: int | None = None,
-                  progress: bool = True) -> LibrarySummary:
-    """Score every film named by ``inputs`` with the checkpoint ``model_uri`` into ``out``.
+@dataclass
+class LibraryJob:
+    """A checked request, ready to run: what :func:`prepare_library` found out without Ray."""
 
-    Ray must be initialised (``ray.init``). Titles already ``ok`` in ``out`` with the same model
-    are skipped; every other title gets exactly one fresh ``titles`` row. Bad films never fail the
-    job. Raises :class:`UsageError` / :class:`CheckpointError` before any work for bad arguments.
+    titles: list[Title]  # every title the inputs name
+    todo: list[Title]  # those not already ok in ``out`` with this model
+    model_uri: str
+    config: ModelConfig
+    store: ResultStore
+    started: float = field(default_factory=time.monotonic)
+
+
+def prepare_library(inputs: list[str], model_uri: str, out: str) -> LibraryJob:
+    """Expand the inputs, read the checkpoint's config, make ``out`` and find the titles to do.
+
+    Needs no Ray, so a CLI can fail fast: raises :class:`UsageError` (no films, unreadable
+    manifest, duplicate title ids, ``out`` not writable) or :class:`CheckpointError`.
     """
-    if window_s < 1 or batch_size < 1:
-        raise ValueError("window_s and batch_size must be >= 1")
     started = time.monotonic()
     titles = expand_inputs(inputs)
     config = read_model_config(model_uri)
     store = ResultStore(out)
     store.prepare()
     done = store.finished_titles(model_uri)
-    todo = [t for t in titles if t.title_id not in done]
-    summary = LibrarySummary(n_titles=len(titles), n_skipped=len(titles) - len(todo))
-    if todo:
-        spec = DecodeSpec(frames_per_clip or config.frames_per_clip, config.image_size, int(window_s),
+    return LibraryJob(titles, [t for t in titles if t.title_id not in done], model_uri, config, store, started)
+
+
+def score_library(inputs: list[str], model_uri: str, out: str, **options) -> LibrarySummary:
+    """Score every film named by ``inputs`` with the checkpoint ``model_uri`` into ``out``.
+
+    Ray must be initialised (``ray.init``). Titles already ``ok`` in ``out`` with the same model
+    are skipped; every other title gets exactly one fresh ``titles`` row. Bad films never fail the
+    job. ``options`` are those of :func:`run_library`.
+    """
+    return run_library(prepare_library(inputs, model_uri, out), **options)
+
+
+def run_library(job: LibraryJob, *, params: SegmentParams = SegmentParams(), window_s: int = DEFAULT_WINDOW_S,
+                batch_size: int = DEFAULT_BATCH_SIZE, num_actors: int | None = None,
+                num_gpus_per_actor: float | None = None, decode_timeout_s: float = DEFAULT_DECODE_TIMEOUT_S,
+                frames_per_clip: int | None = None, progress: bool = True) -> LibrarySummary:
+    """Run a prepared job on the current Ray; returns once every title has its ``titles`` row.
+
+    ``window_s``: seconds of a local film per decode task; ``num_actors``: most model actors
+    (default one per GPU, else one per 4 CPUs); ``num_gpus_per_actor``: default 1 when the cluster
+    has GPUs; ``frames_per_clip``: default the checkpoint's; ``decode_timeout_s``: a window whose
+    decoder makes no progress this long fails.
+    """
+    if window_s < 1 or batch_size < 1:
+        raise ValueError("window_s and batch_size must be >= 1")
+    summary = LibrarySummary(n_titles=len(job.titles), n_skipped=len(job.titles) - len(job.todo))
+    if job.todo:
+        spec = DecodeSpec(frames_per_clip or job.config.frames_per_clip, job.config.image_size, int(window_s),
                           float(decode_timeout_s))
-        dataset = build_dataset(todo, model_uri, out, config, spec, params, batch_size=batch_size,
-                                num_actors=num_actors, num_gpus_per_actor=num_gpus_per_actor)
-        reported = _collect(dataset, summary, len(todo), progress)
-        _record_lost(store, [t for t in todo if t.title_id not in reported], model_uri, summary)
-    summary.wall_s = time.monotonic() - started
+        dataset = build_dataset(job.todo, job.model_uri, job.store.out, job.config, spec, params,
+                                batch_size=batch_size, num_actors=num_actors, num_gpus_per_actor=num_gpus_per_actor)
+        reported = _collect(dataset, summary, len(job.todo), progress)
+        _record_lost(job, [t for t in job.todo if t.title_id not in reported], summary)
+    summary.wall_s = time.monotonic() - job.started
     return summary
 
 
@@ -139,10 +171,10 @@ def build_dataset(titles: list[Title], model_uri: str, out: str, config: ModelCo
         ray.data.from_items(items, override_num_blocks=len(items))
         .flat_map(probe_windows, fn_kwargs={"spec": spec}, num_cpus=cpu_share)
         .repartition(target_num_rows_per_block=1)  # one window per decode task (streaming, no barrier)
-        # max_retries: a decode worker that dies (OOM) is retried; it also keeps decoding in CPU
-        # tasks rather than fused into the model's actors (fusion needs equal remote args)
+        # the memory request sizes decode tasks; being unlike the actors' it also keeps decoding
+        # in CPU tasks instead of fused into the model's actors (fusion needs equal remote args)
         .map_batches(decode_window, batch_size=1, batch_format="numpy", fn_kwargs={"spec": spec},
-                     num_cpus=cpu_share, max_retries=DECODE_TASK_RETRIES)
+                     num_cpus=cpu_share, memory=DECODE_TASK_MEMORY_BYTES)
         .map_batches(Classifier, fn_constructor_kwargs={"model_uri": model_uri, "batch_size": batch_size},
                      batch_size=batch_size, batch_format="numpy", num_cpus=cpu_share, num_gpus=num_gpus_per_actor,
                      compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors))
@@ -175,19 +207,15 @@ def _collect(dataset, summary: LibrarySummary, n_titles: int, progress: bool) ->
     return seen
 
 
-def _record_lost(store: ResultStore, lost: list[Title], model_uri: str, summary: LibrarySummary) -> None:
+def _record_lost(job: LibraryJob, lost: list[Title], summary: LibrarySummary) -> None:
     """Titles whose result never came back (a writer that died) still get their one titles row."""
+    labels = list(job.config.labels)
     for title in lost:
         log.warning("%s: %s", title.title_id, LOST_ERROR)
-        record = TitleRecord(title.title_id, title.uri, "failed", LOST_ERROR, None, 0, 0, False, model_uri)
-        store.write_title(record, scores_table(title.title_id, [], _no_probs()), segments_table(title.title_id, []))
+        record = TitleRecord(title.title_id, title.uri, "failed", LOST_ERROR, None, 0, 0, False, job.model_uri)
+        job.store.write_title(record, scores_table(title.title_id, labels, np.zeros((0, len(labels)), np.float32)),
+                              segments_table(title.title_id, []))
         summary.add("failed", 0, title.title_id, LOST_ERROR)
-
-
-def _no_probs():
-    import numpy as np
-
-    return np.zeros((0, 0), np.float32)
 
 
 @contextlib.contextmanager

@@ -18,11 +18,12 @@ import pyarrow as pa
 
 from kissray.audio import SILENCE_LOG_MEL
 from kissray.batch.tables import ResultStore, TitleRecord, scores_table, segments_table
-from kissray.errors import DecodeError, MediaError
+from kissray.errors import MediaError
 from kissray.media import ClipReader, probe
 from kissray.score import SegmentParams, segments_by_label
 
 CLIPS_PER_BLOCK = 32  # clips per output batch of a decode task (bounds block size)
+WHOLE_FILM = -1  # a window's stop when the film is decoded in one piece (its length learnt on opening)
 SUMMARY_SCHEMA = pa.schema([
     ("title_id", pa.string()), ("status", pa.string()), ("error", pa.string()),
     ("n_clips", pa.int32()), ("n_scored", pa.int32()),
@@ -47,17 +48,33 @@ def one_line(error: BaseException) -> str:
 
 
 def probe_windows(title: dict, spec: DecodeSpec) -> list[dict]:
-    """The windows ``[start, stop)`` of one film, or a single failed window when it cannot be opened."""
-    base = {"title_id": title["title_id"], "uri": title["uri"]}
+    """The windows ``[start, stop)`` of one film, or a single failed window when it cannot be opened.
+
+    A remote film (s3://, gs://, ...) is one window, not probed here: each decoder stages its
+    whole film to local disk, so splitting it would download it once per window.
+    """
+    base = {"title_id": title["title_id"], "uri": title["uri"], "n_clips": 0, "duration_s": math.nan,
+            "has_audio": False}
+    if not is_local(title["uri"]):
+        return [{**base, "start": 0, "stop": WHOLE_FILM, "n_windows": 1, "error": ""}]
     try:
         info = probe(title["uri"], timeout_s=spec.timeout_s)
     except Exception as e:  # MediaError, or anything unexpected: this title fails, not the job
-        return [{**base, "start": 0, "stop": 0, "n_windows": 1, "n_clips": 0, "duration_s": math.nan,
-                 "has_audio": False, "error": one_line(e)}]
+        return [{**base, "start": 0, "stop": 0, "n_windows": 1, "error": one_line(e)}]
     starts = range(0, info.n_clips, spec.window_s)
     return [{**base, "start": a, "stop": min(a + spec.window_s, info.n_clips), "n_windows": len(starts),
              "n_clips": info.n_clips, "duration_s": info.duration_s, "has_audio": info.has_audio,
              "error": ""} for a in starts]
+
+
+def is_local(uri: str) -> bool:
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    try:
+        return isinstance(fsspec.core.url_to_fs(str(uri))[0], LocalFileSystem)
+    except (ValueError, ImportError):
+        return False  # an unknown protocol: the decoder reports it as the title's error
 
 
 def decode_window(windows: dict[str, np.ndarray], spec: DecodeSpec) -> Iterator[dict[str, np.ndarray]]:
@@ -68,10 +85,15 @@ def decode_window(windows: dict[str, np.ndarray], spec: DecodeSpec) -> Iterator[
             yield _rows(window, [], spec, trailer=(str(window["error"]), 0))
             continue
         clips, n_delivered, error = [], 0, ""
+        stop = int(window["stop"])
         try:
-            with ClipReader(str(window["uri"]), int(window["start"]), int(window["stop"]),
+            with ClipReader(str(window["uri"]), int(window["start"]), None if stop == WHOLE_FILM else stop,
                             frames_per_clip=spec.frames_per_clip, size=spec.size,
                             timeout_s=spec.timeout_s, decode_threads=1) as reader:
+                if stop == WHOLE_FILM:  # not probed: the film describes itself now
+                    info = reader.info
+                    window.update(stop=info.n_clips, n_clips=info.n_clips, duration_s=info.duration_s,
+                                  has_audio=info.has_audio)
                 for clip in reader:
                     clips.append(clip)
                     n_delivered += 1
@@ -143,18 +165,25 @@ class _OpenTitle:
     """What has arrived so far for one title."""
 
     probs: dict[int, np.ndarray] = field(default_factory=dict)  # second -> p[n_labels]
-    trailers: list[dict] = field(default_factory=list)
+    trailers: dict[int, dict] = field(default_factory=dict)  # window start -> its trailer row
     clips_have_audio: bool = True
+
+    def complete(self, n_windows: int) -> bool:
+        """Every window has reported, and every clip it delivered has arrived: blocks of one
+        window pass through different model actors, so a trailer can overtake its clips."""
+        return (len(self.trailers) == n_windows
+                and len(self.probs) >= sum(int(t["n_delivered"]) for t in self.trailers.values()))
 
 
 class TitleWriter:
     """Ray Data actor (one): the per-title reduce. Collects a title's rows as they stream in; once
-    every window's trailer has arrived, segments the scores, writes the title's three files and
-    emits one summary row. Rows of a title are never all in memory at once across titles: a
-    title leaves as soon as it is complete."""
+    all of them are in, segments the scores, writes the title's three files and emits one summary
+    row. It holds only the titles still in flight (a few floats per scored second), and a title
+    is written as soon as it is complete, not at the end of the job."""
 
     def __init__(self, out: str, labels: list[str], model_uri: str, params: SegmentParams):
         self.store = ResultStore(out)
+        self.store.make_folders()  # the driver made them too, but maybe on another machine's disk
         self.labels, self.model_uri, self.params = list(labels), model_uri, params
         self.open: dict[str, _OpenTitle] = {}
 
@@ -163,34 +192,33 @@ class TitleWriter:
         for i in range(len(batch["title_id"])):
             title_id = str(batch["title_id"][i])
             state = self.open.setdefault(title_id, _OpenTitle())
-            if batch["trailer"][i]:
-                state.trailers.append({k: batch[k][i] for k in batch if k not in ("p",)})
+            if batch["trailer"][i]:  # keyed by window: a retried task's repeat is harmless
+                state.trailers[int(batch["second"][i])] = {k: batch[k][i] for k in batch if k != "p"}
             else:
                 state.probs[int(batch["second"][i])] = batch["p"][i]
                 state.clips_have_audio &= bool(batch["clip_has_audio"][i])
-            if len(state.trailers) == int(batch["n_windows"][i]):
+            if state.complete(int(batch["n_windows"][i])):
                 finished.append(self.finish(title_id, self.open.pop(title_id)))
         return pa.Table.from_pylist(finished, schema=SUMMARY_SCHEMA)
 
     def finish(self, title_id: str, state: _OpenTitle) -> dict:
-        """Write one complete title; returns its summary row."""
-        first = min(state.trailers, key=lambda t: int(t["second"]))
+        """Write one complete title; returns its summary row. Like :func:`kissray.score.score_film`,
+        the scores have one row per second of the film, NaN where a second was not scored."""
+        first = state.trailers[min(state.trailers)]
         n_clips = int(first["n_clips"])
-        n_scored = 0
-        while n_scored in state.probs:  # the contiguous prefix, as single-process score_film keeps
-            n_scored += 1
-        probs = (np.stack([state.probs[s] for s in range(n_scored)]) if n_scored
-                 else np.zeros((0, len(self.labels)), np.float32)).astype(np.float32)
-        errors = sorted((int(t["second"]) + int(t["n_delivered"]), str(t["error"]))
-                        for t in state.trailers if str(t["error"]))
+        probs = np.full((n_clips, len(self.labels)), np.nan, np.float32)
+        for second, p in state.probs.items():
+            if second < n_clips:
+                probs[second] = p
+        n_scored = int(np.isfinite(probs).all(axis=1).sum())
+        errors = sorted((int(t["second"]), str(t["error"])) for t in state.trailers.values() if str(t["error"]))
         error = errors[0][1] if errors else None
         if error is None and n_scored < n_clips:
-            error = f"second {n_scored} was not scored"
+            error = f"{n_clips - n_scored} second(s) were not scored"
         status = "ok" if error is None else ("partial" if n_scored else "failed")
-        record = TitleRecord(title_id, str(first["uri"]), status, error,
-                             None if math.isnan(float(first["duration_s"])) else float(first["duration_s"]),
-                             n_clips, n_scored, bool(first["has_audio"]) and state.clips_have_audio,
-                             self.model_uri)
+        duration_s = float(first["duration_s"])
+        record = TitleRecord(title_id, str(first["uri"]), status, error, None if math.isnan(duration_s) else duration_s,
+                             n_clips, n_scored, bool(first["has_audio"]) and state.clips_have_audio, self.model_uri)
         segments = segments_by_label(probs, self.labels, self.params)
         self.store.write_title(record, scores_table(title_id, self.labels, probs),
                                segments_table(title_id, segments))

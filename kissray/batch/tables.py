@@ -67,14 +67,15 @@ def file_name_for(title_id: str) -> str:
 
 
 def scores_table(title_id: str, labels: list[str], probs: np.ndarray) -> pa.Table:
-    """One row per (label, second): label-major, seconds ascending."""
-    n = probs.shape[0]
-    seconds = np.tile(np.arange(n, dtype=np.int32), len(labels))
+    """One row per (label, scored second): label-major, seconds ascending. Seconds that were not
+    scored (NaN rows of ``probs``) have no row, so a title has ``n_scored`` rows per label."""
+    scored = np.flatnonzero(np.isfinite(probs).all(axis=1)).astype(np.int32)
+    seconds = np.tile(scored, len(labels))
     return pa.table({
-        "title_id": pa.array([title_id] * (n * len(labels)), pa.string()),
-        "label": pa.array(np.repeat(np.asarray(labels, dtype=object), n).tolist(), pa.string()),
+        "title_id": pa.array([title_id] * len(seconds), pa.string()),
+        "label": pa.array(np.repeat(np.asarray(labels, dtype=object), len(scored)).tolist(), pa.string()),
         "second": seconds, "start_s": seconds.astype(np.float64), "end_s": seconds + 1.0,
-        "p": np.ascontiguousarray(probs.T.reshape(-1), dtype=np.float32),
+        "p": np.ascontiguousarray(probs[scored].T.reshape(-1), dtype=np.float32),
     }, schema=SCORES_SCHEMA)
 
 
@@ -108,8 +109,7 @@ class ResultStore:
     def prepare(self) -> None:
         """Create the table folders, prove they are writable, and drop temp files of killed runs."""
         try:
-            for table in TABLES:
-                self.fs.makedirs(self._dir(table), exist_ok=True)
+            self.make_folders()
             probe = f"{self._dir('titles')}/{TEMP_PREFIX}write-test-{uuid.uuid4().hex}"
             with self.fs.open(probe, "wb") as f:
                 f.write(b"ok")
@@ -119,6 +119,10 @@ class ResultStore:
         for table in TABLES:
             for path in self.fs.glob(f"{self._dir(table)}/{TEMP_PREFIX}*"):
                 self._remove_quietly(path)
+
+    def make_folders(self) -> None:
+        for table in TABLES:
+            self.fs.makedirs(self._dir(table), exist_ok=True)
 
     def finished_titles(self, model: str) -> set[str]:
         """Ids of titles already ``ok`` with this model (a rerun skips them)."""

@@ -52,17 +52,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kissray.errors import UsageError
-    from kissray.pipeline import ray_connection, score_library
+    from kissray.pipeline import prepare_library, ray_connection, run_library
 
     if min(args.window_s, args.batch_size, args.actors or 1, args.frames_per_clip or 1) < 1:
         raise UsageError("--window-s, --batch-size, --actors and --frames-per-clip must be at least 1")
     params = SegmentParams(args.threshold, args.min_len, args.min_fraction)
+    job = prepare_library(args.inputs, args.model, args.out)  # usage errors before Ray starts
     with ray_connection(args.address):
         _quiet_ray_data(progress=not args.no_progress)
-        summary = score_library(args.inputs, args.model, args.out, params=params, window_s=args.window_s,
-                                batch_size=args.batch_size, num_actors=args.actors,
-                                num_gpus_per_actor=args.gpus_per_actor, decode_timeout_s=args.decode_timeout_s,
-                                frames_per_clip=args.frames_per_clip, progress=not args.no_progress)
+        summary = run_library(job, params=params, window_s=args.window_s, batch_size=args.batch_size,
+                              num_actors=args.actors, num_gpus_per_actor=args.gpus_per_actor,
+                              decode_timeout_s=args.decode_timeout_s, frames_per_clip=args.frames_per_clip,
+                              progress=not args.no_progress)
     for title_id, status, error in summary.failures:
         print(f"{status}: {title_id}: {error}", file=sys.stderr)
     print(summary)
