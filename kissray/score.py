@@ -40,6 +40,18 @@ class Segment:
         return self.end_s - self.start_s
 
 
+class Segments(list):
+    """A film's segments in label order, then by start. ``segments["kiss"]`` gives one label's."""
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return [s for s in self if s.label == key]
+        return super().__getitem__(key)
+
+    def by_label(self, labels: list[str]) -> dict[str, list[Segment]]:
+        return {label: self[label] for label in labels}
+
+
 @dataclass
 class FilmResult:
     title_id: str
@@ -49,7 +61,7 @@ class FilmResult:
     has_audio: bool
     labels: list[str]
     probs: np.ndarray  # float32[n_clips, n_labels]; row i is second [i, i+1), NaN where not scored
-    segments: list[Segment] = field(default_factory=list)
+    segments: Segments = field(default_factory=Segments)  # also indexable by label
     error: str | None = None  # set when decoding stopped early (status "partial")
 
     @property
@@ -61,7 +73,7 @@ class FilmResult:
         return "ok" if self.error is None and self.n_scored == self.n_clips else "partial"
 
     def segments_for(self, label: str) -> list[Segment]:
-        return [s for s in self.segments if s.label == label]
+        return Segments(self.segments)[label]
 
 
 def title_id_for(uri: str) -> str:
@@ -95,9 +107,9 @@ def predict_clips(model, clips: list[Clip], batch_size: int = DEFAULT_BATCH_SIZE
     return model.predict_proba(frames, log_mel, batch_size=batch_size)
 
 
-def segments_by_label(probs: np.ndarray, labels: list[str], params: SegmentParams = SegmentParams()) -> list[Segment]:
+def segments_by_label(probs: np.ndarray, labels: list[str], params: SegmentParams = SegmentParams()) -> Segments:
     """Run the segmenter on each label's column; segments sorted by label order, then start."""
-    segments = []
+    segments = Segments()
     for j, label in enumerate(labels):
         column = probs[:, j]
         for s, e in find_segments(column, params.threshold, params.min_len, params.min_fraction):

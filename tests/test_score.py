@@ -46,6 +46,8 @@ def test_segments_by_label_is_per_label():
     probs[10:30, 1] = 0.8
     segments = segments_by_label(probs, ["kiss", "explicit"])
     assert [(s.label, s.start_s, s.end_s) for s in segments] == [("kiss", 5, 20), ("explicit", 10, 30)]
+    assert [(s.start_s, s.end_s) for s in segments["explicit"]] == [(10, 30)] and segments[0].label == "kiss"
+    assert list(segments.by_label(["kiss", "explicit"])) == ["kiss", "explicit"]
     assert segments[1].mean_p == pytest.approx(0.8)
     assert find_segments(probs[:, 0]) == [(5, 20)]
 
