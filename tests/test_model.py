@@ -158,3 +158,19 @@ def test_init_command(tmp_path, capsys):
     assert model.labels == ["kiss", "explicit"] and model.resnet is None
     assert "wrote" in capsys.readouterr().out
     assert cli_main(["init", "--out", str(tmp_path / "x"), "--vggish-weights", str(tmp_path / "none.pth")]) == 2
+
+
+def test_imagenet_weights_go_through_torchvisions_enum(tmp_path, monkeypatch):
+    """No download here: a state dict placed in torch.hub's cache under torchvision's file name is
+    what ``--resnet-weights imagenet`` must load (the same path a real download ends in)."""
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+    cached = tmp_path / "hub" / "checkpoints" / os.path.basename(url)
+    cached.parent.mkdir(parents=True)
+    torch.manual_seed(11)
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    torch.save(state, cached)
+    model = init_model(ModelConfig(image_size=64, modality="video"), resnet_weights="imagenet")
+    torch.testing.assert_close(model.resnet.state_dict()["layer4.1.conv2.weight"], state["layer4.1.conv2.weight"])
