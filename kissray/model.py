@@ -107,6 +107,13 @@ def resnet18_trunk() -> nn.Module:
     return trunk
 
 
+def _pixel_stats() -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std on the 0-255 scale, shaped for [B, 3, H, W] (built on the CPU)."""
+    with torch.device("cpu"):
+        return (torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255,
+                torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255)
+
+
 class KissModel(nn.Module):
     """frames uint8[B, K, H, W, 3] (RGB) + log_mel float[B, 96, 64] -> logits float[B, n_labels]."""
 
@@ -116,8 +123,9 @@ class KissModel(nn.Module):
         self.resnet = resnet18_trunk() if config.modality in ("av", "video") else None
         self.vggish = VGGish() if config.modality in ("av", "audio") else None
         self.head = nn.Linear(config.feature_dim, len(config.labels))
-        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
+        mean, std = _pixel_stats()
+        self.register_buffer("pixel_mean", mean, persistent=False)
+        self.register_buffer("pixel_std", std, persistent=False)
 
     @property
     def labels(self) -> list[str]:
@@ -211,11 +219,13 @@ def load_model(uri: str, device: str = "cpu") -> KissModel:
         raise CheckpointError(f"{uri}: not a kissray checkpoint (missing {e.filename or e})") from e
     except (ValueError, json.JSONDecodeError, TypeError) as e:
         raise CheckpointError(f"{uri}: unreadable checkpoint: {e}") from e
-    model = KissModel(config)
+    with torch.device("meta"):  # no random init of ~80M parameters only to overwrite them
+        model = KissModel(config)
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         raise CheckpointError(f"{uri}: weights do not match config.json: {str(e).splitlines()[0]}") from e
+    model.pixel_mean, model.pixel_std = _pixel_stats()
     return model.prepare(device)
 
 
