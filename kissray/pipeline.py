@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_WINDOW_S = 120  # seconds of film per decode task: a long film spreads over many workers
 DEFAULT_DECODE_TIMEOUT_S = 60.0  # a window whose decoder makes no progress this long fails
+SPLIT_BELOW_TITLES_PER_CPU = 4  # fewer titles than this per CPU: cut films into windows for parallelism
 DECODE_TASK_MEMORY_BYTES = 512 << 20  # a decode task: its decoder child plus a block of clips
 LOST_ERROR = "no result came back (a worker died); rerun to retry"
 
@@ -135,8 +136,10 @@ def run_library(job: LibraryJob, *, params: SegmentParams = SegmentParams(), win
                 frames_per_clip: int | None = None, progress: bool = True) -> LibrarySummary:
     """Run a prepared job on the current Ray; returns once every title has its ``titles`` row.
 
-    ``window_s``: seconds of a local film per decode task; ``num_actors``: most model actors
-    (default one per GPU, else one per 4 CPUs); ``num_gpus_per_actor``: default 1 when the cluster
+    ``window_s``: seconds of a local film per decode task (films are cut into windows only when
+    there are fewer than 4 titles to do per CPU; else each film has one decoder); ``num_actors``:
+    most model actors (default one per GPU, else one per 4 CPUs, each using CPUs / actors torch
+    threads); ``num_gpus_per_actor``: default 1 when the cluster
     has GPUs; ``frames_per_clip``: default the checkpoint's; ``decode_timeout_s``: a window whose
     decoder makes no progress this long fails.
     """
@@ -144,8 +147,9 @@ def run_library(job: LibraryJob, *, params: SegmentParams = SegmentParams(), win
         raise ValueError("window_s and batch_size must be >= 1")
     summary = LibrarySummary(n_titles=len(job.titles), n_skipped=len(job.titles) - len(job.todo))
     if job.todo:
+        split = len(job.todo) < SPLIT_BELOW_TITLES_PER_CPU * _cluster_gpus_cpus()[1]
         spec = DecodeSpec(frames_per_clip or job.config.frames_per_clip, job.config.image_size, int(window_s),
-                          float(decode_timeout_s))
+                          float(decode_timeout_s), split)
         dataset = build_dataset(job.todo, job.model_uri, job.store.out, job.config, spec, params,
                                 batch_size=batch_size, num_actors=num_actors, num_gpus_per_actor=num_gpus_per_actor)
         reported = _collect(dataset, summary, len(job.todo), progress)
@@ -166,6 +170,9 @@ def build_dataset(titles: list[Title], model_uri: str, out: str, config: ModelCo
         num_gpus_per_actor = 1 if gpus > 0 else 0
     if num_actors is None:
         num_actors = max(1, int(gpus // num_gpus_per_actor) if num_gpus_per_actor else int(cpus // 4))
+    # CPU-only: the model's torch threads may use the node's CPUs, decoding included -- measured
+    # faster than one thread per actor, since decoding and inference rarely peak together
+    threads = 0 if num_gpus_per_actor else max(1, int(cpus // num_actors))
     items = [{"title_id": t.title_id, "uri": t.uri} for t in titles]
     return (
         ray.data.from_items(items, override_num_blocks=len(items))
@@ -175,7 +182,8 @@ def build_dataset(titles: list[Title], model_uri: str, out: str, config: ModelCo
         # in CPU tasks instead of fused into the model's actors (fusion needs equal remote args)
         .map_batches(decode_window, batch_size=1, batch_format="numpy", fn_kwargs={"spec": spec},
                      num_cpus=cpu_share, memory=DECODE_TASK_MEMORY_BYTES)
-        .map_batches(Classifier, fn_constructor_kwargs={"model_uri": model_uri, "batch_size": batch_size},
+        .map_batches(Classifier, fn_constructor_kwargs={"model_uri": model_uri, "batch_size": batch_size,
+                                                          "num_threads": threads},
                      batch_size=batch_size, batch_format="numpy", num_cpus=cpu_share, num_gpus=num_gpus_per_actor,
                      compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors))
         .map_batches(TitleWriter, fn_constructor_kwargs={"out": out, "labels": list(config.labels),

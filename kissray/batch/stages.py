@@ -38,6 +38,7 @@ class DecodeSpec:
     size: int
     window_s: int
     timeout_s: float
+    split: bool = True  # cut local films into windows (probing each first); else one decoder per film
 
 
 def one_line(error: BaseException) -> str:
@@ -51,11 +52,13 @@ def probe_windows(title: dict, spec: DecodeSpec) -> list[dict]:
     """The windows ``[start, stop)`` of one film, or a single failed window when it cannot be opened.
 
     A remote film (s3://, gs://, ...) is one window, not probed here: each decoder stages its
-    whole film to local disk, so splitting it would download it once per window.
+    whole film to local disk, so splitting it would download it once per window. So is every film
+    when ``spec.split`` is off (a library with enough titles to keep every decoder busy): the probe
+    would cost a decoder start-up per title and buy no parallelism (benchmarks/NOTES.md).
     """
     base = {"title_id": title["title_id"], "uri": title["uri"], "n_clips": 0, "duration_s": math.nan,
             "has_audio": False}
-    if not is_local(title["uri"]):
+    if not spec.split or not is_local(title["uri"]):
         return [{**base, "start": 0, "stop": WHOLE_FILM, "n_windows": 1, "error": ""}]
     try:
         info = probe(title["uri"], timeout_s=spec.timeout_s)
@@ -140,13 +143,18 @@ class Classifier:
     Trailer rows pass through with ``p`` = NaN; frames and log-mels are dropped from the output.
     """
 
-    def __init__(self, model_uri: str, batch_size: int = 32, device: str | None = None):
+    def __init__(self, model_uri: str, batch_size: int = 32, device: str | None = None,
+                 num_threads: int | None = None):
         import torch
 
         from kissray.model import load_model
 
+        if num_threads:  # Ray pins an actor to its CPU request; a CPU model may use more
+            torch.set_num_threads(num_threads)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_model(model_uri, device=device)
+        if torch.device(device).type == "cuda":  # fp16 + channels_last: the tensor cores' fast path
+            self.model.prepare(device, dtype=torch.float16, channels_last=True)
         self.batch_size = batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
