@@ -1,0 +1,25 @@
+"""The benchmarks run (on a tiny film): speed targets live in benchmarks/, never in tests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_throughput_benchmark_runs_on_a_tiny_film(tmp_path):
+    out = tmp_path / "r.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--seconds", "4", "--width", "64",
+         "--height", "48", "--size", "64", "--naive-clips", "1", "--window-s", "2", "--threads", "1",
+         "--skip-ray", "--workdir", str(tmp_path), "--json", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["clips"] == 4 and result["film_seconds"] == 4
+    for key in ("decode_floor_s", "decode_s", "model_s", "e2e_single_s", "naive_s"):
+        assert result[key] > 0, key
+    assert "| decode_s |" in proc.stdout
