@@ -7,7 +7,7 @@ Everything lands under one directory::
     DIR/scores/          ``kissray score`` output for the held-out films (scores/, segments/, titles/)
     DIR/scores/excerpts/ one .mp4 + .jpg per detected segment (``kissray excerpts``)
     DIR/scores/report.html  the HTML report (``kissray report``)
-    DIR/eval.json        held-out evaluation (keys: docs/training.md)
+    DIR/eval.json        held-out evaluation (keys: README, "kissray eval")
 
 The demo model detects the synthetic scenes only; it knows nothing about real films.
 """

@@ -92,7 +92,7 @@ def true_segments(spans: list[Span], label: str) -> list[tuple[float, float]]:
 
 def evaluate_predictions(predictions: list[FilmPrediction], annotations: Annotations, labels: list[str],
                          params: SegmentParams = SegmentParams(), unlabelled: str = "ignore") -> dict:
-    """The evaluation report (see docs/training.md for its keys) for already-scored films."""
+    """The evaluation report (its keys are listed in the README, "kissray eval") for already-scored films."""
     y_true, y_prob = [], []
     counts = {label: {"tp": 0, "n_true": 0, "n_pred": 0} for label in labels}
     for film in predictions:
