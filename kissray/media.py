@@ -19,16 +19,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 
 from kissray.errors import ERRORS_BY_NAME, DecodeError, DecodeTimeoutError, MediaError, MediaOpenError
 
-CLIP_SECONDS = 1  # one example per second of film
 DEFAULT_SIZE = 224  # ResNet-18 input, pixels (square)
-MIN_DURATION_S = 0.5  # n_clips = floor(duration_s + 0.5) must be >= 1
 DEFAULT_TIMEOUT_S = 60.0  # longest wait for one clip before the decoder is killed
 OPEN_TIMEOUT_FACTOR = 4  # opening (indexing) a film may take this many clip timeouts
 STAGE_CHUNK_BYTES = 8 << 20  # copy size when staging a remote film to local disk
@@ -229,7 +227,3 @@ class _DecoderProcess:
         lines = [ln.strip() for ln in self._stderr.read().decode(errors="replace").splitlines() if ln.strip()]
         why = f"signal {-code}" if code < 0 else f"exit code {code}"
         return f"{why}: {lines[-1][:200]}" if lines else why
-
-
-def media_info_dict(info: MediaInfo) -> dict:
-    return asdict(info)

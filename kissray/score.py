@@ -72,9 +72,6 @@ class FilmResult:
     def status(self) -> str:
         return "ok" if self.error is None and self.n_scored == self.n_clips else "partial"
 
-    def segments_for(self, label: str) -> list[Segment]:
-        return Segments(self.segments)[label]
-
 
 def title_id_for(uri: str) -> str:
     """The default title id: the file name without its extension."""
