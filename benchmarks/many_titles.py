@@ -20,7 +20,6 @@ Measured in one run, on one local Ray of ``--threads`` CPUs:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -29,7 +28,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from throughput import RssMonitor, decode_windows, make_film, model_only, start_ray, timed, versions  # noqa: E402
+from throughput import (RssMonitor, decode_windows, make_film, model_only, start_ray, timed,  # noqa: E402
+                        versions, write_json)
 
 
 def make_titles(work: str, n_titles: int, seconds: int, width: int, height: int) -> str:
@@ -159,10 +159,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     r = run(args)
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(r, f, indent=2)
+    write_json(r, args.json)
     print(table(r))
     return 0
 

@@ -274,6 +274,14 @@ def table(r: dict) -> str:
     return "\n".join(rows)
 
 
+def write_json(result: dict, path: str | None) -> None:
+    """Write a benchmark's results to ``path`` (creating its folder); nothing when no path."""
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
@@ -300,10 +308,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.size, args.naive_clips = min(args.size, 112), min(args.naive_clips, 10)
     r = run(args)
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(r, f, indent=2)
+    write_json(r, args.json)
     print(table(r))
     return 0
 
