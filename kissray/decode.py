@@ -27,6 +27,8 @@ from kissray.media import Clip, MediaInfo, n_clips_for
 
 AUDIO_SEEK_MARGIN_S = 1.0  # seek this far before the first sample needed, then decode forward
 CLIP_GROUP = 32  # clips decoded together: one decord get_batch, one batched log-mel FFT
+SEEK_ATTEMPTS = 3  # keyframes tried, latest first, before decoding a window from the film's start
+AUDIO_FRAMES_PER_RUN = 64  # audio frames (~1.5 s of AAC at 44.1 kHz) resampled in one call
 PTS_JITTER_SAMPLES = 2  # audio frame timestamps closer than this to "contiguous" are contiguous
 
 
@@ -78,10 +80,15 @@ def _inspect_with_decord(path: str, uri: str, pyav_error: MediaOpenError) -> _Co
 
 
 class VideoTrack:
-    """decord's frame index of one film, with presentation times relative to the first frame."""
+    """decord's frame index of one film, with presentation times relative to the first frame.
+
+    decord is the authority on which frames exist and when (``pts_s``, ``duration_s``); the pixels
+    of the stills come from :class:`SequentialStills` where it can match decord's frames, and from
+    decord's own ``get_batch`` otherwise.
+    """
 
     def __init__(self, path: str, uri: str, size: int | None, threads: int = 0):
-        self.uri, self._path, self._size = uri, path, size
+        self.uri, self._path, self._size, self._threads = uri, path, size, threads
         try:
             self.reader = self._open(threads)
             n = len(self.reader)
@@ -95,13 +102,13 @@ class VideoTrack:
         self.pts_s = times[:, 0] - self.first_pts_s  # sorted by decord
         self.duration_s = float(times[:, 1].max()) - self.first_pts_s
         self.fps = float(self.reader.get_avg_fps())
+        self._sequential: SequentialStills | None = None
+        self._sequential_failed = False
 
     def still_indices(self, clip_indices: np.ndarray, frames_per_clip: int) -> np.ndarray:
         """int[n, K]: for each clip, the last frame with pts <= i + (k + 0.5)/K."""
         times = clip_indices[:, None] + (np.arange(frames_per_clip) + 0.5) / frames_per_clip
-        # decord reports float32 times: compare at that precision, not below it
-        eps = np.maximum(1e-6, np.abs(times) * 2.0**-22)
-        idx = np.searchsorted(self.pts_s, times + eps, side="right") - 1
+        idx = np.searchsorted(self.pts_s, times + float32_tolerance(times), side="right") - 1
         return np.clip(idx, 0, len(self.pts_s) - 1)
 
     def _open(self, threads: int):
@@ -110,16 +117,44 @@ class VideoTrack:
         resize = {"width": self._size, "height": self._size} if self._size else {}
         return decord.VideoReader(self._path, ctx=decord.cpu(0), num_threads=threads, **resize)
 
+    def close(self) -> None:
+        if self._sequential is not None:
+            self._sequential.close()
+
     def stills(self, indices: np.ndarray, first_clip: int) -> Iterator[np.ndarray | DecodeError]:
         """Per clip, uint8[K, H, W, 3] RGB stills, or a DecodeError for a clip that cannot be
-        decoded (``indices``: int[n, K] of consecutive clips from ``first_clip``).
+        decoded (``indices``: int[n, K] of consecutive clips from ``first_clip``, calls in order).
 
-        One ``get_batch`` per group, then ``seek(0)``: decord's threaded decoder otherwise keeps
+        First choice: decoding forward with :class:`SequentialStills` (1.6x less CPU than decord
+        for 1 still per second: decord converts every decoded frame, benchmarks/NOTES.md). When
+        that cannot vouch for a frame, this window falls back to decord.
+        """
+        unique, inverse = np.unique(indices, return_inverse=True)
+        batch = self._sequential_batch(unique)
+        if batch is None:
+            yield from self._decord_stills(indices, unique, inverse, first_clip)
+            return
+        yield from batch[inverse.reshape(indices.shape)]
+
+    def _sequential_batch(self, unique: np.ndarray) -> np.ndarray | None:
+        if self._sequential_failed:
+            return None
+        if self._sequential is None:
+            self._sequential = SequentialStills(self._path, self.pts_s + self.first_pts_s,
+                                                np.asarray(self.reader.get_key_indices()), self._size, self._threads)
+        batch = self._sequential.take(unique)
+        if batch is None:  # from now on decord decodes this window
+            self._sequential.close()
+            self._sequential, self._sequential_failed = None, True
+        return batch
+
+    def _decord_stills(self, indices: np.ndarray, unique: np.ndarray, inverse: np.ndarray,
+                       first_clip: int) -> Iterator[np.ndarray | DecodeError]:
+        """One ``get_batch`` per group, then ``seek(0)``: decord's threaded decoder otherwise keeps
         decoding ahead while the caller is busy (measured: 1.5 GB RSS and +40% CPU on a 2-hour
         film; benchmarks/NOTES.md). A damaged packet leaves that decoder in an error state, so a
         failed group is redone clip by clip, reopening the reader after each failure.
         """
-        unique, inverse = np.unique(indices, return_inverse=True)
         try:
             batch = self.reader.get_batch(unique.tolist()).asnumpy()
             self.reader.seek(0)
@@ -137,6 +172,113 @@ class VideoTrack:
                 yield DecodeError(self.uri, f"clip {first_clip + row}: {short_reason(e)}")
                 self.reader = self._open(threads=1)
         self.reader.seek(0)
+
+
+def float32_tolerance(times_s: np.ndarray | float) -> np.ndarray:
+    """decord reports times as float32 seconds: values closer than this are the same time."""
+    return np.maximum(1e-6, np.abs(times_s) * 2.0**-22)
+
+
+class SequentialStills:
+    """Stills of one film by decoding forward with PyAV and converting only the stills.
+
+    Every frame from the keyframe before the first still on is decoded (as any reader must), but
+    only the stills are converted to RGB and resized (bilinear: within ~1 level of decord's). Each decoded
+    frame is matched to decord's frame index by its presentation time; :meth:`take` returns None
+    instead of guessing when a frame cannot be vouched for (no pts, a frame decord does not list,
+    a seek that landed past the still, a decode error), and the caller falls back to decord.
+    """
+
+    def __init__(self, path: str, index_pts_s: np.ndarray, key_indices: np.ndarray, size: int | None,
+                 threads: int):
+        self._path, self._index_pts_s, self._key_indices = path, index_pts_s, np.sort(key_indices)
+        self._size, self._threads = size, threads
+        self._container = None
+        self._frames: Iterator[tuple[int, object]] | None = None
+        self._last: tuple[int, np.ndarray] | None = None  # a still may serve the next group too
+        self._next = 0  # the index the next decoded frame most likely has
+
+    def close(self) -> None:
+        if self._container is not None:
+            self._container.close()
+            self._container = None
+
+    def take(self, wanted: np.ndarray) -> np.ndarray | None:
+        """uint8[len(wanted), H, W, 3]: decord frames ``wanted`` (sorted, unique, after earlier calls')."""
+        try:
+            if self._frames is None:
+                self._frames = self._decode_from(int(wanted[0]))
+            return np.stack([self._still(int(i)) for i in wanted])
+        except _Unmatched:
+            return None
+        except Exception:  # a decode error: decord redoes it and reports the clips it cannot decode
+            return None
+
+    def _still(self, i: int) -> np.ndarray:
+        if self._last is not None and self._last[0] == i:
+            return self._last[1]
+        for j, frame in self._frames:
+            if j == i:
+                size = {"width": self._size, "height": self._size} if self._size else {}
+                rgb = frame.reformat(format="rgb24", interpolation="BILINEAR", **size).to_ndarray()
+                self._last = (i, rgb)
+                return rgb
+            if j > i:
+                break
+        raise _Unmatched  # frame i never came: decoded out of step with decord's index
+
+    def _decode_from(self, first: int) -> Iterator[tuple[int, object]]:
+        """(decord index, frame) from a frame at or before ``first`` on. After a seek, frames count
+        only from the first keyframe decoded (earlier ones may reference frames never decoded); a
+        seek that lands past ``first`` (imprecise in MPEG-TS, AVI) is retried from an earlier
+        keyframe of decord's index, and finally from the start of the film."""
+        keys = [int(k) for k in self._key_indices if k <= first][::-1][:SEEK_ATTEMPTS] if first > 0 else []
+        for key in keys + [None]:
+            frames = self._open_at(key)
+            if key is None:
+                yield from frames
+                return
+            for j, frame in frames:
+                if frame.key_frame:
+                    if j > first:
+                        break  # landed too late: try an earlier keyframe
+                    yield j, frame
+                    yield from frames
+                    return
+        raise _Unmatched
+
+    def _open_at(self, key: int | None) -> Iterator[tuple[int, object]]:
+        import av
+
+        self.close()
+        self._container = av.open(self._path, metadata_errors="ignore")
+        stream = self._container.streams.video[0]
+        stream.thread_type, stream.thread_count = "AUTO", self._threads
+        time_base, start = stream.time_base, stream.start_time or 0
+        if key is not None:  # decord's times are relative to the stream's start time
+            self._container.seek(start + int(self._index_pts_s[key] / time_base), stream=stream, backward=True)
+        for frame in self._container.decode(stream):
+            if frame.pts is None:
+                raise _Unmatched
+            yield self._index_of(float((frame.pts - start) * time_base)), frame
+
+    def _index_of(self, t_s: float) -> int:
+        """decord's index of the frame at ``t_s``; -1 (skip) before the first; _Unmatched if none."""
+        pts, j = self._index_pts_s, self._next
+        if not (j < len(pts) and abs(pts[j] - t_s) <= 1e-6 + abs(t_s) * 2.0**-22):  # not simply the next
+            j = int(np.searchsorted(pts, t_s))
+            j = next((k for k in (j - 1, j) if 0 <= k < len(pts)
+                      and abs(pts[k] - t_s) <= float32_tolerance(t_s) + 1e-6), None)
+            if j is None:
+                if t_s < pts[0]:
+                    return -1
+                raise _Unmatched
+        self._next = j + 1
+        return j
+
+
+class _Unmatched(Exception):
+    """A decoded frame that decord's index does not list where expected."""
 
 
 class AudioTrack:
@@ -171,11 +313,30 @@ class AudioTrack:
         resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE_HZ)
         if stream.start_time is not None and seek_s > float(stream.start_time * stream.time_base):
             self._container.seek(int(seek_s / stream.time_base), stream=stream)
+        run: list = []  # back-to-back frames of one format, downmixed and resampled as one
+        head, run_end_s = None, 0.0  # (pts, time_base, rate, format, layout) of the run's first frame; its end
         for frame in self._container.decode(stream):
-            mono = av.AudioFrame.from_ndarray(_mean_of_channels(frame)[None, :], format="flt", layout="mono")
-            mono.sample_rate, mono.pts, mono.time_base = frame.sample_rate, frame.pts, frame.time_base
-            for out in resampler.resample(mono):
-                yield self._timeline_sample(out), out.to_ndarray()[0]
+            start_s = None if frame.pts is None else float(frame.pts * frame.time_base)
+            kind = (frame.sample_rate, frame.format.name, len(frame.layout.channels))
+            if run and (start_s is None or kind != head[2:] or len(run) >= AUDIO_FRAMES_PER_RUN
+                        or abs(start_s - run_end_s) * SAMPLE_RATE_HZ > PTS_JITTER_SAMPLES):
+                yield from self._resample(resampler, run, *head[:3])
+                run = []
+            if not run:
+                head = (frame.pts, frame.time_base, *kind)
+            run.append(frame)
+            run_end_s = (start_s or 0.0) + frame.samples / frame.sample_rate
+        if run:
+            yield from self._resample(resampler, run, *head[:3])
+
+    def _resample(self, resampler, run: list, pts, time_base, rate: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Downmix and resample a run of frames in one call: per-frame calls cost more than decoding AAC."""
+        import av
+
+        mono = av.AudioFrame.from_ndarray(_mean_of_channels(run)[None, :], format="flt", layout="mono")
+        mono.sample_rate, mono.pts, mono.time_base = rate, pts, time_base
+        for out in resampler.resample(mono):
+            yield self._timeline_sample(out), out.to_ndarray()[0]
 
     def _timeline_sample(self, frame) -> int | None:
         if frame.pts is None:
@@ -218,13 +379,14 @@ class AudioTrack:
 _PCM_SCALE = {"u8": 128.0, "s16": 32768.0, "s32": 2147483648.0, "s64": 9223372036854775808.0}
 
 
-def _mean_of_channels(frame) -> np.ndarray:
-    """float32[samples]: the mean of an audio frame's channels, in [-1, 1]."""
-    data = frame.to_ndarray()
-    fmt = frame.format.name.rstrip("p")
-    channels = len(frame.layout.channels)
-    if not frame.format.is_planar:
-        data = data.reshape(-1, channels).T
+def _mean_of_channels(frames: list) -> np.ndarray:
+    """float32[samples]: the mean of the channels of back-to-back audio frames of one format, in [-1, 1]."""
+    fmt = frames[0].format.name.rstrip("p")
+    channels = len(frames[0].layout.channels)
+    if frames[0].format.is_planar:
+        data = np.concatenate([f.to_ndarray() for f in frames], axis=1)
+    else:
+        data = np.concatenate([f.to_ndarray().reshape(-1, channels) for f in frames]).T
     data = data.astype(np.float32)
     if fmt == "u8":
         data -= 128.0
@@ -315,6 +477,7 @@ def _clips(video: VideoTrack, container: _Container, path: str, start: int, stop
                 else:
                     yield Clip(i, np.ascontiguousarray(frames), log_mels[i - group], has_audio)
     finally:
+        video.close()
         if audio is not None:
             audio.close()
 

@@ -9,13 +9,19 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
-import torch
-from torch import nn
 
-from kissray.errors import CheckpointError
+# CPU inference shares the cores with decoder processes; OpenMP threads that spin while a sibling
+# is descheduled burn the decoders' CPU (measured beside one decoder: 19.3 s -> 14.3 s for the
+# same 600 clips, benchmarks/NOTES.md). Read when torch loads libgomp; an operator's setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from kissray.errors import CheckpointError  # noqa: E402
 
 MODALITIES = ("av", "video", "audio")
 RESNET_DIM = 512  # ResNet-18 pooled feature size

@@ -145,9 +145,8 @@ class Classifier:
 
     def __init__(self, model_uri: str, batch_size: int = 32, device: str | None = None,
                  num_threads: int | None = None):
+        from kissray.model import load_model  # first: it sets OpenMP's wait policy before torch loads
         import torch
-
-        from kissray.model import load_model
 
         if num_threads:  # Ray pins an actor to its CPU request; a CPU model may use more
             torch.set_num_threads(num_threads)
