@@ -1,9 +1,10 @@
 """The decoders behind :mod:`kissray.media`: decord for stills, PyAV for audio.
 
-Normally run as a child process (``python -m kissray.decode REQUEST_JSON``) that writes framed
-messages to stdout: a little-endian uint32 header length, a JSON header, then ``header["payload"]``
-bytes. Messages: ``info`` (the film's MediaInfo), ``clip`` (frames + log-mel bytes), ``end``, or
-``error`` (a MediaError type name and a one-line reason).
+Normally run as a child process (``python -m kissray.decode``) that reads requests, one JSON line
+each, from stdin and answers each with framed messages on stdout: a little-endian uint32 header
+length, a JSON header, then ``header["payload"]`` bytes. Messages: ``info`` (the film's
+MediaInfo), ``clip`` (frames + log-mel bytes), ``gap``, then ``end``; or ``error`` (a MediaError
+type name and a one-line reason). A child serves one request after another.
 """
 
 from __future__ import annotations
@@ -506,7 +507,8 @@ def _serve(request: dict, send: Callable[[dict, bytes], None]) -> None:
 
 
 def main() -> int:
-    request = json.loads(sys.argv[1])
+    """Serve requests, one JSON line each on stdin, until stdin closes (the parent exited or
+    retired this child). Every request ends with exactly one ``end`` or ``error`` message."""
     protocol = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything the C libraries print goes to stderr, never into the protocol
 
@@ -515,14 +517,15 @@ def main() -> int:
         protocol.write(struct.pack("<I", len(data)) + data + payload)
         protocol.flush()
 
-    try:
-        _serve(request, send)
-    except BrokenPipeError:
-        return 0
-    except MediaError as e:
-        send({"type": "error", "error": type(e).__name__, "reason": e.reason}, b"")
-    except Exception as e:  # anything else is a decode failure of this film, never a traceback
-        send({"type": "error", "error": "DecodeError", "reason": f"{type(e).__name__}: {short_reason(e)}"}, b"")
+    for line in sys.stdin.buffer:
+        try:
+            _serve(json.loads(line), send)
+        except BrokenPipeError:
+            return 0
+        except MediaError as e:
+            send({"type": "error", "error": type(e).__name__, "reason": e.reason}, b"")
+        except Exception as e:  # anything else is a decode failure of this film, never a traceback
+            send({"type": "error", "error": "DecodeError", "reason": f"{type(e).__name__}: {short_reason(e)}"}, b"")
     return 0
 
 

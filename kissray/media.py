@@ -3,12 +3,15 @@
 Clip ``i`` covers ``[i, i+1)`` seconds of the film's timeline (t = 0 at the first video frame).
 Decoding runs in a child process (``python -m kissray.decode``) that streams clips back over a
 pipe: a decoder that hangs is killed after ``timeout_s`` without progress, a crash or leak in
-decord / FFmpeg dies with the child, and the caller gets one typed :class:`MediaError`.
+decord / FFmpeg dies with the child, and the caller gets one typed :class:`MediaError`. A child
+that finished a request cleanly is kept for the next one (:class:`DecoderPool`): starting one
+costs ~0.35 CPU-s of Python and library imports, paid per window and per title otherwise.
 This module imports only numpy and fsspec; the decoders live in :mod:`kissray.decode`.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -18,6 +21,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -29,6 +33,8 @@ from kissray.errors import ERRORS_BY_NAME, DecodeError, DecodeTimeoutError, Medi
 DEFAULT_SIZE = 224  # ResNet-18 input, pixels (square)
 DEFAULT_TIMEOUT_S = 60.0  # longest wait for one clip before the decoder is killed
 OPEN_TIMEOUT_FACTOR = 4  # opening (indexing) a film may take this many clip timeouts
+MAX_IDLE_DECODERS = 2  # decoder children kept per process between requests
+MAX_REQUESTS_PER_DECODER = 50  # then the child is retired: whatever a library leaks cannot pile up
 STAGE_CHUNK_BYTES = 8 << 20  # copy size when staging a remote film to local disk
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".ts", ".m2ts", ".mts",
                     ".mpg", ".mpeg", ".wmv", ".flv", ".ogv", ".3gp", ".vob", ".mxf")
@@ -126,13 +132,15 @@ class ClipReader:
         self.gaps: list[str] = []  # reasons for clips skipped because they could not be decoded
         self._stack = contextlib.ExitStack()
         self._child: _DecoderProcess | None = None
+        self._ended = False  # the child's ``end`` was read: it may serve another request
 
     def __enter__(self) -> "ClipReader":
         try:
             path = self._stack.enter_context(local_path(self.uri))
             scratch = self._stack.enter_context(tempfile.TemporaryDirectory(prefix="kissray-decode-"))
-            request = {**self.request, "scratch_dir": scratch}
-            self._child = self._stack.enter_context(_DecoderProcess(self.uri, path, request))
+            self._child = DECODERS.start(self.uri, {**self.request, "path": path, "uri": self.uri,
+                                                    "scratch_dir": scratch})
+            self._stack.callback(self._release)
             header, _ = self._child.receive(self.timeout_s * OPEN_TIMEOUT_FACTOR, opening=True)
             self.info = MediaInfo(**header["info"])
         except BaseException:
@@ -143,6 +151,18 @@ class ClipReader:
     def __exit__(self, *exc) -> None:
         self._stack.close()
 
+    def _release(self) -> None:
+        """Back to the pool only when the child finished this request cleanly (its ``end`` read,
+        no gaps); a probe's ``end`` follows its ``info`` at once. Anything else: killed."""
+        clean = self._ended and not self.gaps
+        if not clean and self.info is not None and self.request["stop"] is not None \
+                and self.request["stop"] <= self.request["start"]:
+            try:
+                clean = self._child.receive(self.timeout_s)[0]["type"] == "end"
+            except MediaError:
+                clean = False
+        DECODERS.release(self._child, clean)
+
     def __iter__(self) -> Iterator[Clip]:
         k, size = self.request["frames_per_clip"], self.request["size"]
         frame_bytes = k * size * size * 3
@@ -152,6 +172,7 @@ class ClipReader:
                 self.gaps.append(header["reason"])
                 continue
             if header["type"] == "end":
+                self._ended = True
                 if self.gaps:
                     raise DecodeError(self.uri, f"{len(self.gaps)} clip(s) could not be decoded "
                                                 f"(first: {self.gaps[0]})")
@@ -162,27 +183,84 @@ class ClipReader:
             yield Clip(header["index"], frames, log_mel, header["has_audio"])
 
 
+class DecoderPool:
+    """Idle decoder children of this process, reused across readers (thread-safe).
+
+    A child returns here only after a request it finished cleanly, and is retired after
+    ``max_requests``; a child that timed out, crashed, reported an error or was abandoned
+    mid-request is killed. Children exit by themselves when this process goes (stdin closes).
+    """
+
+    def __init__(self, max_idle: int = MAX_IDLE_DECODERS, max_requests: int = MAX_REQUESTS_PER_DECODER):
+        self.max_idle, self.max_requests = max_idle, max_requests
+        self._idle: list[_DecoderProcess] = []
+        self._lock = threading.Lock()
+
+    def start(self, uri: str, request: dict) -> "_DecoderProcess":
+        """A child, idle or new, that has been sent ``request`` (then :meth:`release` it)."""
+        while True:
+            with self._lock:
+                child = self._idle.pop() if self._idle else None
+            if child is None:
+                child = _DecoderProcess()
+                try:
+                    child.send_request(uri, request)
+                except OSError as e:
+                    child.close()
+                    raise MediaOpenError(uri, f"cannot start the decoder: {e}") from e
+                return child
+            try:
+                child.send_request(uri, request)
+                return child
+            except OSError:  # it died while idle: take another
+                child.close()
+
+    def release(self, child: "_DecoderProcess", clean: bool) -> None:
+        if clean and child.alive() and child.requests < self.max_requests:
+            with self._lock:
+                if len(self._idle) < self.max_idle:
+                    self._idle.append(child)
+                    return
+        child.close()
+
+    def close(self) -> None:
+        """Stop every idle child (they would exit with this process anyway)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for child in idle:
+            child.close()
+
+
 class _DecoderProcess:
-    """``python -m kissray.decode`` speaking the framed protocol of :mod:`kissray.decode`."""
+    """One ``python -m kissray.decode`` child, speaking the framed protocol of :mod:`kissray.decode`."""
 
-    def __init__(self, uri: str, path: str, request: dict):
-        self.uri = uri
-        self._argv = [sys.executable, "-m", "kissray.decode", json.dumps({**request, "path": path, "uri": uri})]
+    def __init__(self):
+        self.uri, self.requests = "", 0
         self._buf = bytearray()
-
-    def __enter__(self) -> "_DecoderProcess":
         self._stderr = tempfile.TemporaryFile()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self._proc = subprocess.Popen(self._argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                      stderr=self._stderr, env=env, bufsize=0)
-        return self
+        self._proc = subprocess.Popen([sys.executable, "-m", "kissray.decode"], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=self._stderr, env=env, bufsize=0)
 
-    def __exit__(self, *exc) -> None:
+    def alive(self) -> bool:
+        return self._proc.poll() is None
+
+    def send_request(self, uri: str, request: dict) -> None:
+        """Raises OSError (BrokenPipeError) when the child is gone."""
+        if self._proc.poll() is not None:
+            raise BrokenPipeError("decoder exited")
+        self.uri, self.requests = uri, self.requests + 1
+        self._stderr.seek(0)
+        self._stderr.truncate()  # a crash report should be about this film
+        self._proc.stdin.write(json.dumps(request).encode() + b"\n")
+
+    def close(self) -> None:
         if self._proc.poll() is None:
             self._proc.kill()
         self._proc.wait()
-        self._proc.stdout.close()
-        self._stderr.close()
+        for stream in (self._proc.stdin, self._proc.stdout, self._stderr):
+            with contextlib.suppress(OSError):
+                stream.close()
 
     def receive(self, timeout_s: float, opening: bool = False) -> tuple[dict, bytes]:
         """Next message: a JSON header and its payload. Errors in the child are re-raised here."""
@@ -227,3 +305,7 @@ class _DecoderProcess:
         lines = [ln.strip() for ln in self._stderr.read().decode(errors="replace").splitlines() if ln.strip()]
         why = f"signal {-code}" if code < 0 else f"exit code {code}"
         return f"{why}: {lines[-1][:200]}" if lines else why
+
+
+DECODERS = DecoderPool()  # this process's decoder children
+atexit.register(DECODERS.close)

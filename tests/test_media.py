@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import time
 
 import fsspec
 import numpy as np
@@ -10,8 +13,8 @@ import pytest
 
 from conftest import TONE_HZ, colour_of_second, make_film
 from kissray.audio import SILENCE_LOG_MEL
-from kissray.errors import DecodeError, MediaError, MediaOpenError, TooShortError
-from kissray.media import iter_clips, probe
+from kissray.errors import DecodeError, DecodeTimeoutError, MediaError, MediaOpenError, TooShortError
+from kissray.media import DECODERS, ClipReader, iter_clips, probe
 
 MEL_HZ = 700 * (np.exp(np.linspace(1127 * np.log(1 + 125 / 700), 1127 * np.log(1 + 7500 / 700), 66) / 1127) - 1)
 TONE_BAND = int(np.argmin(np.abs(MEL_HZ[1:-1] - TONE_HZ)))  # mel band centred nearest 1 kHz
@@ -225,3 +228,52 @@ def test_audio_that_fails_to_decode(media_dir, tmp_path):
     assert not any(c.has_audio for c in clips)
     np.testing.assert_array_equal(clips[2].log_mel, SILENCE_LOG_MEL)
     assert_colours(clips)
+
+
+def decoder_pid(reader) -> int:
+    return reader._child._proc.pid
+
+
+def test_decoder_child_is_reused_after_a_clean_read(film, monkeypatch):
+    monkeypatch.setattr(DECODERS, "max_requests", 3)
+    DECODERS.close()  # no children with earlier tests' requests on them
+    pids = []
+    for _ in range(4):
+        with ClipReader(film, 0, 2, size=32) as reader:
+            assert [c.index for c in reader] == [0, 1]
+            pids.append(decoder_pid(reader))
+    assert pids[0] == pids[1] == pids[2] != pids[3]  # retired after max_requests
+    with ClipReader(film, 0, 0) as probe_reader:  # a probe leaves the child clean too
+        pass
+    assert decoder_pid(probe_reader) == pids[3]
+
+
+def test_abandoned_reader_kills_its_decoder(film):
+    with ClipReader(film, size=32) as reader:
+        next(iter(reader))
+        pid = decoder_pid(reader)
+    assert reader._child._proc.poll() is not None
+    with ClipReader(film, 0, 1, size=32) as again:
+        assert len(list(again)) == 1 and decoder_pid(again) != pid
+
+
+@pytest.fixture(scope="module")
+def long_film(media_dir) -> str:
+    """30 s: ~800 KB of clips at 32 px, far more than a pipe holds, so its decoder is mid-film."""
+    return make_film(media_dir / "long.mp4", duration_s=30.0, tone_seconds=())
+
+
+@pytest.mark.parametrize("how", ["hang", "crash"])
+def test_hung_or_crashed_decoder_is_a_typed_error_and_never_reused(film, long_film, how):
+    with ClipReader(long_film, size=32, timeout_s=2) as reader:
+        clips = iter(reader)
+        next(clips)
+        pid = decoder_pid(reader)
+        os.kill(pid, signal.SIGSTOP if how == "hang" else signal.SIGKILL)
+        started = time.monotonic()
+        error = DecodeTimeoutError if how == "hang" else DecodeError
+        with pytest.raises(error, match="no progress for 2 s" if how == "hang" else "decoder died"):
+            list(clips)
+        assert time.monotonic() - started < 10
+    with ClipReader(film, 0, 1, size=32) as again:
+        assert len(list(again)) == 1 and decoder_pid(again) != pid

@@ -189,16 +189,20 @@ def test_usage_errors_exit_2(problem, argv, message, tmp_path, checkpoint, capsy
     assert not (tmp_path / "out" / "titles").exists() or not os.listdir(tmp_path / "out" / "titles")
 
 
+N_KILLED_RUN = 10  # titles in the run that is killed
+
+
 def test_killed_run_loses_no_finished_title(tmp_path, checkpoint, ray_session):
     from kissray.pipeline import score_library
 
     films = tmp_path / "films"
     films.mkdir()
-    for i in range(6):
+    for i in range(N_KILLED_RUN):
         make_film(films / f"film{i}.mp4", 3 + i % 3)
     out = tmp_path / "out"
+    # batches of 2 clips: titles finish one by one, so the kill lands between two of them
     cmd = [sys.executable, "-m", "kissray.cli", "score", str(films), "--model", checkpoint, "--out", str(out),
-           "--address", "local", "--window-s", "2", "--actors", "1", "--no-progress"]
+           "--address", "local", "--window-s", "2", "--actors", "1", "--batch-size", "2", "--no-progress"]
     env = {**os.environ, "RAY_ADDRESS": ""}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -213,14 +217,14 @@ def test_killed_run_loses_no_finished_title(tmp_path, checkpoint, ray_session):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     finished = set(read(out, "titles").title_id)
-    assert 1 <= len(finished) < 6, "kill the run mid-way"
+    assert 1 <= len(finished) < N_KILLED_RUN, "kill the run mid-way"
     before = read(out, "scores")
     summary = score_library([str(films)], checkpoint, str(out), window_s=2, progress=False)
-    assert summary.n_skipped == len(finished) and summary.n_ok == 6 - len(finished)
+    assert summary.n_skipped == len(finished) and summary.n_ok == N_KILLED_RUN - len(finished)
     titles, scores = read(out, "titles"), read(out, "scores")
-    assert sorted(titles.title_id) == [f"film{i}" for i in range(6)] and (titles.status == "ok").all()
+    assert sorted(titles.title_id) == sorted(f"film{i}" for i in range(N_KILLED_RUN)) and (titles.status == "ok").all()
     assert not scores.duplicated(["title_id", "label", "second"]).any()
-    assert len(scores) == int(titles.n_scored.sum()) == sum(3 + i % 3 for i in range(6))
+    assert len(scores) == int(titles.n_scored.sum()) == sum(3 + i % 3 for i in range(N_KILLED_RUN))
     kept = scores[scores.title_id.isin(finished)].sort_values(["title_id", "second"]).reset_index(drop=True)
     pd.testing.assert_frame_equal(kept, before.sort_values(["title_id", "second"]).reset_index(drop=True))
 
