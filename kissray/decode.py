@@ -88,7 +88,7 @@ class VideoTrack:
     decord's own ``get_batch`` otherwise.
     """
 
-    def __init__(self, path: str, uri: str, size: int | None, threads: int = 0):
+    def __init__(self, path: str, uri: str, size: int | None, threads: int = 0, sequential: bool = True):
         self.uri, self._path, self._size, self._threads = uri, path, size, threads
         try:
             self.reader = self._open(threads)
@@ -104,7 +104,7 @@ class VideoTrack:
         self.duration_s = float(times[:, 1].max()) - self.first_pts_s
         self.fps = float(self.reader.get_avg_fps())
         self._sequential: SequentialStills | None = None
-        self._sequential_failed = False
+        self.sequential = sequential  # stills still come from SequentialStills (False: decord from now on)
 
     def still_indices(self, clip_indices: np.ndarray, frames_per_clip: int) -> np.ndarray:
         """int[n, K]: for each clip, the last frame with pts <= i + (k + 0.5)/K."""
@@ -138,7 +138,7 @@ class VideoTrack:
         yield from batch[inverse.reshape(indices.shape)]
 
     def _sequential_batch(self, unique: np.ndarray) -> np.ndarray | None:
-        if self._sequential_failed:
+        if not self.sequential:
             return None
         if self._sequential is None:
             self._sequential = SequentialStills(self._path, self.pts_s + self.first_pts_s,
@@ -146,7 +146,7 @@ class VideoTrack:
         batch = self._sequential.take(unique)
         if batch is None:  # from now on decord decodes this window
             self._sequential.close()
-            self._sequential, self._sequential_failed = None, True
+            self._sequential, self.sequential = None, False
         return batch
 
     def _decord_stills(self, indices: np.ndarray, unique: np.ndarray, inverse: np.ndarray,

@@ -23,3 +23,16 @@ def test_throughput_benchmark_runs_on_a_tiny_film(tmp_path):
     for key in ("decode_floor_s", "decode_s", "model_s", "e2e_single_s", "naive_s"):
         assert result[key] > 0, key
     assert "| decode_s |" in proc.stdout
+
+
+def test_decode_paths_benchmark_runs_on_a_tiny_film(tmp_path):
+    out = tmp_path / "r.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "decode_paths.py"), "--seconds", "3", "--size", "32",
+         "--workdir", str(tmp_path), "--json", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    for key in ("ffmpeg_video_floor", "decord_1t", "sequential_1t", "decord_2t", "sequential_2t", "audio"):
+        assert result[key]["wall_s"] > 0, key
+    assert "| sequential_1t |" in proc.stdout
