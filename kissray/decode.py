@@ -74,7 +74,7 @@ def _inspect_container(path: str, uri: str) -> _Container:
 def _inspect_with_decord(path: str, uri: str, pyav_error: MediaOpenError) -> _Container:
     """When PyAV cannot read the container but decord can read the video, score without audio."""
     try:
-        height, width = VideoTrack(path, uri, None, threads=1).reader[0].shape[:2]
+        height, width = VideoTrack(path, uri, None, threads=1, sequential=False).reader[0].shape[:2]
     except Exception:
         raise pyav_error from None
     return _Container(width, height, 0.0, None)
@@ -103,8 +103,11 @@ class VideoTrack:
         self.pts_s = times[:, 0] - self.first_pts_s  # sorted by decord
         self.duration_s = float(times[:, 1].max()) - self.first_pts_s
         self.fps = float(self.reader.get_avg_fps())
+        self._key_indices = np.asarray(self.reader.get_key_indices())
         self._sequential: SequentialStills | None = None
         self.sequential = sequential  # stills still come from SequentialStills (False: decord from now on)
+        if sequential:  # its demuxer and index (~35 MB for a 2-hour film) come back only for a fallback
+            self.reader = None
 
     def still_indices(self, clip_indices: np.ndarray, frames_per_clip: int) -> np.ndarray:
         """int[n, K]: for each clip, the last frame with pts <= i + (k + 0.5)/K."""
@@ -141,8 +144,8 @@ class VideoTrack:
         if not self.sequential:
             return None
         if self._sequential is None:
-            self._sequential = SequentialStills(self._path, self.pts_s + self.first_pts_s,
-                                                np.asarray(self.reader.get_key_indices()), self._size, self._threads)
+            self._sequential = SequentialStills(self._path, self.pts_s + self.first_pts_s, self._key_indices,
+                                                self._size, self._threads)
         batch = self._sequential.take(unique)
         if batch is None:  # from now on decord decodes this window
             self._sequential.close()
@@ -157,6 +160,8 @@ class VideoTrack:
         failed group is redone clip by clip, reopening the reader after each failure.
         """
         try:
+            if self.reader is None:
+                self.reader = self._open(self._threads)
             batch = self.reader.get_batch(unique.tolist()).asnumpy()
             self.reader.seek(0)
         except Exception:
