@@ -1,4 +1,4 @@
-"""The decoders behind :mod:`kissray.media`: decord for stills, PyAV for audio.
+"""The decoders behind :mod:`kissray.media`: decord's frame index + PyAV for stills, PyAV for audio.
 
 Normally run as a child process (``python -m kissray.decode``) that reads requests, one JSON line
 each, from stdin and answers each with framed messages on stdout: a little-endian uint32 header
@@ -189,8 +189,8 @@ class SequentialStills:
     """Stills of one film by decoding forward with PyAV and converting only the stills.
 
     Every frame from the keyframe before the first still on is decoded (as any reader must), but
-    only the stills are converted to RGB and resized (bilinear: within ~1 level of decord's). Each decoded
-    frame is matched to decord's frame index by its presentation time; :meth:`take` returns None
+    only the stills are converted to RGB and resized (bilinear: within ~1 level of decord's). Each
+    decoded frame is matched to decord's frame index by its presentation time; :meth:`take` returns None
     instead of guessing when a frame cannot be vouched for (no pts, a frame decord does not list,
     a seek that landed past the still, a decode error), and the caller falls back to decord.
     """
@@ -215,9 +215,7 @@ class SequentialStills:
             if self._frames is None:
                 self._frames = self._decode_from(int(wanted[0]))
             return np.stack([self._still(int(i)) for i in wanted])
-        except _Unmatched:
-            return None
-        except Exception:  # a decode error: decord redoes it and reports the clips it cannot decode
+        except Exception:  # _Unmatched, or a decode error that decord redoes (reporting what it cannot decode)
             return None
 
     def _still(self, i: int) -> np.ndarray:
@@ -270,11 +268,10 @@ class SequentialStills:
 
     def _index_of(self, t_s: float) -> int:
         """decord's index of the frame at ``t_s``; -1 (skip) before the first; _Unmatched if none."""
-        pts, j = self._index_pts_s, self._next
-        if not (j < len(pts) and abs(pts[j] - t_s) <= 1e-6 + abs(t_s) * 2.0**-22):  # not simply the next
+        pts, j, tolerance = self._index_pts_s, self._next, float32_tolerance(t_s) + 1e-6
+        if not (j < len(pts) and abs(pts[j] - t_s) <= tolerance):  # not simply the next frame
             j = int(np.searchsorted(pts, t_s))
-            j = next((k for k in (j - 1, j) if 0 <= k < len(pts)
-                      and abs(pts[k] - t_s) <= float32_tolerance(t_s) + 1e-6), None)
+            j = next((k for k in (j - 1, j) if 0 <= k < len(pts) and abs(pts[k] - t_s) <= tolerance), None)
             if j is None:
                 if t_s < pts[0]:
                     return -1
