@@ -207,6 +207,8 @@ def run(args) -> dict:
         save_model(model, checkpoint)
     if args.device.startswith("cuda"):  # what the Classifier actor does on a GPU
         model.prepare(args.device, dtype=torch.float16, channels_last=True)
+    else:  # what load_model does for the Classifier actor and score_film
+        model.prepare(args.device)
     n_clips = args.seconds
     r = {"film_seconds": args.seconds, "clips": n_clips, "device": args.device, "threads": args.threads,
          "size": args.size, "resolution": f"{args.width}x{args.height}", "gop": args.gop, "bframes": args.bframes,
