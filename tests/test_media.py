@@ -277,3 +277,15 @@ def test_hung_or_crashed_decoder_is_a_typed_error_and_never_reused(film, long_fi
         assert time.monotonic() - started < 10
     with ClipReader(film, 0, 1, size=32) as again:
         assert len(list(again)) == 1 and decoder_pid(again) != pid
+
+
+def test_audio_with_a_hole_in_its_timestamps(media_dir):
+    """Audio is placed by timestamp, not appended: a 3 s jump in the audio's pts is 3 s of silence."""
+    from kissray.ffmpeg import run_ffmpeg
+
+    path = str(media_dir / "audio-hole.mkv")
+    run_ffmpeg(["-f", "lavfi", "-i", "color=c=gray:s=64x48:r=25:d=8",
+                "-f", "lavfi", "-i", "sine=f=1000:sample_rate=48000:d=4,asetpts='if(gte(T,2),PTS+3/TB,PTS)'",
+                "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "pcm_s16le", path])
+    clips = list(iter_clips(path, size=32))
+    assert [tone_present(c) for c in clips] == [True, True, False, False, False, True, True, False]
