@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from throughput import make_film, write_json  # noqa: E402
 
-from kissray.decode import CLIP_GROUP, VideoTrack, _group_log_mels, _inspect_container, AudioTrack  # noqa: E402
+from kissray.decode import CLIP_GROUP, AudioTrack, VideoTrack, _group_log_mels, _inspect_container  # noqa: E402
 from kissray.ffmpeg import ffmpeg_exe  # noqa: E402
 
 

@@ -200,20 +200,16 @@ class DecoderPool:
         """A child, idle or new, that has been sent ``request`` (then :meth:`release` it)."""
         while True:
             with self._lock:
-                child = self._idle.pop() if self._idle else None
-            if child is None:
-                child = _DecoderProcess()
-                try:
-                    child.send_request(uri, request)
-                except OSError as e:
-                    child.close()
-                    raise MediaOpenError(uri, f"cannot start the decoder: {e}") from e
-                return child
+                idle = self._idle.pop() if self._idle else None
+            child = idle or _DecoderProcess()
             try:
                 child.send_request(uri, request)
                 return child
-            except OSError:  # it died while idle: take another
+            except OSError as e:
                 child.close()
+                if idle is None:  # a new child that cannot take a request
+                    raise MediaOpenError(uri, f"cannot start the decoder: {e}") from e
+                # an idle one died while waiting: take another
 
     def release(self, child: "_DecoderProcess", clean: bool) -> None:
         if clean and child.alive() and child.requests < self.max_requests:
