@@ -44,9 +44,9 @@ from kissray.score import DEFAULT_BATCH_SIZE, SegmentParams
 log = logging.getLogger(__name__)
 
 DEFAULT_WINDOW_S = 120  # seconds of film per decode task: a long film spreads over many workers
-MIN_WINDOW_S = 30  # a film is not cut finer than this to fill idle CPUs (each window opens the film)
 DEFAULT_DECODE_TIMEOUT_S = 60.0  # a window whose decoder makes no progress this long fails
 SPLIT_BELOW_TITLES_PER_CPU = 4  # fewer titles than this per CPU: cut films into windows for parallelism
+MAX_DECODE_THREADS = 4  # threads of one window's decoder (more buys little for one stream)
 DECODE_TASK_MEMORY_BYTES = 512 << 20  # a decode task: its decoder child plus a block of clips
 MAX_ATTEMPTS = 3  # times one run submits a title whose result never came back
 TASK_MAX_RETRIES = 3  # Ray retries of a probe/decode task whose worker or node died
@@ -226,15 +226,25 @@ def run_library(job: LibraryJob, *, params: SegmentParams = SegmentParams(), win
         if progress:
             print(f"kissray score: {len(job.todo)} title(s) to score; {pool.describe()}", file=sys.stderr)
         log.info("%s", pool.describe())
-        cpus = _cluster_gpus_cpus()[1]
-        spec = DecodeSpec(frames_per_clip or job.config.frames_per_clip, job.config.image_size, int(window_s),
-                          float(decode_timeout_s), len(job.todo) < SPLIT_BELOW_TITLES_PER_CPU * cpus, stills,
-                          faults=faults)
+        spec = decode_spec(job, pool, window_s, decode_timeout_s, frames_per_clip, stills, faults)
         with Progress(len(job.todo), progress) as bar:
             lost = _run_attempts(job, spec, params, pool, batch_size, max_attempts, summary, bar)
         _record_lost(job, lost, summary, max_attempts)
     summary.wall_s = time.monotonic() - job.started
     return summary
+
+
+def decode_spec(job: LibraryJob, pool: PoolPlan, window_s: int, decode_timeout_s: float,
+                frames_per_clip: int | None, stills: str, faults: FaultPlan) -> DecodeSpec:
+    """How films are cut and decoded. Few titles: films are cut into windows spread over the CPUs
+    left to decoding, and each decoder gets the CPUs the titles leave it (so one film on Ray uses
+    every core, like ``score_film``); many titles: one decoder per title, one thread each."""
+    cpus = _cluster_gpus_cpus()[1]
+    split = len(job.todo) < SPLIT_BELOW_TITLES_PER_CPU * cpus
+    slots = max(1, int((cpus - (0 if pool.gpus_per_actor else pool.cpus_per_actor)) // pool.cpus_per_actor))
+    threads = max(1, min(MAX_DECODE_THREADS, int(cpus // len(job.todo)))) if split else 1
+    return DecodeSpec(frames_per_clip or job.config.frames_per_clip, job.config.image_size, int(window_s),
+                      float(decode_timeout_s), split, stills, threads, slots, faults)
 
 
 def _run_attempts(job: LibraryJob, spec: DecodeSpec, params: SegmentParams, pool: PoolPlan, batch_size: int,
@@ -440,12 +450,12 @@ def ray_connection(address: str | None = None) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
+    # neither given: a new local Ray, never whichever cluster was started last on this machine
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
     try:
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
-                 logging_level=logging.WARNING, configure_logging=False)
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, configure_logging=False)
     except Exception as e:  # no cluster at that address, a version mismatch...
-        raise JobError(f"cannot connect to Ray ({address or os.environ.get('RAY_ADDRESS') or 'local'}): "
-                       f"{one_line(e)}") from e
+        raise JobError(f"cannot connect to Ray ({address}): {one_line(e)}") from e
     try:
         yield
     finally:

@@ -24,6 +24,7 @@ from kissray.media import ClipReader, probe
 from kissray.score import SegmentParams, segments_by_label
 
 CLIPS_PER_BLOCK = 32  # clips per output batch of a decode task (bounds block size)
+MIN_WINDOW_S = 30  # a film is not cut finer than this to fill idle CPUs
 WHOLE_FILM = -1  # a window's stop when the film is decoded in one piece (its length learnt on opening)
 # What the writer sends back to the driver: one "title" row per finished title, and one "progress"
 # row per batch (clips scored, seconds of film newly known) so the driver's bar moves within titles.
@@ -45,6 +46,7 @@ class DecodeSpec:
     split: bool = True  # cut local films into windows (probing each first); else one decoder per film
     stills: str = "exact"  # exact | keyframe (SPEC section 2)
     decode_threads: int = 1  # decoder threads per window
+    decode_slots: int = 1  # decode tasks the cluster runs at once: a short film is cut into about this many windows
     faults: FaultPlan = NO_FAULTS  # tests only
 
 
@@ -71,12 +73,19 @@ def probe_windows(title: dict, spec: DecodeSpec) -> list[dict]:
         spec.faults.check("probe", title["title_id"])
         info = probe(title["uri"], timeout_s=spec.timeout_s)
         spec.faults.check("windows", title["title_id"])
-        starts = range(0, info.n_clips, spec.window_s)
-        return [{**base, "start": a, "stop": min(a + spec.window_s, info.n_clips), "n_windows": len(starts),
+        window_s = window_length(info.n_clips, spec)
+        starts = range(0, info.n_clips, window_s)
+        return [{**base, "start": a, "stop": min(a + window_s, info.n_clips), "n_windows": len(starts),
                  "n_clips": info.n_clips, "duration_s": info.duration_s, "has_audio": info.has_audio,
                  "error": ""} for a in starts]
     except Exception as e:  # MediaError, or anything unexpected: this title fails, not the job
         return [{**base, "start": 0, "stop": 0, "n_windows": 1, "error": one_line(e)}]
+
+
+def window_length(n_clips: int, spec: DecodeSpec) -> int:
+    """Seconds per window: the film spread over the decode slots, at most ``spec.window_s``, at
+    least :data:`MIN_WINDOW_S` (each window opens the film and decodes from a keyframe)."""
+    return max(1, min(spec.window_s, max(MIN_WINDOW_S, math.ceil(n_clips / max(1, spec.decode_slots)))))
 
 
 def is_local(uri: str) -> bool:
