@@ -106,8 +106,8 @@ def find_action(label_map: dict[str, int], name: str, path: str = "<label map>")
         found = [n for n in label_map if key(n) == _fold(name)]
         if len(found) == 1:
             return found[0], label_map[found[0]]
-    folded = {_fold(n): n for n in label_map}
-    close = [folded[n] for n in difflib.get_close_matches(_fold(name), folded, n=5, cutoff=0.5)]
+    keys = {**{_fold(n.split("(")[0]): n for n in label_map}, **{_fold(n): n for n in label_map}}
+    close = list(dict.fromkeys(keys[k] for k in difflib.get_close_matches(_fold(name), keys, n=8, cutoff=0.6)))
     close += [n for n in label_map if _fold(name) in _fold(n) and n not in close]
     hint = f"; close matches: {', '.join(repr(n) for n in close[:8])}" if close else ""
     raise UsageError(f"{path}: no action named {name!r} among its {len(label_map)} actions{hint}")
@@ -197,12 +197,12 @@ def find_videos(videos: str) -> tuple[dict[str, str], dict[str, list[str]]]:
     fs, root = fsspec.core.url_to_fs(str(videos))
     if not fs.isdir(root):
         raise UsageError(f"--videos {videos}: not a directory")
-    local = "://" not in str(videos)
+    base = os.path.abspath(videos) if "://" not in str(videos) else str(videos).rstrip("/")  # as the user wrote it
     found: dict[str, list[str]] = defaultdict(list)
-    for path in sorted(fs.ls(root, detail=False)):
-        stem, ext = os.path.splitext(os.path.basename(path.rstrip("/")))
+    for name in sorted(os.path.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)):
+        stem, ext = os.path.splitext(name)
         if ext.lower() in VIDEO_EXTENSIONS:
-            found[stem].append(os.path.abspath(path) if local else fs.unstrip_protocol(path))
+            found[stem].append(f"{base}/{name}")
     return {k: v[0] for k, v in found.items()}, {k: v for k, v in found.items() if len(v) > 1}
 
 
