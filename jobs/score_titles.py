@@ -4,7 +4,7 @@
         --model s3://my-bucket/kissray/checkpoints/kiss-av/ --out s3://my-bucket/kissray/scores/
 
 Inside a Ray job ``RAY_ADDRESS`` is set, so this connects to the job's cluster.
-Exit codes: 0 all ok, 3 some titles failed or were partial, 2 usage error.
+Exit codes: 0 all ok, 3 some titles failed or were partial, 2 usage error, 1 the job could not go on.
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, CheckpointError) as e:
         print(f"score_titles.py: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # JobError, a lost cluster: the job cannot go on
+        print(f"score_titles.py: error: {type(e).__name__}: {' '.join(str(e).split())[:300]}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Each subcommand lives in ``kissray/commands/<name>.py`` with ``register(subparsers)`` (adds its
 parser, sets ``func``) and does nothing at import time but define functions.
-Exit codes: 0 ok, 2 usage error, 3 some titles failed or were partial.
+Exit codes: 0 ok, 1 the job itself could not go on, 2 usage error, 3 some titles failed or were partial.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import importlib.util
 import logging
 import sys
 
-from kissray.errors import CheckpointError, KissrayError, UsageError
+from kissray.errors import CheckpointError, JobError, KissrayError, UsageError
 
 COMMANDS = ("init", "score", "serve", "train", "eval", "annotations", "demo", "excerpts", "export", "report")
-EXIT_OK, EXIT_USAGE, EXIT_PARTIAL = 0, 2, 3
+EXIT_OK, EXIT_JOB, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,12 +40,22 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, CheckpointError) as e:
         print(f"kissray {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except JobError as e:
+        print(f"kissray {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_JOB
     except KissrayError as e:
         print(f"kissray {args.command}: error: {e}", file=sys.stderr)
         return EXIT_PARTIAL
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # the job itself cannot go on: one line (the traceback with -v)
+        if args.verbose:
+            raise
+        text = " ".join(str(e).split())[:300]
+        print(f"kissray {args.command}: error: {type(e).__name__}: {text} (rerun with -v for the traceback)",
+              file=sys.stderr)
+        return EXIT_JOB
 
 
 if __name__ == "__main__":

@@ -43,6 +43,10 @@ class UsageError(KissrayError):
     """Bad arguments or inputs given by the user (CLI exit code 2)."""
 
 
+class JobError(KissrayError):
+    """The job itself cannot go on (output unwritable, cluster lost): CLI exit code 1."""
+
+
 ERRORS_BY_NAME = {
     cls.__name__: cls
     for cls in (MediaError, MediaOpenError, TooShortError, DecodeError, DecodeTimeoutError)

@@ -46,7 +46,7 @@ def expand_inputs(inputs: list[str]) -> list[Title]:
 def _expand_one(item: str) -> list[Title]:
     fs, path = _url_to_fs(item)
     local = _is_local(fs)
-    if any(c in path for c in GLOB_CHARS):
+    if any(c in path for c in GLOB_CHARS) and not _exists(fs, path):  # "Casablanca [1942].mp4" is a file
         matches = sorted(fs.glob(path))
         if not matches:
             raise UsageError(f"{item}: matched no files")
@@ -139,6 +139,13 @@ def _is_local(fs) -> bool:
     from fsspec.implementations.local import LocalFileSystem
 
     return isinstance(fs, LocalFileSystem)
+
+
+def _exists(fs, path: str) -> bool:
+    try:
+        return bool(fs.exists(path))
+    except (OSError, ValueError):
+        return False
 
 
 def _is_manifest(path: str) -> bool:

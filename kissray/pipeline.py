@@ -2,15 +2,18 @@
 
 The plan, streamed end to end so memory stays bounded however large the library::
 
-    titles (driver: inputs expanded, ids checked, titles already ``ok`` skipped)
+    titles (driver: inputs expanded, ids checked, OUT locked, titles already ``ok`` skipped)
       -> probe_windows   CPU tasks: one row per window of ``window_s`` seconds of each film
       -> decode_window   CPU tasks, one window each: clip rows (uint8 stills, float32 log-mels)
-      -> Classifier      actor pool, GPUs when the cluster has them, model loaded once per actor
-      -> TitleWriter     one actor: per-title reduce (segments + three Parquet files per title)
-      -> driver          progress bar and summary from one small row per title
+      -> Classifier      elastic actor pool (min 1, grows with the cluster's GPUs), model loaded once per actor
+      -> TitleWriter     one actor on the driver's node: per-title reduce (segments + three Parquet files)
+      -> driver          progress (film-seconds, titles, ETA) and summary from small rows
 
 A title leaves the job as soon as its last window is scored, so a killed run keeps every title
-that finished. The steps themselves live in :mod:`kissray.batch.stages`.
+that finished. Faults: a fault of one title at any stage becomes that title's row (the stages
+never raise for a film); a lost task is retried by Ray; a lost actor is restarted; titles whose
+result still never came back (an actor or node lost while holding them) are re-submitted by the
+driver in the same run, up to ``max_attempts`` times. The steps live in :mod:`kissray.batch.stages`.
 """
 
 from __future__ import annotations
@@ -18,16 +21,22 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
+import sys
 import time
+import warnings
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Iterator
 
 import numpy as np
 
-from kissray.batch.stages import Classifier, DecodeSpec, TitleWriter, decode_window, probe_windows
+from kissray.batch.faults import NO_FAULTS, FaultPlan
+from kissray.batch.lock import OutLock
+from kissray.batch.stages import Classifier, DecodeSpec, TitleWriter, decode_window, is_local, one_line, probe_windows
 from kissray.batch.tables import ResultStore, TitleRecord, scores_table, segments_table
-from kissray.errors import CheckpointError
+from kissray.errors import CheckpointError, JobError
 from kissray.inputs import Title, expand_inputs
 from kissray.model import CONFIG_FILE, WEIGHTS_FILE, ModelConfig
 from kissray.score import DEFAULT_BATCH_SIZE, SegmentParams
@@ -35,10 +44,19 @@ from kissray.score import DEFAULT_BATCH_SIZE, SegmentParams
 log = logging.getLogger(__name__)
 
 DEFAULT_WINDOW_S = 120  # seconds of film per decode task: a long film spreads over many workers
+MIN_WINDOW_S = 30  # a film is not cut finer than this to fill idle CPUs (each window opens the film)
 DEFAULT_DECODE_TIMEOUT_S = 60.0  # a window whose decoder makes no progress this long fails
 SPLIT_BELOW_TITLES_PER_CPU = 4  # fewer titles than this per CPU: cut films into windows for parallelism
 DECODE_TASK_MEMORY_BYTES = 512 << 20  # a decode task: its decoder child plus a block of clips
-LOST_ERROR = "no result came back (a worker died); rerun to retry"
+MAX_ATTEMPTS = 3  # times one run submits a title whose result never came back
+TASK_MAX_RETRIES = 3  # Ray retries of a probe/decode task whose worker or node died
+ACTOR_MAX_RESTARTS = 4  # Ray restarts of a classifier/writer actor whose process or node died
+WAIT_FOR_GPU_ACTORS_S = 900  # an autoscaler that brings no GPU node in this long ends the attempt
+STILLS_MODES = ("exact", "keyframe")
+
+
+def lost_error(attempts: int) -> str:
+    return f"no result came back after {attempts} attempt(s) (workers or nodes lost); rerun to retry"
 
 
 @dataclass
@@ -52,6 +70,7 @@ class LibrarySummary:
     n_failed: int = 0
     seconds_scored: int = 0
     wall_s: float = 0.0
+    attempts: int = 0  # submissions of the plan (1 unless titles had to be redone)
     failures: list[tuple[str, str, str]] = field(default_factory=list)  # (title_id, status, error)
 
     @property
@@ -103,6 +122,7 @@ class LibraryJob:
     config: ModelConfig
     store: ResultStore
     started: float = field(default_factory=time.monotonic)
+    started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
 
 
 def prepare_library(inputs: list[str], model_uri: str, out: str) -> LibraryJob:
@@ -110,14 +130,28 @@ def prepare_library(inputs: list[str], model_uri: str, out: str) -> LibraryJob:
 
     Needs no Ray, so a CLI can fail fast: raises :class:`UsageError` (no films, unreadable
     manifest, duplicate title ids, ``out`` not writable) or :class:`CheckpointError`.
+    The caller holds ``out``'s lock (:func:`out_lock`) while preparing and running.
     """
-    started = time.monotonic()
+    started, started_at = time.monotonic(), datetime.now(timezone.utc)
     titles = expand_inputs(inputs)
     config = read_model_config(model_uri)
     store = ResultStore(out)
     store.prepare()
     done = store.finished_titles(model_uri)
-    return LibraryJob(titles, [t for t in titles if t.title_id not in done], model_uri, config, store, started)
+    return LibraryJob(titles, [t for t in titles if t.title_id not in done], model_uri, config, store, started,
+                      started_at)
+
+
+def out_lock(out: str) -> OutLock:
+    """The lock of one output directory: a second live run on it is a usage error."""
+    store = ResultStore(out)
+    try:
+        store.fs.makedirs(store.root, exist_ok=True)
+    except OSError as e:
+        from kissray.errors import UsageError
+
+        raise UsageError(f"output {out} is not writable: {e}") from e
+    return OutLock(store.fs, store.root, store.out)
 
 
 def score_library(inputs: list[str], model_uri: str, out: str, **options) -> LibrarySummary:
@@ -127,70 +161,160 @@ def score_library(inputs: list[str], model_uri: str, out: str, **options) -> Lib
     are skipped; every other title gets exactly one fresh ``titles`` row. Bad films never fail the
     job. ``options`` are those of :func:`run_library`.
     """
-    return run_library(prepare_library(inputs, model_uri, out), **options)
+    with out_lock(out):
+        return run_library(prepare_library(inputs, model_uri, out), **options)
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """The classifier actor pool: elastic between ``min_actors`` and ``max_actors`` (None: no bound)."""
+
+    gpus_per_actor: float
+    max_actors: int | None
+    cpus_per_actor: float
+    threads: int  # torch threads per actor (0: torch's default)
+    gpus_now: float
+    gpus_possible: float  # GPUs now plus those the autoscaler may still add
+
+    def describe(self) -> str:
+        pool = f"classifier pool 1..{self.max_actors or 'unbounded'} actors"
+        if not self.gpus_per_actor:
+            return f"{pool} on CPU ({self.threads or 'default'} torch threads each; no GPU used)"
+        more = f", up to {self.gpus_possible:g} with autoscaling" if self.gpus_possible > self.gpus_now else ""
+        return f"{pool}, {self.gpus_per_actor:g} GPU each (cluster: {self.gpus_now:g} GPU now{more})"
+
+
+def plan_pool(num_gpus_per_actor: float | None = None, max_actors: int | None = None) -> PoolPlan:
+    """GPU use follows the cluster's configuration: GPUs up now, or GPU node types the autoscaler
+    can still add (SPEC section 6). ``num_gpus_per_actor=0`` forces CPU."""
+    gpus_now, cpus = _cluster_gpus_cpus()
+    gpus_possible = max(gpus_now, _autoscaler_max("GPU"))
+    if num_gpus_per_actor is None:
+        num_gpus_per_actor = 1.0 if gpus_possible > 0 else 0.0
+    cpu_share = min(1.0, cpus / 2)  # a 1- or 2-CPU Ray must still fit a decode task and an actor
+    if num_gpus_per_actor:
+        return PoolPlan(float(num_gpus_per_actor), max_actors, cpu_share, 0, gpus_now, gpus_possible)
+    # CPU-only: the model's torch threads may use the node's CPUs, decoding included -- measured
+    # faster than one thread per actor, since decoding and inference rarely peak together
+    max_actors = max_actors or max(1, int(cpus // 4))
+    return PoolPlan(0.0, max_actors, cpu_share, max(1, int(cpus // max_actors)), gpus_now, gpus_possible)
 
 
 def run_library(job: LibraryJob, *, params: SegmentParams = SegmentParams(), window_s: int = DEFAULT_WINDOW_S,
-                batch_size: int = DEFAULT_BATCH_SIZE, num_actors: int | None = None,
+                batch_size: int = DEFAULT_BATCH_SIZE, max_actors: int | None = None,
                 num_gpus_per_actor: float | None = None, decode_timeout_s: float = DEFAULT_DECODE_TIMEOUT_S,
-                frames_per_clip: int | None = None, progress: bool = True) -> LibrarySummary:
+                frames_per_clip: int | None = None, stills: str = "exact", progress: bool = True,
+                max_attempts: int = MAX_ATTEMPTS, faults: FaultPlan = NO_FAULTS,
+                num_actors: int | None = None) -> LibrarySummary:
     """Run a prepared job on the current Ray; returns once every title has its ``titles`` row.
 
-    ``window_s``: seconds of a local film per decode task (films are cut into windows only when
-    there are fewer than 4 titles to do per CPU; else each film has one decoder); ``num_actors``:
-    most model actors (default one per GPU, else one per 4 CPUs, each using CPUs / actors torch
-    threads); ``num_gpus_per_actor``: default 1 when the cluster
-    has GPUs; ``frames_per_clip``: default the checkpoint's; ``decode_timeout_s``: a window whose
-    decoder makes no progress this long fails.
+    ``window_s``: most seconds of a local film per decode task (films are cut into windows only
+    when there are fewer than 4 titles to do per CPU; a short film is cut into fewer, longer
+    windows, at least 30 s); ``max_actors`` (alias ``num_actors``): most classifier actors (GPU:
+    unbounded, CPU: one per 4 CPUs); ``num_gpus_per_actor``: default 1 when the cluster has or
+    can add GPUs; ``frames_per_clip``: default the checkpoint's; ``stills``: exact | keyframe;
+    ``decode_timeout_s``: a window whose decoder makes no progress this long fails;
+    ``faults``: test-only fault injection.
     """
-    if window_s < 1 or batch_size < 1:
-        raise ValueError("window_s and batch_size must be >= 1")
+    if window_s < 1 or batch_size < 1 or max_attempts < 1:
+        raise ValueError("window_s, batch_size and max_attempts must be >= 1")
+    if stills not in STILLS_MODES:
+        raise ValueError(f"stills must be one of {', '.join(STILLS_MODES)}")
     summary = LibrarySummary(n_titles=len(job.titles), n_skipped=len(job.titles) - len(job.todo))
     if job.todo:
-        split = len(job.todo) < SPLIT_BELOW_TITLES_PER_CPU * _cluster_gpus_cpus()[1]
+        pool = plan_pool(num_gpus_per_actor, max_actors or num_actors)
+        if progress:
+            print(f"kissray score: {len(job.todo)} title(s) to score; {pool.describe()}", file=sys.stderr)
+        log.info("%s", pool.describe())
+        cpus = _cluster_gpus_cpus()[1]
         spec = DecodeSpec(frames_per_clip or job.config.frames_per_clip, job.config.image_size, int(window_s),
-                          float(decode_timeout_s), split)
-        dataset = build_dataset(job.todo, job.model_uri, job.store.out, job.config, spec, params,
-                                batch_size=batch_size, num_actors=num_actors, num_gpus_per_actor=num_gpus_per_actor)
-        reported = _collect(dataset, summary, len(job.todo), progress)
-        _record_lost(job, [t for t in job.todo if t.title_id not in reported], summary)
+                          float(decode_timeout_s), len(job.todo) < SPLIT_BELOW_TITLES_PER_CPU * cpus, stills,
+                          faults=faults)
+        with Progress(len(job.todo), progress) as bar:
+            lost = _run_attempts(job, spec, params, pool, batch_size, max_attempts, summary, bar)
+        _record_lost(job, lost, summary, max_attempts)
     summary.wall_s = time.monotonic() - job.started
     return summary
 
 
-def build_dataset(titles: list[Title], model_uri: str, out: str, config: ModelConfig, spec: DecodeSpec,
-                  params: SegmentParams, *, batch_size: int, num_actors: int | None,
-                  num_gpus_per_actor: float | None):
-    """The lazy Ray Data plan; iterating it runs the job and yields one summary row per title."""
-    import ray
+def _run_attempts(job: LibraryJob, spec: DecodeSpec, params: SegmentParams, pool: PoolPlan, batch_size: int,
+                  max_attempts: int, summary: LibrarySummary, bar: "Progress") -> list[Title]:
+    """Submit the titles, then re-submit those whose result never came back; returns the rest."""
+    pending = list(job.todo)
+    for attempt in range(1, max_attempts + 1):
+        summary.attempts = attempt
+        reported: set[str] = set()
+        dataset = build_dataset(pending, job.model_uri, job.store.out, job.config, spec, params,
+                                batch_size=batch_size, pool=pool)
+        try:
+            _collect(dataset, job, summary, bar, reported)
+        except Exception as e:  # lost objects, an actor out of restarts...: redo what did not come back
+            _check_cluster(e)
+            log.warning("attempt %d of the job ended early: %s", attempt, one_line(e))
+        pending = _adopt_committed(job, [t for t in pending if t.title_id not in reported], summary, bar)
+        if not pending:
+            return []
+        if attempt < max_attempts:
+            log.warning("re-submitting %d title(s) whose result never came back: %s", len(pending),
+                        ", ".join(t.title_id for t in pending[:5]) + (" ..." if len(pending) > 5 else ""))
+    return pending
 
-    gpus, cpus = _cluster_gpus_cpus()
-    cpu_share = min(1.0, cpus / 2)  # a 1- or 2-CPU Ray must still fit a decode task and an actor
-    if num_gpus_per_actor is None:
-        num_gpus_per_actor = 1 if gpus > 0 else 0
-    if num_actors is None:
-        num_actors = max(1, int(gpus // num_gpus_per_actor) if num_gpus_per_actor else int(cpus // 4))
-    # CPU-only: the model's torch threads may use the node's CPUs, decoding included -- measured
-    # faster than one thread per actor, since decoding and inference rarely peak together
-    threads = 0 if num_gpus_per_actor else max(1, int(cpus // num_actors))
+
+def build_dataset(titles: list[Title], model_uri: str, out: str, config: ModelConfig, spec: DecodeSpec,
+                  params: SegmentParams, *, batch_size: int, pool: PoolPlan):
+    """The lazy Ray Data plan; iterating it runs the job and yields summary and progress rows."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    _configure_fault_tolerance(pool)
+    # Ray's own retries, explicit: a task whose worker or node died is rerun; an actor whose
+    # process or node died is restarted and its in-flight batch resent (README "Faults")
+    task_retries = {"max_retries": TASK_MAX_RETRIES, "retry_exceptions": False}
+    actor_restarts = {"max_restarts": ACTOR_MAX_RESTARTS, "max_task_retries": ACTOR_MAX_RESTARTS}
+    writer_args = dict(actor_restarts)
+    if is_local(out):  # results must land on the driver's disk, whichever node the writer is on
+        writer_args["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=False)
     items = [{"title_id": t.title_id, "uri": t.uri} for t in titles]
-    return (
-        ray.data.from_items(items, override_num_blocks=len(items))
-        .flat_map(probe_windows, fn_kwargs={"spec": spec}, num_cpus=cpu_share)
-        .repartition(target_num_rows_per_block=1)  # one window per decode task (streaming, no barrier)
-        # the memory request sizes decode tasks; being unlike the actors' it also keeps decoding
-        # in CPU tasks instead of fused into the model's actors (fusion needs equal remote args)
-        .map_batches(decode_window, batch_size=1, batch_format="numpy", fn_kwargs={"spec": spec},
-                     num_cpus=cpu_share, memory=DECODE_TASK_MEMORY_BYTES)
-        .map_batches(Classifier, fn_constructor_kwargs={"model_uri": model_uri, "batch_size": batch_size,
-                                                          "num_threads": threads},
-                     batch_size=batch_size, batch_format="numpy", num_cpus=cpu_share, num_gpus=num_gpus_per_actor,
-                     compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors))
-        .map_batches(TitleWriter, fn_constructor_kwargs={"out": out, "labels": list(config.labels),
-                                                         "model_uri": model_uri, "params": params},
-                     batch_size=None, batch_format="numpy", num_cpus=0,
-                     compute=ray.data.ActorPoolStrategy(size=1))  # one writer sees every row of a title
-    )
+    with warnings.catch_warnings():  # Ray >= 2.60 deprecates per-operator remote args (pinned < 2.64)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return (
+            ray.data.from_items(items, override_num_blocks=len(items))
+            .flat_map(probe_windows, fn_kwargs={"spec": spec}, num_cpus=pool.cpus_per_actor, **task_retries)
+            .repartition(target_num_rows_per_block=1)  # one window per decode task (streaming, no barrier)
+            # the memory request sizes decode tasks; being unlike the actors' it also keeps decoding
+            # in CPU tasks instead of fused into the model's actors (fusion needs equal remote args)
+            .map_batches(decode_window, batch_size=1, batch_format="numpy", fn_kwargs={"spec": spec},
+                         num_cpus=pool.cpus_per_actor, memory=DECODE_TASK_MEMORY_BYTES, **task_retries)
+            .map_batches(Classifier, fn_constructor_kwargs={"model_uri": model_uri, "batch_size": batch_size,
+                                                              "num_threads": pool.threads, "faults": spec.faults},
+                         batch_size=batch_size, batch_format="numpy", num_cpus=pool.cpus_per_actor,
+                         num_gpus=pool.gpus_per_actor, **actor_restarts,
+                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool.max_actors))
+            .map_batches(TitleWriter, fn_constructor_kwargs={"out": out, "labels": list(config.labels),
+                                                             "model_uri": model_uri, "params": params,
+                                                             "faults": spec.faults},
+                         batch_size=None, batch_format="numpy", num_cpus=0, **writer_args,
+                         compute=ray.data.ActorPoolStrategy(size=1))  # one writer sees every row of a title
+        )
+
+
+def _configure_fault_tolerance(pool: PoolPlan) -> None:
+    """Ray Data's fault-tolerance settings, explicit (README "Faults"). Our stages never raise for
+    a film, so an exception that reaches Ray Data is a system fault: it ends the attempt at once
+    (no blind retries of application errors), and the driver re-submits the titles it lost."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.actor_task_retry_on_errors = False  # application errors: handled in the stages
+    ctx.retried_map_errors = False
+    ctx.max_errored_blocks = 0  # a block that errors ends the attempt; nothing is dropped silently
+    ctx.max_consecutive_actor_init_deaths = 3  # an actor dying while loading the model is replaced
+    # GPU actors may wait for the autoscaler; give up (and end the attempt) if no GPU comes
+    ctx.wait_for_min_actors_s = WAIT_FOR_GPU_ACTORS_S if pool.gpus_per_actor > pool.gpus_now else -1
+    ctx.enable_progress_bars = False  # the driver's own bar counts film-seconds and titles
+    ctx.enable_operator_progress_bars = False
+    ctx.print_on_execution_start = False
 
 
 def _cluster_gpus_cpus() -> tuple[float, float]:
@@ -200,30 +324,110 @@ def _cluster_gpus_cpus() -> tuple[float, float]:
     return float(resources.get("GPU", 0)), float(resources.get("CPU", 1))
 
 
-def _collect(dataset, summary: LibrarySummary, n_titles: int, progress: bool) -> set[str]:
-    """Run the job, counting titles as their summary rows stream back; returns the ids seen."""
-    from tqdm import tqdm
+def _autoscaler_max(resource: str) -> float:
+    """Most of ``resource`` the autoscaler's node types allow (0 with no autoscaler config)."""
+    try:
+        import ray._private.state
 
-    seen: set[str] = set()
-    with tqdm(total=n_titles, unit="title", disable=not progress, dynamic_ncols=True) as bar:
-        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for row in batch.to_pylist():
-                seen.add(row["title_id"])
-                summary.add(row["status"], row["n_scored"], row["title_id"], row["error"])
-                bar.update(1)
-                bar.set_postfix(scored_s=summary.seconds_scored, failed=summary.n_failed + summary.n_partial)
-    return seen
+        limits = ray._private.state.state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # private API, absent on some Ray versions / without an autoscaler
+        return 0.0
+    value = float(limits.get(resource, 0) or 0)
+    return 0.0 if math.isinf(value) or value > 1e6 else value
 
 
-def _record_lost(job: LibraryJob, lost: list[Title], summary: LibrarySummary) -> None:
-    """Titles whose result never came back (a writer that died) still get their one titles row."""
+def _check_cluster(error: Exception) -> None:
+    """Raise :class:`JobError` when the cluster itself is gone (then nothing can be redone)."""
+    import ray
+
+    try:
+        ray.cluster_resources()
+    except Exception as e:
+        raise JobError(f"lost the Ray cluster ({one_line(error)})") from e
+
+
+class Progress:
+    """The driver's bar: seconds of film through the classifier (total known as films open),
+    titles done and failed, and an ETA; silent when disabled."""
+
+    def __init__(self, n_titles: int, enabled: bool):
+        self.n_titles, self.enabled = n_titles, enabled
+        self.film_s = self.titles_seen = self.done = self.failed = 0
+        self.bar = None
+
+    def __enter__(self) -> "Progress":
+        if self.enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=0, unit="film-s", dynamic_ncols=True, file=sys.stderr)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def update(self, clips: int = 0, film_s: int = 0, opened: int = 0, status: str | None = None) -> None:
+        self.film_s, self.titles_seen = self.film_s + film_s, self.titles_seen + opened
+        if status is not None:
+            self.done += 1
+            self.failed += status != "ok"
+        if self.bar is None:
+            return
+        unseen = self.n_titles - self.titles_seen  # films not opened yet: assume the mean length
+        mean_s = self.film_s / self.titles_seen if self.titles_seen else 0
+        self.bar.total = max(self.bar.n + clips, int(self.film_s + unseen * mean_s))
+        self.bar.set_postfix_str(f"titles {self.done}/{self.n_titles}, {self.failed} not ok", refresh=False)
+        self.bar.update(clips)
+
+
+def _collect(dataset, job: LibraryJob, summary: LibrarySummary, bar: Progress, reported: set[str]) -> None:
+    """Run the plan, counting titles as their summary rows stream back (ids into ``reported``)."""
+    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for row in batch.to_pylist():
+            if row["kind"] == "progress":
+                bar.update(clips=row["clips"], film_s=row["film_s"], opened=row["opened"])
+                continue
+            if not row["written"]:  # the writer could not write its row: try from here
+                _write_failed(job, row["title_id"], row["error"])
+            reported.add(row["title_id"])
+            summary.add(row["status"], row["n_scored"], row["title_id"], row["error"])
+            bar.update(status=row["status"])
+
+
+def _adopt_committed(job: LibraryJob, titles: list[Title], summary: LibrarySummary, bar: Progress) -> list[Title]:
+    """Titles the writer committed in this run although their summary row was lost (or ``ok``
+    with this model from any run) count as done; returns the others."""
+    left = []
+    for title in titles:
+        row = job.store.title_row(title.title_id)
+        if row and row["model"] == job.model_uri and (row["status"] == "ok" or row["scored_at"] >= job.started_at):
+            summary.add(row["status"], row["n_scored"] or 0, title.title_id, row["error"])
+            bar.update(status=row["status"])
+        else:
+            left.append(title)
+    return left
+
+
+def _write_failed(job: LibraryJob, title_id: str, error: str) -> str:
+    """Commit a ``failed`` row for a title from the driver (never over an ``ok`` one); returns the
+    status that stands. Raises :class:`JobError` when even this cannot be written."""
+    uri = next((t.uri for t in job.titles if t.title_id == title_id), "")
     labels = list(job.config.labels)
+    record = TitleRecord(title_id, uri, "failed", error, None, 0, 0, False, job.model_uri)
+    try:
+        return job.store.write_title(record, scores_table(title_id, labels, np.zeros((0, len(labels)), np.float32)),
+                                     segments_table(title_id, []))
+    except Exception as e:
+        raise JobError(f"cannot write results to {job.store.out}: {one_line(e)}") from e
+
+
+def _record_lost(job: LibraryJob, lost: list[Title], summary: LibrarySummary, attempts: int = MAX_ATTEMPTS) -> None:
+    """Titles whose result never came back in any attempt still get their one titles row."""
+    error = lost_error(attempts)
     for title in lost:
-        log.warning("%s: %s", title.title_id, LOST_ERROR)
-        record = TitleRecord(title.title_id, title.uri, "failed", LOST_ERROR, None, 0, 0, False, job.model_uri)
-        job.store.write_title(record, scores_table(title.title_id, labels, np.zeros((0, len(labels)), np.float32)),
-                              segments_table(title.title_id, []))
-        summary.add("failed", 0, title.title_id, LOST_ERROR)
+        log.warning("%s: %s", title.title_id, error)
+        status = _write_failed(job, title.title_id, error)
+        summary.add(status, 0, title.title_id, None if status == "ok" else error)
 
 
 @contextlib.contextmanager
@@ -236,8 +440,12 @@ def ray_connection(address: str | None = None) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
-             logging_level=logging.WARNING, configure_logging=False)
+    try:
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
+                 logging_level=logging.WARNING, configure_logging=False)
+    except Exception as e:  # no cluster at that address, a version mismatch...
+        raise JobError(f"cannot connect to Ray ({address or os.environ.get('RAY_ADDRESS') or 'local'}): "
+                       f"{one_line(e)}") from e
     try:
         yield
     finally:

@@ -245,9 +245,15 @@ def test_title_waits_for_clips_that_arrive_after_their_window_trailer(tmp_path):
         return {**rows, "p": np.full((len(rows["second"]), 1), p, np.float32)}
 
     writer = TitleWriter(str(tmp_path), ["kiss"], "ck", SegmentParams(min_len=2))
-    assert writer(scored(_rows(window, [], spec, trailer=("", 3)), np.nan)).num_rows == 0
-    assert writer(scored(_rows(window, clips[:2], spec), 0.9)).num_rows == 0
-    summary = writer(scored(_rows(window, clips[2:], spec), 0.9)).to_pylist()
+
+    def titles_done(table):
+        return [{k: row[k] for k in ("title_id", "status", "error", "n_clips", "n_scored")}
+                for row in table.to_pylist() if row["kind"] == "title"]
+
+    first = writer(scored(_rows(window, [], spec, trailer=("", 3)), np.nan)).to_pylist()
+    assert [(r["kind"], r["film_s"], r["opened"], r["clips"]) for r in first] == [("progress", 3, 1, 0)]
+    assert titles_done(writer(scored(_rows(window, clips[:2], spec), 0.9))) == []
+    summary = titles_done(writer(scored(_rows(window, clips[2:], spec), 0.9)))
     assert summary == [{"title_id": "t/1", "status": "ok", "error": None, "n_clips": 3, "n_scored": 3}]
     assert list(read(tmp_path, "scores").p) == pytest.approx([0.9] * 3)
     assert read(tmp_path, "segments")[["start_s", "end_s"]].values.tolist() == [[0.0, 3.0]]
@@ -258,6 +264,7 @@ def test_remote_film_is_one_window_decoded_without_a_separate_probe(film, model)
     """A remote film is staged once (by its one decoder), and still scores exactly as score_film."""
     import fsspec
 
+    from kissray.batch.faults import NO_FAULTS
     from kissray.batch.stages import WHOLE_FILM, Classifier, DecodeSpec, decode_window, probe_windows
 
     fsspec.filesystem("memory").pipe("/remote/film.mp4", open(film, "rb").read())
@@ -272,7 +279,7 @@ def test_remote_film_is_one_window_decoded_without_a_separate_probe(film, model)
     clips = {k: v[:5] for k, v in rows.items()}
     assert list(clips["second"]) == list(range(5))
     classifier = Classifier.__new__(Classifier)  # the loaded fixture model, not a second load
-    classifier.model, classifier.batch_size = model, 3
+    classifier.model, classifier.batch_size, classifier.faults = model, 3, NO_FAULTS
     np.testing.assert_allclose(classifier(clips)["p"][:, 0], score_film(film, model).probs[:, 0], atol=1e-5)
 
 
@@ -289,3 +296,25 @@ def test_title_whose_result_never_came_back_gets_a_failed_row(tmp_path, checkpoi
     assert "rerun" in titles.error[0] and summary.n_failed == 1
     assert read(tmp_path / "out", "scores").empty
     assert prepare_library([str(tmp_path / "x.mp4")], checkpoint, str(tmp_path / "out")).todo == job.todo
+
+
+def test_nothing_rewrites_a_title_written_ok(tmp_path, checkpoint):
+    """A lost-result row, a late failed result or a repeat never replaces a committed ok title."""
+    from kissray.batch.tables import ResultStore, TitleRecord, scores_table, segments_table
+    from kissray.pipeline import LibrarySummary, _record_lost, prepare_library
+
+    (tmp_path / "x.mp4").write_bytes(b"x")
+    job = prepare_library([str(tmp_path / "x.mp4")], checkpoint, str(tmp_path / "out"))
+    store = ResultStore(str(tmp_path / "out"))
+    ok = TitleRecord("x", "x.mp4", "ok", None, 3.0, 3, 3, True, checkpoint)
+    probs = np.full((3, 1), 0.25, np.float32)
+    assert store.write_title(ok, scores_table("x", ["kiss"], probs), segments_table("x", [])) == "ok"
+    failed = TitleRecord("x", "x.mp4", "failed", "late", None, 0, 0, False, checkpoint)
+    empty = scores_table("x", ["kiss"], np.zeros((0, 1), np.float32))
+    assert store.write_title(failed, empty, segments_table("x", [])) == "ok"
+    summary = LibrarySummary(n_titles=1)
+    _record_lost(job, job.todo, summary)
+    assert summary.n_ok == 1 and summary.n_failed == 0
+    titles = read(tmp_path / "out", "titles")
+    assert titles[["status", "n_scored"]].values.tolist() == [["ok", 3]]
+    assert list(read(tmp_path / "out", "scores").p) == pytest.approx([0.25] * 3)

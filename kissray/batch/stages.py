@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from kissray.audio import SILENCE_LOG_MEL
+from kissray.batch.faults import NO_FAULTS, FaultPlan
 from kissray.batch.tables import ResultStore, TitleRecord, scores_table, segments_table
 from kissray.errors import MediaError
 from kissray.media import ClipReader, probe
@@ -24,9 +25,12 @@ from kissray.score import SegmentParams, segments_by_label
 
 CLIPS_PER_BLOCK = 32  # clips per output batch of a decode task (bounds block size)
 WHOLE_FILM = -1  # a window's stop when the film is decoded in one piece (its length learnt on opening)
+# What the writer sends back to the driver: one "title" row per finished title, and one "progress"
+# row per batch (clips scored, seconds of film newly known) so the driver's bar moves within titles.
 SUMMARY_SCHEMA = pa.schema([
-    ("title_id", pa.string()), ("status", pa.string()), ("error", pa.string()),
-    ("n_clips", pa.int32()), ("n_scored", pa.int32()),
+    ("kind", pa.string()), ("title_id", pa.string()), ("status", pa.string()), ("error", pa.string()),
+    ("n_clips", pa.int32()), ("n_scored", pa.int32()), ("written", pa.bool_()),
+    ("clips", pa.int64()), ("film_s", pa.int64()), ("opened", pa.int32()),
 ])
 
 
@@ -39,6 +43,9 @@ class DecodeSpec:
     window_s: int
     timeout_s: float
     split: bool = True  # cut local films into windows (probing each first); else one decoder per film
+    stills: str = "exact"  # exact | keyframe (SPEC section 2)
+    decode_threads: int = 1  # decoder threads per window
+    faults: FaultPlan = NO_FAULTS  # tests only
 
 
 def one_line(error: BaseException) -> str:
@@ -61,13 +68,15 @@ def probe_windows(title: dict, spec: DecodeSpec) -> list[dict]:
     if not spec.split or not is_local(title["uri"]):
         return [{**base, "start": 0, "stop": WHOLE_FILM, "n_windows": 1, "error": ""}]
     try:
+        spec.faults.check("probe", title["title_id"])
         info = probe(title["uri"], timeout_s=spec.timeout_s)
+        spec.faults.check("windows", title["title_id"])
+        starts = range(0, info.n_clips, spec.window_s)
+        return [{**base, "start": a, "stop": min(a + spec.window_s, info.n_clips), "n_windows": len(starts),
+                 "n_clips": info.n_clips, "duration_s": info.duration_s, "has_audio": info.has_audio,
+                 "error": ""} for a in starts]
     except Exception as e:  # MediaError, or anything unexpected: this title fails, not the job
         return [{**base, "start": 0, "stop": 0, "n_windows": 1, "error": one_line(e)}]
-    starts = range(0, info.n_clips, spec.window_s)
-    return [{**base, "start": a, "stop": min(a + spec.window_s, info.n_clips), "n_windows": len(starts),
-             "n_clips": info.n_clips, "duration_s": info.duration_s, "has_audio": info.has_audio,
-             "error": ""} for a in starts]
 
 
 def is_local(uri: str) -> bool:
@@ -81,33 +90,55 @@ def is_local(uri: str) -> bool:
 
 
 def decode_window(windows: dict[str, np.ndarray], spec: DecodeSpec) -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data ``map_batches`` fn: clip rows of each window, then the window's trailer row."""
+    """Ray Data ``map_batches`` fn: clip rows of each window, then the window's trailer row.
+
+    Whatever goes wrong (the film, the decoder, building the rows) ends the window's trailer
+    with a one-line error; nothing raises out of here."""
     for i in range(len(windows["title_id"])):
         window = {k: v[i] for k, v in windows.items()}
+        spec.faults.crash("decode", str(window["title_id"]))
         if str(window["error"]):  # the film failed to open: only its trailer goes on
-            yield _rows(window, [], spec, trailer=(str(window["error"]), 0))
+            yield _safe_rows(window, [], spec, trailer=(str(window["error"]), 0))
             continue
         clips, n_delivered, error = [], 0, ""
-        stop = int(window["stop"])
         try:
-            with ClipReader(str(window["uri"]), int(window["start"]), None if stop == WHOLE_FILM else stop,
-                            frames_per_clip=spec.frames_per_clip, size=spec.size,
-                            timeout_s=spec.timeout_s, decode_threads=1) as reader:
-                if stop == WHOLE_FILM:  # not probed: the film describes itself now
-                    info = reader.info
-                    window.update(stop=info.n_clips, n_clips=info.n_clips, duration_s=info.duration_s,
-                                  has_audio=info.has_audio)
-                for clip in reader:
-                    clips.append(clip)
-                    n_delivered += 1
-                    if len(clips) == CLIPS_PER_BLOCK:
-                        yield _rows(window, clips, spec)
-                        clips = []
-        except Exception as e:  # a bad window (or a hung decoder) fails this window only
+            for clip in _window_clips(window, spec):
+                clips.append(clip)
+                n_delivered += 1
+                if len(clips) == CLIPS_PER_BLOCK:
+                    yield _rows(window, clips, spec)
+                    clips = []
+        except Exception as e:  # a bad window, a hung decoder, rows that cannot be built: this window only
             error = one_line(e) or "decode failed"
         if not error and n_delivered < int(window["stop"]) - int(window["start"]):
             error = f"decoder stopped after {n_delivered} of the window's clips"
-        yield _rows(window, clips, spec, trailer=(error, n_delivered))
+        yield _safe_rows(window, clips, spec, trailer=(error, n_delivered))
+
+
+def _window_clips(window: dict, spec: DecodeSpec) -> Iterator:
+    """The window's clips; a film that was not probed fills in ``window``'s length from its decoder."""
+    spec.faults.check("decode", str(window["title_id"]))
+    stop = int(window["stop"])
+    stills = {"stills": spec.stills} if spec.stills != "exact" else {}
+    with ClipReader(str(window["uri"]), int(window["start"]), None if stop == WHOLE_FILM else stop,
+                    frames_per_clip=spec.frames_per_clip, size=spec.size,
+                    timeout_s=spec.timeout_s, decode_threads=spec.decode_threads, **stills) as reader:
+        if stop == WHOLE_FILM:  # not probed: the film describes itself now
+            info = reader.info
+            window.update(stop=info.n_clips, n_clips=info.n_clips, duration_s=info.duration_s,
+                          has_audio=info.has_audio)
+        spec.faults.check("rows", str(window["title_id"]))
+        yield from reader
+
+
+def _safe_rows(window: dict, clips: list, spec: DecodeSpec, trailer: tuple[str, int]) -> dict[str, np.ndarray]:
+    """The window's last rows; if even they cannot be built, its trailer alone, carrying why."""
+    try:
+        return _rows(window, clips, spec, trailer=trailer)
+    except Exception as e:
+        error = trailer[0] or f"cannot build the window's rows: {one_line(e)}"
+        bare = {**window, "n_clips": 0, "duration_s": math.nan, "has_audio": False}
+        return _rows(bare, [], spec, trailer=(error, 0))
 
 
 def _rows(window: dict, clips: list, spec: DecodeSpec,
@@ -141,10 +172,12 @@ class Classifier:
     """Ray Data actor: loads the checkpoint once, adds ``p`` (float32[n_labels]) to clip rows.
 
     Trailer rows pass through with ``p`` = NaN; frames and log-mels are dropped from the output.
+    A batch whose forward pass fails is redone title by title, so a fault (a poisoned input, an
+    out-of-memory) costs only the titles it touches: their rows carry the error and ``p`` = NaN.
     """
 
     def __init__(self, model_uri: str, batch_size: int = 32, device: str | None = None,
-                 num_threads: int | None = None):
+                 num_threads: int | None = None, faults: FaultPlan = NO_FAULTS):
         from kissray.model import load_model  # first: it sets OpenMP's wait policy before torch loads
         import torch
 
@@ -154,17 +187,34 @@ class Classifier:
         self.model = load_model(model_uri, device=device)
         if torch.device(device).type == "cuda":  # fp16 + channels_last: the tensor cores' fast path
             self.model.prepare(device, dtype=torch.float16, channels_last=True)
-        self.batch_size = batch_size
+        self.batch_size, self.faults = batch_size, faults
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         clips = ~batch["trailer"]
+        titles = batch["title_id"].astype(str)
         p = np.full((len(clips), len(self.model.labels)), np.nan, np.float32)
+        errors = np.asarray(batch["error"], object).copy()
+        for title_id in np.unique(titles[clips]):
+            self.faults.crash("classifier", title_id)
         if clips.any():
-            p[clips] = self.model.predict_proba(batch["frames"][clips], batch["log_mel"][clips],
-                                                batch_size=self.batch_size)
+            try:
+                for title_id in np.unique(titles[clips]):
+                    self.faults.check("classifier", title_id)
+                p[clips] = self._predict(batch, clips)
+            except Exception:
+                for title_id in np.unique(titles[clips]):
+                    rows = clips & (titles == title_id)
+                    try:
+                        self.faults.check("classifier", title_id)
+                        p[rows] = self._predict(batch, rows)
+                    except Exception as e:
+                        errors[rows] = f"classifier: {one_line(e)}"
         out = {k: v for k, v in batch.items() if k not in ("frames", "log_mel")}
-        out["p"] = p
+        out["p"], out["error"] = p, errors
         return out
+
+    def _predict(self, batch: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
+        return self.model.predict_proba(batch["frames"][rows], batch["log_mel"][rows], batch_size=self.batch_size)
 
 
 @dataclass
@@ -174,6 +224,7 @@ class _OpenTitle:
     probs: dict[int, np.ndarray] = field(default_factory=dict)  # second -> p[n_labels]
     trailers: dict[int, dict] = field(default_factory=dict)  # window start -> its trailer row
     clips_have_audio: bool = True
+    clip_error: str = ""  # the first error carried by a clip row (e.g. the classifier's)
 
     def complete(self, n_windows: int) -> bool:
         """Every window has reported, and every clip it delivered has arrived: blocks of one
@@ -186,27 +237,53 @@ class TitleWriter:
     """Ray Data actor (one): the per-title reduce. Collects a title's rows as they stream in; once
     all of them are in, segments the scores, writes the title's three files and emits one summary
     row. It holds only the titles still in flight (a few floats per scored second), and a title
-    is written as soon as it is complete, not at the end of the job."""
+    is written as soon as it is complete, not at the end of the job. A fault while finishing a
+    title (segmenter, write) makes that title ``failed``; the summary row says whether its
+    ``titles`` row could be written (if not, the driver writes it)."""
 
-    def __init__(self, out: str, labels: list[str], model_uri: str, params: SegmentParams):
+    def __init__(self, out: str, labels: list[str], model_uri: str, params: SegmentParams,
+                 faults: FaultPlan = NO_FAULTS):
         self.store = ResultStore(out)
         self.store.make_folders()  # the driver made them too, but maybe on another machine's disk
-        self.labels, self.model_uri, self.params = list(labels), model_uri, params
+        self.labels, self.model_uri, self.params, self.faults = list(labels), model_uri, params, faults
         self.open: dict[str, _OpenTitle] = {}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        finished = []
+        finished, n_clips, film_s, opened = [], 0, 0, 0
         for i in range(len(batch["title_id"])):
             title_id = str(batch["title_id"][i])
+            if title_id in self.open:
+                self.faults.crash("writer", title_id)  # dies holding the title's earlier rows
+            else:
+                film_s, opened = film_s + int(batch["n_clips"][i]), opened + 1
             state = self.open.setdefault(title_id, _OpenTitle())
             if batch["trailer"][i]:  # keyed by window: a retried task's repeat is harmless
                 state.trailers[int(batch["second"][i])] = {k: batch[k][i] for k in batch if k != "p"}
             else:
+                n_clips += 1
                 state.probs[int(batch["second"][i])] = batch["p"][i]
                 state.clips_have_audio &= bool(batch["clip_has_audio"][i])
+                state.clip_error = state.clip_error or str(batch["error"][i])
             if state.complete(int(batch["n_windows"][i])):
-                finished.append(self.finish(title_id, self.open.pop(title_id)))
-        return pa.Table.from_pylist(finished, schema=SUMMARY_SCHEMA)
+                finished.append(self._finish_safely(title_id, self.open.pop(title_id)))
+        progress = {"kind": "progress", "title_id": "", "written": False, "clips": n_clips, "film_s": film_s,
+                    "opened": opened}
+        return pa.Table.from_pylist(finished + [progress], schema=SUMMARY_SCHEMA)
+
+    def _finish_safely(self, title_id: str, state: _OpenTitle) -> dict:
+        try:
+            return self.finish(title_id, state)
+        except Exception as e:  # segmenter or write: the title fails, the job goes on
+            first = state.trailers[min(state.trailers)]
+            error = f"cannot finish the title: {one_line(e)}"
+            record = TitleRecord(title_id, str(first["uri"]), "failed", error, None, 0, 0, False, self.model_uri)
+            try:
+                standing = self.store.write_title(record, scores_table(title_id, self.labels, _no_scores(self.labels)),
+                                                  segments_table(title_id, []))
+            except Exception as write_error:  # the driver writes the row
+                return _summary(title_id, "failed", f"{error}; cannot write here: {one_line(write_error)}", 0, 0,
+                                written=False)
+            return _summary(title_id, standing, None if standing == "ok" else error, 0, 0, written=True)
 
     def finish(self, title_id: str, state: _OpenTitle) -> dict:
         """Write one complete title; returns its summary row. Like :func:`kissray.score.score_film`,
@@ -219,15 +296,27 @@ class TitleWriter:
                 probs[second] = p
         n_scored = int(np.isfinite(probs).all(axis=1).sum())
         errors = sorted((int(t["second"]), str(t["error"])) for t in state.trailers.values() if str(t["error"]))
-        error = errors[0][1] if errors else None
+        error = errors[0][1] if errors else (state.clip_error or None)
         if error is None and n_scored < n_clips:
             error = f"{n_clips - n_scored} second(s) were not scored"
         status = "ok" if error is None else ("partial" if n_scored else "failed")
         duration_s = float(first["duration_s"])
         record = TitleRecord(title_id, str(first["uri"]), status, error, None if math.isnan(duration_s) else duration_s,
                              n_clips, n_scored, bool(first["has_audio"]) and state.clips_have_audio, self.model_uri)
+        self.faults.check("segmenter", title_id)
         segments = segments_by_label(probs, self.labels, self.params)
-        self.store.write_title(record, scores_table(title_id, self.labels, probs),
-                               segments_table(title_id, segments))
-        return {"title_id": title_id, "status": status, "error": error, "n_clips": n_clips,
-                "n_scored": n_scored}
+        self.faults.check("write", title_id)
+        standing = self.store.write_title(record, scores_table(title_id, self.labels, probs),
+                                          segments_table(title_id, segments))
+        if standing != status:  # an ok row was there already (a re-submitted title): it stays
+            status, error = standing, None
+        return _summary(title_id, status, error, n_clips, n_scored, written=True)
+
+
+def _no_scores(labels: list[str]) -> np.ndarray:
+    return np.zeros((0, len(labels)), np.float32)
+
+
+def _summary(title_id: str, status: str, error: str | None, n_clips: int, n_scored: int, written: bool) -> dict:
+    return {"kind": "title", "title_id": title_id, "status": status, "error": error, "n_clips": n_clips,
+            "n_scored": n_scored, "written": written, "clips": 0, "film_s": 0, "opened": 0}

@@ -143,12 +143,30 @@ class ResultStore:
             return None
         return pds.dataset(files, schema=schema, filesystem=self.fs, format="parquet").to_table()
 
-    def write_title(self, record: TitleRecord, scores: pa.Table, segments: pa.Table) -> None:
-        """Replace the title's three files; the titles file goes last (it commits the title)."""
+    def title_row(self, title_id: str) -> dict | None:
+        """The title's committed ``titles`` row, or None when it has none."""
+        import pyarrow.parquet as pq
+
+        path = f"{self._dir('titles')}/{file_name_for(title_id)}.parquet"
+        try:
+            with self.fs.open(path, "rb") as f:
+                rows = pq.read_table(f).to_pylist()
+        except FileNotFoundError:
+            return None
+        return rows[0] if rows else None
+
+    def write_title(self, record: TitleRecord, scores: pa.Table, segments: pa.Table) -> str:
+        """Replace the title's three files, the titles file last (it commits the title); returns
+        the status that now stands. A title written ``ok`` is never rewritten, except by an ``ok``
+        result of another checkpoint (a deliberate rescoring): then its ``ok`` stands."""
+        standing = self.title_row(record.title_id)
+        if standing and standing["status"] == "ok" and (standing["model"] == record.model or record.status != "ok"):
+            return "ok"
         name = file_name_for(record.title_id)
         self._write_atomic("scores", name, scores)
         self._write_atomic("segments", name, segments)
         self._write_atomic("titles", name, titles_table(record))
+        return record.status
 
     def _write_atomic(self, table_name: str, name: str, table: pa.Table) -> None:
         import pyarrow.parquet as pq

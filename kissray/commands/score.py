@@ -3,8 +3,10 @@
 INPUT is any mix of films, directories (searched recursively for video files), globs, fsspec
 URIs (s3://, gs://, ...) and manifests (.txt: one URI a line; .csv/.parquet: column uri, optional
 title_id). Results go to OUT/scores, OUT/segments and OUT/titles, one file per title; a rerun
-with the same OUT skips titles already ok. Exit codes: 0 all ok, 3 some titles failed or were
-partial, 2 usage error.
+with the same OUT skips titles already ok; a second live run on the same OUT is refused. A fault
+of one title at any stage is that title's failed/partial row; lost workers, actors and nodes are
+recovered in the same run. Exit codes: 0 all ok, 3 some titles failed or were partial, 2 usage
+error (including OUT in use by another live run), 1 the job itself could not go on.
 """
 
 from __future__ import annotations
@@ -12,9 +14,40 @@ from __future__ import annotations
 import argparse
 import sys
 
+import math
+
 from kissray.score import DEFAULT_BATCH_SIZE, SegmentParams
 
 DEFAULTS = SegmentParams()
+STILLS_MODES = ("exact", "keyframe")  # as kissray.pipeline.STILLS_MODES (not imported: --help stays fast)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,46 +66,40 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory (any fsspec URI)")
     p.add_argument("--address", default=None,
                    help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray; 'local' forces one)")
-    p.add_argument("--threshold", type=float, default=DEFAULTS.threshold, help="segmenter threshold (%(default)s)")
-    p.add_argument("--min-len", type=int, default=DEFAULTS.min_len, help="shortest segment, seconds (%(default)s)")
-    p.add_argument("--min-fraction", type=float, default=DEFAULTS.min_fraction,
+    p.add_argument("--threshold", type=_fraction, default=DEFAULTS.threshold, help="segmenter threshold (%(default)s)")
+    p.add_argument("--min-len", type=_positive_int, default=DEFAULTS.min_len, help="shortest segment, seconds (%(default)s)")
+    p.add_argument("--min-fraction", type=_fraction, default=DEFAULTS.min_fraction,
                    help="least fraction of positive seconds in a segment (%(default)s)")
-    p.add_argument("--window-s", type=int, default=DEFAULT_WINDOW_S,
+    p.add_argument("--window-s", type=_positive_int, default=DEFAULT_WINDOW_S,
                    help="seconds of film per decode task (%(default)s)")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="clips per forward pass (%(default)s)")
-    p.add_argument("--actors", type=int, default=None,
-                   help="most model actors (default: one per GPU, else one per 4 CPUs)")
-    p.add_argument("--gpus-per-actor", type=float, default=None,
-                   help="GPUs per model actor (default: 1 when the cluster has GPUs, else 0)")
-    p.add_argument("--frames-per-clip", type=int, default=None, help="stills per clip (default: the checkpoint's)")
-    p.add_argument("--decode-timeout-s", type=float, default=DEFAULT_DECODE_TIMEOUT_S,
+    p.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE, help="clips per forward pass (%(default)s)")
+    p.add_argument("--max-actors", "--actors", dest="max_actors", type=_positive_int, default=None,
+                   help="most classifier actors; the pool grows and shrinks with the cluster up to this "
+                        "(default: unbounded on GPUs, one per 4 CPUs on CPU)")
+    p.add_argument("--num-gpus-per-actor", "--gpus-per-actor", dest="num_gpus_per_actor", type=_non_negative,
+                   default=None, help="GPUs per classifier actor (default: 1 when the cluster has GPUs or its "
+                                      "autoscaler can add GPU nodes, else 0; 0 forces CPU)")
+    p.add_argument("--stills", choices=STILLS_MODES, default="exact",
+                   help="exact: the frame at each still time (default); keyframe: the last keyframe before it "
+                        "(faster, one GOP of error at most)")
+    p.add_argument("--frames-per-clip", type=_positive_int, default=None, help="stills per clip (default: the checkpoint's)")
+    p.add_argument("--decode-timeout-s", type=_seconds, default=DEFAULT_DECODE_TIMEOUT_S,
                    help="a window whose decoder makes no progress this long fails (%(default)s)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars at all (ours or Ray Data's)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from kissray.errors import UsageError
-    from kissray.pipeline import prepare_library, ray_connection, run_library
+    from kissray.pipeline import out_lock, prepare_library, ray_connection, run_library
 
-    if min(args.window_s, args.batch_size, args.actors or 1, args.frames_per_clip or 1) < 1:
-        raise UsageError("--window-s, --batch-size, --actors and --frames-per-clip must be at least 1")
     params = SegmentParams(args.threshold, args.min_len, args.min_fraction)
-    job = prepare_library(args.inputs, args.model, args.out)  # usage errors before Ray starts
-    with ray_connection(args.address):
-        _quiet_ray_data(progress=not args.no_progress)
-        summary = run_library(job, params=params, window_s=args.window_s, batch_size=args.batch_size,
-                              num_actors=args.actors, num_gpus_per_actor=args.gpus_per_actor,
-                              decode_timeout_s=args.decode_timeout_s, frames_per_clip=args.frames_per_clip,
-                              progress=not args.no_progress)
+    with out_lock(args.out):  # a second live run on OUT: usage error naming this one
+        job = prepare_library(args.inputs, args.model, args.out)  # usage errors before Ray starts
+        with ray_connection(args.address):
+            summary = run_library(job, params=params, window_s=args.window_s, batch_size=args.batch_size,
+                                  max_actors=args.max_actors, num_gpus_per_actor=args.num_gpus_per_actor,
+                                  decode_timeout_s=args.decode_timeout_s, frames_per_clip=args.frames_per_clip,
+                                  stills=args.stills, progress=not args.no_progress)
     for title_id, status, error in summary.failures:
         print(f"{status}: {title_id}: {error}", file=sys.stderr)
     print(summary)
     return 0 if summary.all_ok else 3
-
-
-def _quiet_ray_data(progress: bool) -> None:
-    """Our own bar counts titles and seconds; Ray Data's operator bars would interleave with it."""
-    import ray
-
-    if progress:
-        ray.data.DataContext.get_current().enable_progress_bars = False

@@ -1,0 +1,136 @@
+"""The library job under faults on the session's local Ray: a fault of one title at any stage is
+that title's row; process deaths are redone in the same run; OUT's lock; usage errors and exit codes.
+Multi-node faults (lost nodes, actors, GPU nodes added) are in tests/test_cluster_faults.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import make_film
+from kissray.batch.faults import RAISE_STAGES, FaultPlan
+from kissray.score import SegmentParams, score_film
+
+PARAMS = SegmentParams(threshold=0.47, min_len=3, min_fraction=0.6)
+
+
+def read(out, table: str) -> pd.DataFrame:
+    return pd.read_parquet(os.path.join(out, table))
+
+
+@pytest.fixture(scope="module")
+def films(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("fault-films")
+    names = ["clean", *RAISE_STAGES]
+    return {name: make_film(root / f"{name}.mp4", 4 + i % 3) for i, name in enumerate(names)}
+
+
+def expected_probs(uri: str, model) -> np.ndarray:
+    return score_film(uri, model).probs[:, 0]
+
+
+def test_a_fault_at_each_stage_fails_only_that_title(films, checkpoint, model, tmp_path, ray_session):
+    """One title per stage raises there; each gets its one row with the reason, the others score."""
+    from kissray.pipeline import score_library
+
+    plan = FaultPlan(raise_at=tuple((stage, stage) for stage in RAISE_STAGES))
+    summary = score_library(list(films.values()), checkpoint, str(tmp_path), params=PARAMS, window_s=3,
+                            batch_size=4, decode_timeout_s=20, progress=False, faults=plan)
+    titles = read(tmp_path, "titles").set_index("title_id")
+    assert sorted(titles.index) == sorted(films) and summary.attempts == 1
+    assert titles.loc["clean", "status"] == "ok"
+    for stage in RAISE_STAGES:
+        assert titles.loc[stage, "status"] == "failed", stage
+        assert f"injected fault in {stage}" in titles.loc[stage, "error"], titles.loc[stage, "error"]
+    scores = read(tmp_path, "scores")
+    assert set(scores.title_id) == {"clean"}
+    np.testing.assert_allclose(scores.sort_values("second").p, expected_probs(films["clean"], model), atol=1e-5)
+    assert summary.n_ok == 1 and summary.n_failed == len(RAISE_STAGES)
+
+
+def test_process_deaths_are_redone_in_the_same_run(films, checkpoint, model, tmp_path, ray_session):
+    """A decode task, the classifier actor and the writer actor (holding an open title) die once
+    each: Ray retries / restarts them and the driver re-submits what was lost; every title ok."""
+    from kissray.pipeline import score_library
+
+    chosen = {"decode": "probe", "classifier": "windows", "writer": "decode"}
+    plan = FaultPlan(crash_at=tuple(chosen.items()), marker_dir=str(tmp_path / "markers"))
+    os.makedirs(plan.marker_dir)
+    out = tmp_path / "out"
+    summary = score_library(list(films.values()), checkpoint, str(out), params=PARAMS, window_s=2,
+                            batch_size=2, decode_timeout_s=20, progress=False, faults=plan)
+    assert sorted(os.listdir(plan.marker_dir)) == sorted(
+        f"crashed-{stage}-{title.encode().hex()}" for stage, title in chosen.items())  # each died once
+    titles = read(out, "titles")
+    assert len(titles) == len(films) and (titles.status == "ok").all(), titles[["title_id", "error"]]
+    assert summary.n_ok == len(films) and summary.attempts == 2  # the writer's open title was re-submitted
+    scores = read(out, "scores")
+    assert not scores.duplicated(["title_id", "label", "second"]).any()
+    for title in chosen.values():
+        got = scores[scores.title_id == title].sort_values("second").p
+        np.testing.assert_allclose(got, expected_probs(films[title], model), atol=1e-5)
+
+
+def run_cli(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kissray.cli", *argv], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "RAY_ADDRESS": ""})
+
+
+@pytest.mark.parametrize("option", [["--threshold", "nan"], ["--threshold", "1.5"], ["--min-fraction", "nan"],
+                                    ["--min-len", "0"], ["--decode-timeout-s", "inf"], ["--max-actors", "0"],
+                                    ["--stills", "bogus"], ["--num-gpus-per-actor", "-1"]])
+def test_option_values_out_of_range_exit_2(option, films, checkpoint, tmp_path):
+    done = run_cli("score", films["clean"], "--model", checkpoint, "--out", str(tmp_path), *option)
+    assert done.returncode == 2, done.stderr
+    assert option[0] in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_second_live_run_on_out_exits_2_naming_the_first(films, checkpoint, tmp_path):
+    from kissray.batch.lock import LOCK_NAME, _process_start
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = {"host": socket.gethostname(), "pid": holder.pid, "pid_start": _process_start(holder.pid),
+                "started": "2026-11-30T07:00:00+00:00", "run": "other", "heartbeat": 0}
+        (tmp_path / LOCK_NAME).write_text(json.dumps(lock))
+        done = run_cli("score", films["clean"], "--model", checkpoint, "--out", str(tmp_path), "--no-progress")
+        assert done.returncode == 2, done.stderr
+        assert f"pid {holder.pid}" in done.stderr and socket.gethostname() in done.stderr
+        assert "2026-11-30T07:00:00" in done.stderr and not (tmp_path / "titles").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_dead_runs_lock_is_taken_over(films, checkpoint, tmp_path, ray_session):
+    from kissray.batch.lock import LOCK_NAME, OutLock
+    from kissray.batch.tables import ResultStore
+    from kissray.pipeline import score_library
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = {"host": socket.gethostname(), "pid": int(dead.stdout), "pid_start": "1", "started": "then",
+             "run": "dead", "heartbeat": 0}
+    (tmp_path / LOCK_NAME).write_text(json.dumps(stale))
+    summary = score_library([films["clean"]], checkpoint, str(tmp_path), progress=False)
+    assert summary.n_ok == 1 and not (tmp_path / LOCK_NAME).exists()  # released at the end
+    other_host = {**stale, "host": "elsewhere", "heartbeat": 0}  # a stale heartbeat from another host
+    (tmp_path / LOCK_NAME).write_text(json.dumps(other_host))
+    store = ResultStore(str(tmp_path))
+    with OutLock(store.fs, store.root, store.out) as lock:
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["run"] == lock.holder["run"]
+
+
+def test_a_file_with_glob_characters_in_its_name_is_a_file(films, tmp_path):
+    from kissray.inputs import expand_inputs
+
+    path = tmp_path / "Casablanca [1942].mp4"
+    path.write_bytes(open(films["clean"], "rb").read())
+    (title,) = expand_inputs([str(path)])
+    assert (title.title_id, title.uri) == ("Casablanca [1942]", str(path))
