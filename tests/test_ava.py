@@ -100,7 +100,8 @@ def ava(tmp_path):
 
 
 def _args(root, action: str = "kiss (a person)", *extra) -> list[str]:
-    return ["annotations", "from-ava", "--csv", str(root / "ava_train_v2.2.csv"), "--csv", str(root / "ava_val_v2.2.csv"),
+    return ["annotations", "from-ava", "--csv", str(root / "ava_train_v2.2.csv"),
+            "--csv", str(root / "ava_val_v2.2.csv"),
             "--label-map", str(root / "ava_action_list_v2.2.pbtxt"), "--action", action,
             "--videos", str(root / "videos"), "--out", str(root / "ann.csv"), *extra]
 
