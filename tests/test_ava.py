@@ -218,6 +218,24 @@ def test_videos_from_any_fsspec_uri_and_nothing_found(ava):
                     str(ava / "nowhere"))
 
 
+def test_two_files_for_one_video_are_reported_and_the_first_is_used(ava, capsys):
+    (ava / "videos" / "vidA.mkv").write_bytes(b"")
+    assert main(_args(ava)) == 0
+    assert f"vidA: 2 files, using {ava / 'videos' / 'vidA.mkv'}" in capsys.readouterr().err
+    assert str(ava / "videos" / "vidA.mkv") in (ava / "ann.csv").read_text()
+
+
+def test_usage_errors_exit_2(ava, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["annotations"])  # no source given
+    assert exit_info.value.code == 2
+    assert main(_args(ava, "kiss (a person)", "--label", "none")) == 2
+    assert main(_args(ava, "kiss (a person)", "--offset-s", "-1")) == 2
+    (ava / "ava_action_list_v2.2.pbtxt").unlink()
+    assert main(_args(ava)) == 2
+    assert "no such label map file" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- AVA -> train -> eval
 
 FILM_S = 16
