@@ -13,8 +13,8 @@ from kissray.annotations import parse_annotations, split_films
 from kissray.cli import main
 from kissray.evaluate import evaluate
 from kissray.model import load_model
-from kissray.train import (ClipSet, TrainOptions, augment, class_balance, fit, head_job, loss_function, read_metrics,
-                           sampling_weights, selection_score, start_model, train)
+from kissray.train import (ClipSet, TrainOptions, augment, class_balance, fit, full_job, head_job, loss_function,
+                           read_metrics, sampling_weights, selection_score, start_model, train)
 
 FILM_S = 8
 
@@ -156,6 +156,19 @@ def test_positive_weight_scales_the_loss_of_positives_only():
     weighted = loss_function({"pos_weight": {"kiss": 4.0}}, ["kiss"])
     assert float(weighted(logits, pos)) == pytest.approx(4 * float(plain(logits, pos)))
     assert float(weighted(logits, neg)) == pytest.approx(float(plain(logits, neg)))
+
+
+def test_full_mode_trains_with_the_positive_weight():
+    from kissray.model import ModelConfig, init_model
+
+    frames = np.random.default_rng(0).integers(0, 256, (4, 1, 32, 32, 3), dtype=np.uint8)
+    sets = {"train": ClipSet(np.ones((4, 1), np.float32), frames=frames, log_mel=np.zeros((4, 96, 64), np.float32))}
+    losses = []
+    for weight in (1.0, 3.0):  # same seed: same augmentation, same batch statistics
+        model = init_model(ModelConfig(labels=["kiss"], modality="video", image_size=32), seed=0)
+        job = full_job(model, sets, 0, loss_function({"pos_weight": {"kiss": weight}}, ["kiss"]))
+        losses.append(float(job.loss_on(torch.arange(4)).detach()))
+    assert losses[1] == pytest.approx(3 * losses[0], rel=1e-5)  # every target positive
 
 
 def _rare_overlapping_set(n: int, rng: np.random.Generator) -> ClipSet:
