@@ -209,6 +209,28 @@ def _format(path: str, errors: list[tuple[int, str]]) -> str:
     return "\n".join(lines)
 
 
+def format_annotations(spans: list[Span]) -> str:
+    """The CSV text of ``spans`` (header ``uri,start_s,end_s,label,split``), readable by :func:`read_annotations`."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(COLUMNS + OPTIONAL_COLUMNS)
+    for s in spans:
+        writer.writerow([s.uri, _number(s.start_s), _number(s.end_s), s.label, s.split or ""])
+    return out.getvalue()
+
+
+def write_annotations(spans: list[Span], path: str) -> None:
+    """Write ``spans`` as an annotations CSV to ``path`` (any fsspec URI)."""
+    import fsspec
+
+    with fsspec.open(str(path), "wt", encoding="utf-8") as f:
+        f.write(format_annotations(spans))
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
 # ---------------------------------------------------------------- clip labels
 
 

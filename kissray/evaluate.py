@@ -1,7 +1,8 @@
 """Evaluation against annotations: per-second and segment-level metrics, per label.
 
 Per second: over the annotated seconds of the chosen films (every second with
-``unlabelled="negative"``), ``p >= threshold`` against the clip labels of :mod:`kissray.annotations`.
+``unlabelled="negative"``), ``p >= threshold`` against the clip labels of :mod:`kissray.annotations`,
+and the threshold-free average precision of ``p`` (:func:`average_precision`).
 Per segment: the segmenter's segments against the annotated spans of the label (adjacent or
 overlapping spans of one label merged). A predicted segment matches a true span when their IoU
 (in seconds) is at least 0.5; matching is one-to-one, greedy by decreasing IoU (ties: earlier
@@ -33,17 +34,44 @@ class FilmPrediction:
 
 def per_second_metrics(y_true: np.ndarray, y_prob: np.ndarray, labels: list[str],
                        threshold: float = 0.5) -> dict[str, dict]:
-    """``{label: {precision, recall, f1, accuracy, tp, fp, fn, tn, n_seconds}}`` for [n, n_labels] arrays."""
+    """``{label: {precision, recall, f1, accuracy, ap, tp, fp, fn, tn, n_seconds}}`` for [n, n_labels] arrays.
+
+    ``ap`` is the average precision of the probabilities (None when the label has no positive second).
+    """
     y_true = np.asarray(y_true).reshape(-1, len(labels)) >= 0.5
-    y_pred = np.asarray(y_prob).reshape(-1, len(labels)) >= threshold
+    y_prob = np.asarray(y_prob).reshape(-1, len(labels))
+    y_pred = y_prob >= threshold
     out = {}
     for j, label in enumerate(labels):
         t, p = y_true[:, j], y_pred[:, j]
         tp, fp = int((t & p).sum()), int((~t & p).sum())
         fn, tn = int((t & ~p).sum()), int((~t & ~p).sum())
         out[label] = {**_prf(tp, fp, fn), "accuracy": (tp + tn) / len(t) if len(t) else 0.0,
+                      "ap": average_precision(t, y_prob[:, j]),
                       "tp": tp, "fp": fp, "fn": fn, "tn": tn, "n_seconds": int(len(t))}
     return out
+
+
+def average_precision(y_true: np.ndarray, y_score: np.ndarray) -> float | None:
+    """Area under the precision-recall curve, as scikit-learn's ``average_precision_score``.
+
+    ``AP = sum_n (R_n - R_(n-1)) P_n`` over the distinct scores taken as thresholds from the
+    highest down (tied scores are one threshold; no interpolation). NaN scores rank last.
+    None when ``y_true`` has no positive (AP is undefined there).
+    """
+    truth = np.asarray(y_true).reshape(-1) >= 0.5
+    score = np.asarray(y_score, np.float64).reshape(-1)
+    n_positive = int(truth.sum())
+    if n_positive == 0:
+        return None
+    score = np.where(np.isnan(score), -np.inf, score)
+    order = np.argsort(-score, kind="stable")
+    score, truth = score[order], truth[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(score)), len(score) - 1]  # one threshold per distinct score
+    tp = np.cumsum(truth)[last_of_tie]
+    precision = tp / (last_of_tie + 1)
+    recall = tp / n_positive
+    return float(np.sum(np.diff(recall, prepend=0.0) * precision))
 
 
 def _prf(tp: int, fp: int, fn: int) -> dict[str, float]:
@@ -54,8 +82,14 @@ def _prf(tp: int, fp: int, fn: int) -> dict[str, float]:
 
 
 def mean_f1(metrics: dict[str, dict]) -> float:
-    """Macro-average F1 over labels (the model-selection criterion)."""
+    """Macro-average F1 over labels."""
     return float(np.mean([m["f1"] for m in metrics.values()])) if metrics else 0.0
+
+
+def mean_ap(metrics: dict[str, dict]) -> float | None:
+    """Macro-average AP over the labels where it is defined (None when it is nowhere)."""
+    aps = [m["ap"] for m in metrics.values() if m.get("ap") is not None]
+    return float(np.mean(aps)) if aps else None
 
 
 def iou(a: tuple[float, float], b: tuple[float, float]) -> float:
@@ -112,7 +146,8 @@ def evaluate_predictions(predictions: list[FilmPrediction], annotations: Annotat
     return {"labels": labels, "films": [p.uri for p in predictions], "n_films": len(predictions),
             "unlabelled": unlabelled, "segmenter": asdict(params), "min_iou": MIN_IOU,
             "per_second": seconds, "segments": segments,
-            "summary": {"per_second_f1": mean_f1(seconds), "segment_f1": mean_f1(segments)}}
+            "summary": {"per_second_f1": mean_f1(seconds), "per_second_ap": mean_ap(seconds),
+                        "segment_f1": mean_f1(segments)}}
 
 
 def _count_segments(counts: dict, film: FilmPrediction, spans: list[Span], labels: list[str],

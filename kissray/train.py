@@ -1,8 +1,11 @@
 """Training from annotations: :func:`train` (the paper's recipe as defaults).
 
-Adam, lr 1e-3, batch 64, 10 epochs, BCE-with-logits per label (multi-label), keep the epoch with
-the best validation F1 (macro over labels, per second, threshold 0.5). Films, never clips, are
-split into train / val / test (:func:`kissray.annotations.split_films`).
+Adam, lr 1e-3, batch 64, 10 epochs, BCE-with-logits per label (multi-label). Films, never clips,
+are split into train / val / test (:func:`kissray.annotations.split_films`). The epoch kept is the
+one with the best validation average precision (macro over labels, per second), then F1 at 0.5
+(``select_on="f1"``: the paper's rule, F1 first). Class imbalance (kiss is a few percent of
+AVA's seconds) is met by a positive weight in the loss or balanced sampling, chosen by default
+from the training clips' label frequencies (:func:`class_balance`).
 
 ``mode="head"`` decodes and embeds every labelled clip once (frozen backbones, the same decode
 path as scoring) and trains the linear head on the cached embeddings in seconds; the embeddings
@@ -25,13 +28,16 @@ from torch import nn
 
 from kissray.annotations import Annotations, clip_targets, split_films
 from kissray.errors import DecodeError, MediaError, UsageError
-from kissray.evaluate import mean_f1, per_second_metrics
+from kissray.evaluate import mean_ap, mean_f1, per_second_metrics
 from kissray.media import ClipReader
 from kissray.model import MODALITIES, KissModel, ModelConfig, init_model, load_model, save_model
 from kissray.score import batched
 
 log = logging.getLogger(__name__)
 MODES = ("head", "full")
+BALANCE_CHOICES = ("auto", "none", "pos-weight", "sample")
+SELECT_CHOICES = ("ap", "f1")
+BALANCED_RATE = 0.2  # auto: no re-balancing while every label's positive rate is within [0.2, 0.8]
 METRICS_FILE = "metrics.json"
 EMBED_BATCH = 32  # clips per forward pass when caching embeddings
 
@@ -51,8 +57,14 @@ class TrainOptions:
     frames_per_clip: int = 1  # for a new model (no init checkpoint)
     device: str | None = None  # None: cuda when available, else cpu
     ray_workers: int = 0  # head mode: embed films on this many Ray actors (0: in this process)
+    balance: str = "auto"  # auto | none | pos-weight | sample (see class_balance)
+    select_on: str = "ap"  # ap | f1: the validation metric that picks the epoch kept (the other breaks ties)
 
     def __post_init__(self):
+        if self.balance not in BALANCE_CHOICES:
+            raise UsageError(f"balance must be one of {BALANCE_CHOICES}, not {self.balance!r}")
+        if self.select_on not in SELECT_CHOICES:
+            raise UsageError(f"select_on must be one of {SELECT_CHOICES}, not {self.select_on!r}")
         if self.mode not in MODES:
             raise UsageError(f"mode must be one of {MODES}, not {self.mode!r}")
         if self.modality is not None and self.modality not in MODALITIES:
@@ -196,7 +208,55 @@ def merge_clip_sets(parts: list[ClipSet], n_labels: int) -> ClipSet:
                    films=[f for p in parts for f in p.films])
 
 
+# ---------------------------------------------------------------- class imbalance
+
+
+def class_balance(targets: np.ndarray, labels: list[str], method: str = "auto") -> dict:
+    """How training meets class imbalance, decided from the training clips' label frequencies.
+
+    ``auto`` picks ``none`` while every label's positive rate is within [0.2, 0.8] (the paper's
+    recipe unchanged), else ``pos-weight``: the positive term of each label's BCE weighted by
+    n_negative / n_positive, so every clip is still seen once per epoch. ``sample`` (opt-in)
+    draws each epoch's clips with replacement, each combination of labels (none included)
+    equally often (:func:`sampling_weights`). The returned dict goes into ``metrics.json``.
+    """
+    targets = np.asarray(targets, np.float64).reshape(-1, len(labels)) >= 0.5
+    n, n_positive = len(targets), targets.sum(0)
+    rate = n_positive / max(n, 1)
+    chosen = method
+    if method == "auto":
+        chosen = "pos-weight" if np.any(np.minimum(rate, 1 - rate) < BALANCED_RATE) else "none"
+    pos_weight = (n - n_positive) / np.maximum(n_positive, 1)
+    return {"method": chosen, "requested": method,
+            "rule": f"auto: pos-weight when a label's positive rate is below {BALANCED_RATE:g} or above "
+                    f"{1 - BALANCED_RATE:g} in the training clips, else none",
+            "positive_rate": dict(zip(labels, rate.tolist())),
+            "pos_weight": dict(zip(labels, pos_weight.tolist())) if chosen == "pos-weight" else None}
+
+
+def sampling_weights(targets: np.ndarray) -> torch.Tensor:
+    """Per-clip draw weights that give each combination of positive labels the same total weight."""
+    keys = [row.tobytes() for row in np.asarray(targets) >= 0.5]
+    counts: dict[bytes, int] = {}
+    for key in keys:
+        counts[key] = counts.get(key, 0) + 1
+    return torch.tensor([1.0 / counts[key] for key in keys], dtype=torch.float64)
+
+
+def loss_function(balance: dict, labels: list[str], device=None) -> nn.Module:
+    """BCE-with-logits, with the positive weights of ``balance`` when it has them."""
+    if not balance.get("pos_weight"):
+        return nn.BCEWithLogitsLoss()
+    weight = torch.tensor([balance["pos_weight"][label] for label in labels], dtype=torch.float32, device=device)
+    return nn.BCEWithLogitsLoss(pos_weight=weight)
+
+
 # ---------------------------------------------------------------- the training loop
+
+SELECTION_RULES = {
+    "ap": "highest mean AP on {split}, then mean F1 at 0.5, then lowest {split} loss, then the earliest epoch",
+    "f1": "highest mean F1 at 0.5 on {split}, then mean AP, then lowest {split} loss, then the earliest epoch",
+}
 
 
 @dataclass
@@ -208,19 +268,23 @@ class _Fit:
     predict: object  # (ClipSet) -> float32[n, n_labels] probabilities
 
 
-def fit(job: _Fit, sets: dict[str, ClipSet], labels: list[str], options: TrainOptions,
+def fit(job: _Fit, sets: dict[str, ClipSet], labels: list[str], options: TrainOptions, balance: dict,
         show_progress: bool = True) -> dict:
     """Train for ``options.epochs``, keep the best epoch's weights in ``job.module``; return metrics."""
     from tqdm.auto import tqdm
 
     selected_on = "val" if len(sets["val"]) else "train"
+    weights = sampling_weights(sets["train"].targets) if balance["method"] == "sample" else None
     optimizer = torch.optim.Adam([p for p in job.module.parameters() if p.requires_grad], lr=options.lr)
     generator = torch.Generator().manual_seed(options.seed)
     n_train = len(sets["train"])
     history, best, best_epoch, best_state = [], None, 0, None
     for epoch in range(1, options.epochs + 1):
         started = time.perf_counter()
-        order = torch.randperm(n_train, generator=generator)
+        if weights is None:
+            order = torch.randperm(n_train, generator=generator)
+        else:
+            order = torch.multinomial(weights, n_train, replacement=True, generator=generator)
         losses = []
         with tqdm(total=n_train, desc=f"epoch {epoch}/{options.epochs}", unit="clip", leave=True,
                   disable=not show_progress) as bar:
@@ -239,14 +303,26 @@ def fit(job: _Fit, sets: dict[str, ClipSet], labels: list[str], options: TrainOp
                     record[split] = per_second_metrics(sets[split].targets, probs, labels)
                     record[f"{split}_loss"] = bce(sets[split].targets, probs)
             record["seconds"] = time.perf_counter() - started
-            score = (mean_f1(record[selected_on]), -record[f"{selected_on}_loss"])
-            bar.set_postfix(loss=f"{record['loss']:.4f}", **{f"{selected_on}_f1": f"{score[0]:.3f}"})
+            score = selection_score(record, selected_on, options.select_on)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", **{f"{selected_on}_{options.select_on}": f"{score[0]:.3f}"})
         history.append(record)
-        if best is None or score > best:  # F1 first, then loss; ties keep the earlier epoch
+        if best is None or score > best:  # ties keep the earlier epoch
             best, best_epoch, best_state = score, epoch, copy.deepcopy(job.module.state_dict())
     job.module.load_state_dict(best_state)
     final = {split: per_second_metrics(s.targets, job.predict(s), labels) for split, s in sets.items() if len(s)}
-    return {"epochs": history, "best_epoch": best_epoch, "selected_on": selected_on, "final": final}
+    selection = {"split": selected_on, "metric": options.select_on,
+                 "rule": SELECTION_RULES[options.select_on].format(split=selected_on)}
+    return {"epochs": history, "best_epoch": best_epoch, "selected_on": selected_on, "selection": selection,
+            "final": final}
+
+
+def selection_score(record: dict, split: str, select_on: str) -> tuple[float, float, float]:
+    """The key an epoch is ranked by (higher is better): see :data:`SELECTION_RULES`."""
+    ap = mean_ap(record[split])
+    ap = -1.0 if ap is None else ap  # no positive clip in the split: AP says nothing, the rest decides
+    f1 = mean_f1(record[split])
+    first, second = (ap, f1) if select_on == "ap" else (f1, ap)
+    return first, second, -record[f"{split}_loss"]
 
 
 def bce(targets: np.ndarray, probs: np.ndarray) -> float:
@@ -255,7 +331,7 @@ def bce(targets: np.ndarray, probs: np.ndarray) -> float:
     return float(-np.mean(targets * np.log(p) + (1 - targets) * np.log(1 - p))) if p.size else 0.0
 
 
-def head_job(model: KissModel, sets: dict[str, ClipSet]) -> tuple[_Fit, object]:
+def head_job(model: KissModel, sets: dict[str, ClipSet], criterion: nn.Module) -> tuple[_Fit, object]:
     """Train a copy of the head on standardized embeddings; the returned ``fold()`` writes it back."""
     features = sets["train"].features
     mean = torch.as_tensor(features.mean(0))
@@ -267,7 +343,6 @@ def head_job(model: KissModel, sets: dict[str, ClipSet]) -> tuple[_Fit, object]:
         head.bias.copy_(b + w @ mean)
     z = {name: (torch.as_tensor(s.features) - mean) / std for name, s in sets.items() if len(s)}
     y = torch.as_tensor(sets["train"].targets)
-    criterion = nn.BCEWithLogitsLoss()
 
     def predict(clip_set: ClipSet) -> np.ndarray:
         with torch.no_grad():
@@ -299,11 +374,10 @@ def augment(frames: torch.Tensor, log_mel: torch.Tensor, generator: torch.Genera
     return x.clamp(0, 255), log_mel + gain
 
 
-def full_job(model: KissModel, sets: dict[str, ClipSet], seed: int) -> _Fit:
+def full_job(model: KissModel, sets: dict[str, ClipSet], seed: int, criterion: nn.Module) -> _Fit:
     """Fine-tune the whole model on decoded clips, augmenting training batches."""
     device = model.head.weight.device
     train = sets["train"]
-    criterion = nn.BCEWithLogitsLoss()
     generator = torch.Generator().manual_seed(seed + 1)
 
     def loss_on(rows: torch.Tensor) -> torch.Tensor:
@@ -358,18 +432,21 @@ def train(annotations: Annotations, out: str, options: TrainOptions = TrainOptio
     if not len(sets["train"]):
         raise UsageError("no labelled clips in the training films (see --unlabelled)")
     started = time.perf_counter()
+    balance = class_balance(sets["train"].targets, model.labels, options.balance)
     if options.mode == "head":
-        job, fold = head_job(model, sets)
-        metrics = fit(job, sets, model.labels, options, show_progress)
+        job, fold = head_job(model, sets, loss_function(balance, model.labels))
+        metrics = fit(job, sets, model.labels, options, balance, show_progress)
         fold()
     else:
-        metrics = fit(full_job(model, sets, options.seed), sets, model.labels, options, show_progress)
+        criterion = loss_function(balance, model.labels, model.head.weight.device)
+        metrics = fit(full_job(model, sets, options.seed, criterion), sets, model.labels, options, balance,
+                      show_progress)
     metrics = {"labels": model.labels, "annotations": annotations.path, "init": init,
                "options": {**asdict(options), "device": device}, "seed": options.seed,
                "splits": splits, "n_clips": {k: len(s) for k, s in sets.items()},
                "n_positive": {k: dict(zip(model.labels, s.targets.sum(0).astype(int).tolist()))
                               for k, s in sets.items()},
-               "skipped_films": skipped, "train_seconds": time.perf_counter() - started, **metrics}
+               "balance": balance, "skipped_films": skipped, "train_seconds": time.perf_counter() - started, **metrics}
     save_model(model.eval(), out, extra_files={METRICS_FILE: json.dumps(metrics, indent=2).encode()})
     return metrics
 

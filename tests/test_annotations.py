@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kissray.annotations import Span, clip_targets, parse_annotations, read_annotations, split_films
+from kissray.annotations import (Span, clip_targets, format_annotations, parse_annotations, read_annotations,
+                                 split_films, write_annotations)
 from kissray.errors import UsageError
 
 
@@ -125,3 +126,19 @@ def test_split_column_is_honoured():
     splits = split_films(ann, seed=0)
     assert "film0" in splits["test"] and "film1" in splits["val"] and "film2" in splits["train"]
     assert len(set(sum(splits.values(), []))) == 10
+
+
+def test_written_spans_read_back_unchanged(tmp_path):
+    (tmp_path / "a b.mp4").write_bytes(b"x")
+    film = str(tmp_path / "a b.mp4")
+    written = [Span(film, 0.0, 2.5, "kiss", "train"), Span(film, 2.5, 1234567.0, "none", "train"),
+               Span("s3://bucket/x,y.mkv", 0.1, 0.2, "kiss")]
+    text = format_annotations(written)
+    assert text.splitlines()[:2] == ["uri,start_s,end_s,label,split", f"{film},0,2.5,kiss,train"]
+    assert "1234567," in text  # whole seconds as integers, never 1.23457e+06
+    write_annotations(written[:2], str(tmp_path / "ann.csv"))
+    ann = read_annotations(str(tmp_path / "ann.csv"))
+    assert [(s.uri, s.start_s, s.end_s, s.label, s.split) for s in ann.spans[film]] == \
+        [(s.uri, s.start_s, s.end_s, s.label, s.split) for s in written[:2]]
+    other = parse_annotations(text, check_films=False).spans["s3://bucket/x,y.mkv"]  # quoted comma
+    assert [(s.start_s, s.end_s, s.split) for s in other] == [(0.1, 0.2, None)]

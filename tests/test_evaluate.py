@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from kissray.annotations import parse_annotations
-from kissray.evaluate import (FilmPrediction, evaluate_predictions, iou, match_segments, per_second_metrics,
-                              predictions_from_probs, true_segments)
+from kissray.evaluate import (FilmPrediction, average_precision, evaluate_predictions, iou, match_segments,
+                              per_second_metrics, predictions_from_probs, true_segments)
 from kissray.score import Segment, SegmentParams
 
 
@@ -18,6 +18,43 @@ def test_per_second_metrics_known_counts():
     assert (m["tp"], m["fp"], m["fn"], m["tn"]) == (3, 1, 1, 3)
     assert m["precision"] == pytest.approx(0.75) and m["recall"] == pytest.approx(0.75)
     assert m["f1"] == pytest.approx(0.75) and m["accuracy"] == pytest.approx(6 / 8)
+    # ranked by p (.9 .7 .6 .5 .4 .2 .1 0): + - + + - + - -; precision at the positives 1, 2/3, 3/4, 4/6
+    assert m["ap"] == pytest.approx((1 + 2 / 3 + 3 / 4 + 4 / 6) / 4)
+
+
+def test_average_precision_by_hand():
+    # ranked: + - + + - : precision at each positive 1/1, 2/3, 3/4 -> AP = (1 + 2/3 + 3/4) / 3
+    assert average_precision([1, 0, 1, 1, 0], [.9, .8, .7, .6, .5]) == pytest.approx((1 + 2 / 3 + 3 / 4) / 3)
+    # scikit-learn's documented example of average_precision_score
+    assert average_precision([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.8333333333)
+    # tied scores are one threshold, not ranked in input order: (R 1, P 2/3) whatever the order
+    assert average_precision([1, 0, 1, 0], [.5, .5, .5, .1]) == pytest.approx(2 / 3)
+    assert average_precision([0, 1, 0, 1], [.5, .5, .5, .1]) == pytest.approx(0.5 * 1 / 3 + 0.5 * 2 / 4)
+    assert average_precision([1, 1, 0], [.2, .9, .1]) == 1.0  # perfect ranking, threshold-free
+    assert average_precision([0, 1], [np.nan, 0.1]) == 1.0  # NaN ranks last
+    assert average_precision([0, 0], [.3, .7]) is None  # undefined without a positive
+
+
+def _brute_force_ap(y: np.ndarray, s: np.ndarray) -> float:
+    """The definition, one threshold at a time: sum over distinct scores t (descending) of dR(t) * P(t)."""
+    ap, last_recall = 0.0, 0.0
+    for t in sorted(set(s.tolist()), reverse=True):
+        chosen = s >= t
+        recall = (y & chosen).sum() / y.sum()
+        ap += (recall - last_recall) * (y & chosen).sum() / chosen.sum()
+        last_recall = recall
+    return ap
+
+
+def test_average_precision_matches_the_definition_with_ties():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n = int(rng.integers(1, 40))
+        y = rng.random(n) < rng.uniform(0.05, 0.9)
+        if not y.any():
+            continue
+        s = np.round(rng.random(n), int(rng.integers(0, 3)))  # 0-2 decimals: many ties
+        assert average_precision(y, s) == pytest.approx(_brute_force_ap(y, s), abs=1e-12)
 
 
 def test_no_positive_predictions_gives_zero_not_nan():
@@ -66,6 +103,10 @@ def test_evaluate_predictions_known_answer():
     assert g["precision"] == pytest.approx(2 / 3) and g["recall"] == 1.0
     assert report["segmenter"] == {"threshold": 0.5, "min_len": 3, "min_fraction": 0.7}
     assert report["summary"]["per_second_f1"] == pytest.approx(s["f1"])
+    # film a ranks perfectly; in b the 4 false alarms (0.7) outrank the 6 missed seconds (0.0):
+    # thresholds 0.9 (12 tp), 0.8 (+6 tp), 0.7 (+4 fp), 0.0 (+6 tp, +28 fp) -> AP = (18 * 1 + 6 * 24/50) / 24
+    assert s["ap"] == pytest.approx((18 + 6 * 24 / 50) / 24)
+    assert report["summary"]["per_second_ap"] == pytest.approx(s["ap"])
 
 
 def test_unlabelled_seconds_are_ignored_or_negative():
@@ -110,4 +151,4 @@ def test_score_outputs_read_back_as_predictions(tmp_path):
     assert pred.segments == [Segment("kiss", 1, 4, 0.8)]
     ann = parse_annotations("uri,start_s,end_s,label\na,1,4,kiss\na,0,1,none\na,4,5,none\n", check_films=False)
     report = evaluate_predictions([pred], ann, ["kiss"], SegmentParams(min_len=2))
-    assert report["summary"] == {"per_second_f1": 1.0, "segment_f1": 1.0}
+    assert report["summary"] == {"per_second_f1": 1.0, "per_second_ap": 1.0, "segment_f1": 1.0}

@@ -13,7 +13,8 @@ from kissray.annotations import parse_annotations, split_films
 from kissray.cli import main
 from kissray.evaluate import evaluate
 from kissray.model import load_model
-from kissray.train import TrainOptions, augment, read_metrics, start_model, train
+from kissray.train import (ClipSet, TrainOptions, augment, class_balance, fit, full_job, head_job, loss_function,
+                           read_metrics, sampling_weights, selection_score, start_model, train)
 
 FILM_S = 8
 
@@ -57,8 +58,14 @@ def test_metrics_are_saved_per_epoch_and_split_with_the_film_split(head_run):
     assert saved == json.loads(json.dumps(metrics))
     assert set(saved["final"]) == {"train", "val", "test"}
     assert {"epoch", "loss", "train", "val", "val_loss", "seconds"} <= set(saved["epochs"][0])
-    best = saved["epochs"][saved["best_epoch"] - 1]["val"]["kiss"]["f1"]
-    assert best == max(e["val"]["kiss"]["f1"] for e in saved["epochs"])
+    # kept: the highest val AP, then F1, then the lowest val loss, then the earliest epoch
+    keys = [(e["val"]["kiss"]["ap"], e["val"]["kiss"]["f1"], -e["val_loss"]) for e in saved["epochs"]]
+    assert saved["best_epoch"] == 1 + keys.index(max(keys))
+    assert saved["selection"] == {"split": "val", "metric": "ap", "rule": "highest mean AP on val, then mean F1 "
+                                  "at 0.5, then lowest val loss, then the earliest epoch"}
+    assert saved["balance"]["method"] == "none" and saved["balance"]["requested"] == "auto"  # a third positive
+    assert saved["balance"]["positive_rate"]["kiss"] == pytest.approx(saved["n_positive"]["train"]["kiss"]
+                                                                      / saved["n_clips"]["train"])
     films = [f for split in saved["splits"].values() for f in split]
     assert sorted(films) == sorted(ann.films) and len(set(films)) == len(films)
     assert saved["splits"] == split_films(ann, seed=1)
@@ -116,6 +123,87 @@ def test_bad_options_are_usage_errors():
         TrainOptions(mode="partial")
     with pytest.raises(UsageError):
         TrainOptions(epochs=0)
+    with pytest.raises(UsageError, match="balance"):
+        TrainOptions(balance="oversample")
+    with pytest.raises(UsageError, match="select_on"):
+        TrainOptions(select_on="loss")
+
+
+def test_class_balance_is_chosen_from_label_frequencies():
+    third = np.array([[1], [0], [0]] * 10, np.float32)
+    assert class_balance(third, ["kiss"])["method"] == "none"  # 1/3 positive: the paper's recipe as is
+    rare = np.array([[1]] + [[0]] * 19, np.float32)
+    balance = class_balance(rare, ["kiss"])
+    assert balance["method"] == "pos-weight" and balance["pos_weight"] == {"kiss": 19.0}
+    assert balance["positive_rate"] == {"kiss": 0.05}
+    common = np.array([[1, 1]] * 9 + [[0, 1]], np.float32)  # kiss 90 %, hug 100 %: both skewed
+    assert class_balance(common, ["kiss", "hug"])["pos_weight"] == {"kiss": pytest.approx(1 / 9), "hug": 0.0}
+    assert class_balance(rare, ["kiss"], "none")["method"] == "none"  # the flag overrides
+    assert class_balance(rare, ["kiss"], "sample") == {**balance, "method": "sample", "requested": "sample",
+                                                       "pos_weight": None}
+
+
+def test_sampling_weights_give_each_label_combination_equal_mass():
+    targets = np.array([[1, 0]] * 2 + [[0, 0]] * 6 + [[1, 1]] * 1 + [[0, 1]] * 3, np.float32)
+    weights = sampling_weights(targets)
+    groups = [slice(0, 2), slice(2, 8), slice(8, 9), slice(9, 12)]
+    assert [float(weights[g].sum()) for g in groups] == pytest.approx([1.0] * 4)
+
+
+def test_positive_weight_scales_the_loss_of_positives_only():
+    logits, pos, neg = torch.tensor([[0.3]]), torch.tensor([[1.0]]), torch.tensor([[0.0]])
+    plain = loss_function({"pos_weight": None}, ["kiss"])
+    weighted = loss_function({"pos_weight": {"kiss": 4.0}}, ["kiss"])
+    assert float(weighted(logits, pos)) == pytest.approx(4 * float(plain(logits, pos)))
+    assert float(weighted(logits, neg)) == pytest.approx(float(plain(logits, neg)))
+
+
+def test_full_mode_trains_with_the_positive_weight():
+    from kissray.model import ModelConfig, init_model
+
+    frames = np.random.default_rng(0).integers(0, 256, (4, 1, 32, 32, 3), dtype=np.uint8)
+    sets = {"train": ClipSet(np.ones((4, 1), np.float32), frames=frames, log_mel=np.zeros((4, 96, 64), np.float32))}
+    losses = []
+    for weight in (1.0, 3.0):  # same seed: same augmentation, same batch statistics
+        model = init_model(ModelConfig(labels=["kiss"], modality="video", image_size=32), seed=0)
+        job = full_job(model, sets, 0, loss_function({"pos_weight": {"kiss": weight}}, ["kiss"]))
+        losses.append(float(job.loss_on(torch.arange(4)).detach()))
+    assert losses[1] == pytest.approx(3 * losses[0], rel=1e-5)  # every target positive
+
+
+def _rare_overlapping_set(n: int, rng: np.random.Generator) -> ClipSet:
+    """5 % positives whose 128-d features are shifted by 1.5 sd on one axis: overlapping classes."""
+    targets = (rng.random(n) < 0.05).astype(np.float32)[:, None]
+    features = rng.normal(size=(n, 128)).astype(np.float32)
+    features[:, 0] += 1.5 * targets[:, 0]
+    return ClipSet(targets, features=features)
+
+
+@pytest.mark.parametrize("method", ["pos-weight", "sample"])
+def test_balancing_raises_recall_of_a_rare_label(method):
+    """Unweighted, a rare label that overlaps the negatives is seldom >= 0.5 (recall ~0.1 for the ideal
+    classifier); balanced, most of it is (~0.75)."""
+    from kissray.model import ModelConfig, init_model
+
+    rng = np.random.default_rng(0)
+    sets = {"train": _rare_overlapping_set(10000, rng), "val": _rare_overlapping_set(2000, rng)}
+    recall = {}
+    for choice in ("none", method):
+        model = init_model(ModelConfig(labels=["kiss"], modality="audio"), seed=0)
+        options = TrainOptions(epochs=5, lr=2e-2, batch_size=256, balance=choice)
+        balance = class_balance(sets["train"].targets, ["kiss"], choice)
+        job, _ = head_job(model, sets, loss_function(balance, ["kiss"]))
+        metrics = fit(job, sets, ["kiss"], options, balance, show_progress=False)
+        recall[choice] = metrics["final"]["val"]["kiss"]["recall"]
+    assert recall["none"] < 0.2 and recall[method] > 0.55, recall
+
+
+def test_selection_ranks_ap_or_f1_first():
+    record = {"val": {"kiss": {"ap": 0.6, "f1": 0.2}, "hug": {"ap": None, "f1": 0.4}}, "val_loss": 0.5}
+    assert selection_score(record, "val", "ap") == pytest.approx((0.6, 0.3, -0.5))  # undefined AP left out
+    assert selection_score(record, "val", "f1") == pytest.approx((0.3, 0.6, -0.5))
+    no_positive = {"val": {"kiss": {"ap": None, "f1": 0.0}}, "val_loss": 0.1}
+    assert selection_score(no_positive, "val", "ap") == (-1.0, 0.0, -0.1)
 
 
 def test_cli_train_then_eval(tone_corpus, tmp_path, capsys):

@@ -1,5 +1,8 @@
 """``kissray eval``: score annotated films with a checkpoint and report per-second and segment metrics.
 
+Per second: average precision (AP, threshold-free) and P/R/F1 at --threshold; per segment: P/R/F1
+of the segmenter's segments against the annotated spans (IoU >= 0.5).
+
 The split is recomputed from the CSV with the training seed (read from the checkpoint's
 metrics.json unless --seed is given), so ``--split test`` means the films training held out.
 """
@@ -57,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
         print(text)
     for label in report["labels"]:
         s, g = report["per_second"][label], report["segments"][label]
-        print(f"{label}: per-second F1 {s['f1']:.3f} (P {s['precision']:.3f} R {s['recall']:.3f}, "
+        ap = "n/a (no positive second)" if s["ap"] is None else f"{s['ap']:.3f}"
+        print(f"{label}: per-second AP {ap}, F1 {s['f1']:.3f} (P {s['precision']:.3f} R {s['recall']:.3f}, "
               f"{s['n_seconds']} s); segment F1 {g['f1']:.3f} ({g['tp']}/{g['n_true']} spans found, "
               f"{g['n_pred']} predicted)", file=sys.stderr)
     return 0

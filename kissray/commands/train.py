@@ -1,8 +1,10 @@
 """``kissray train``: train a checkpoint on an annotations CSV (the paper's recipe as defaults).
 
 Films are split 80/10/10 into train / val / test by a seeded shuffle (or by the CSV's ``split``
-column), never clip by clip. The epoch with the best validation F1 is kept; ``metrics.json`` in
-the checkpoint holds per-epoch and final metrics per split.
+column), never clip by clip. The epoch with the best validation AP (then F1) is kept, or F1 (then
+AP) with --select-on f1. Rare labels get a positive weight in the loss by default (--balance).
+``metrics.json`` in the checkpoint holds per-epoch and final metrics per split, the class balance
+used and the selection rule.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import argparse
 
 from kissray.annotations import UNLABELLED_CHOICES, read_annotations
 from kissray.model import MODALITIES
-from kissray.train import MODES, TrainOptions, train
+from kissray.train import BALANCE_CHOICES, BALANCED_RATE, MODES, SELECT_CHOICES, TrainOptions, train
 
 _DEFAULTS = TrainOptions()
 
@@ -37,6 +39,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ray-workers", type=int, default=0,
                    help="head mode: embed films on N Ray actors (a local Ray, or $RAY_ADDRESS); "
                         "default 0: in this process")
+    p.add_argument("--balance", choices=BALANCE_CHOICES, default=_DEFAULTS.balance,
+                   help=f"class imbalance: auto (default: pos-weight when a label's positive rate is below "
+                        f"{BALANCED_RATE:g} or above {1 - BALANCED_RATE:g}, else none), none, pos-weight "
+                        f"(BCE positive weight n_neg/n_pos), sample (balanced sampling with replacement)")
+    p.add_argument("--select-on", choices=SELECT_CHOICES, default=_DEFAULTS.select_on,
+                   help="validation metric that picks the epoch kept; the other breaks ties (default ap)")
     p.set_defaults(func=run)
 
 
@@ -45,11 +53,18 @@ def run(args: argparse.Namespace) -> int:
     options = TrainOptions(mode=args.mode, modality=args.modality, epochs=args.epochs, lr=args.lr,
                            batch_size=args.batch_size, seed=args.seed, unlabelled=args.unlabelled,
                            image_size=args.image_size, frames_per_clip=args.frames_per_clip, device=args.device,
-                           ray_workers=args.ray_workers)
+                           ray_workers=args.ray_workers, balance=args.balance, select_on=args.select_on)
     metrics = train(annotations, args.out, options, init=args.init)
-    print(f"wrote {args.out} (best epoch {metrics['best_epoch']} by {metrics['selected_on']} F1)")
+    balance = metrics["balance"]
+    print(f"wrote {args.out} (best epoch {metrics['best_epoch']} by {metrics['selected_on']} "
+          f"{metrics['selection']['metric'].upper()}; balance {balance['method']}"
+          f"{' (auto)' if balance['requested'] == 'auto' else ''})")
     for split, per_label in metrics["final"].items():
-        scores = ", ".join(f"{label} F1 {m['f1']:.3f} P {m['precision']:.3f} R {m['recall']:.3f}"
+        scores = ", ".join(f"{label} AP {_ap(m['ap'])} F1 {m['f1']:.3f} P {m['precision']:.3f} R {m['recall']:.3f}"
                            for label, m in per_label.items())
         print(f"  {split:5s} ({metrics['n_clips'][split]} s): {scores}")
     return 0
+
+
+def _ap(ap: float | None) -> str:
+    return "n/a" if ap is None else f"{ap:.3f}"
