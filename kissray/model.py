@@ -9,19 +9,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
-# CPU inference shares the cores with decoder processes; OpenMP threads that spin while a sibling
-# is descheduled burn the decoders' CPU (measured beside one decoder: 19.3 s -> 14.3 s for the
-# same 600 clips, benchmarks/NOTES.md). Read when torch loads libgomp; an operator's setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
-from kissray.errors import CheckpointError  # noqa: E402
+from kissray.errors import CheckpointError
 
 MODALITIES = ("av", "video", "audio")
 RESNET_DIM = 512  # ResNet-18 pooled feature size
@@ -234,7 +229,13 @@ def load_model(uri: str, device: str = "cpu") -> KissModel:
     except RuntimeError as e:
         raise CheckpointError(f"{uri}: weights do not match config.json: {str(e).splitlines()[0]}") from e
     model.pixel_mean, model.pixel_std = _pixel_stats()
-    return model.prepare(device)
+    return model.prepare(device, dtype=inference_dtype(device))
+
+
+def inference_dtype(device: str | torch.device) -> torch.dtype:
+    """The one precision policy for scoring (every path loads through :func:`load_model`): fp16 on
+    CUDA (tensor cores; probabilities within ~1e-3 of fp32), fp32 elsewhere. Training stays fp32."""
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
 
 
 # ---------------------------------------------------------------- backbone weights

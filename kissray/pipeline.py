@@ -299,7 +299,7 @@ def build_dataset(titles: list[Title], model_uri: str, out: str, config: ModelCo
             .map_batches(Classifier, fn_constructor_kwargs={"model_uri": model_uri, "batch_size": batch_size,
                                                               "num_threads": pool.threads, "faults": spec.faults},
                          batch_size=batch_size, batch_format="numpy", num_cpus=pool.cpus_per_actor,
-                         num_gpus=pool.gpus_per_actor, **actor_restarts,
+                         num_gpus=pool.gpus_per_actor, **actor_restarts, runtime_env={"env_vars": _openmp_env()},
                          compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool.max_actors))
             .map_batches(TitleWriter, fn_constructor_kwargs={"out": out, "labels": list(config.labels),
                                                              "model_uri": model_uri, "params": params,
@@ -307,6 +307,12 @@ def build_dataset(titles: list[Title], model_uri: str, out: str, config: ModelCo
                          batch_size=None, batch_format="numpy", num_cpus=0, **writer_args,
                          compute=ray.data.ActorPoolStrategy(size=1))  # one writer sees every row of a title
         )
+
+
+def _openmp_env() -> dict[str, str]:
+    from kissray.cli import OPENMP_ENV
+
+    return {name: os.environ.get(name, value) for name, value in OPENMP_ENV.items()}
 
 
 def _configure_fault_tolerance(pool: PoolPlan) -> None:

@@ -1,7 +1,11 @@
-"""One film in, per-second probabilities and segments out: :func:`score_film`.
+"""One way to score (SPEC section 3): the one :class:`Scorer` and the one result assembly.
 
-The batch job, the Serve app and evaluation all use the pieces here: :func:`predict_clips`
-(clips -> probabilities) and :func:`segments_by_label` (probabilities -> segments).
+A film's path: :class:`kissray.media.ClipReader` decodes clips (a child process) -> :class:`Scorer`
+(the checkpoint on a device, with the one precision policy of :func:`kissray.model.load_model`,
+batched forward passes) -> :func:`assemble_film` (per-second ``(second, p)`` pieces and the
+decoder's outcome -> NaN for unscored seconds, status, error, has_audio, segments) ->
+:class:`FilmResult`. :func:`score_film` is that path in one process; the Ray job
+(:mod:`kissray.batch.stages`), the Serve app and ``kissray eval`` use the same two pieces.
 """
 
 from __future__ import annotations
@@ -70,7 +74,10 @@ class FilmResult:
 
     @property
     def status(self) -> str:
-        return "ok" if self.error is None and self.n_scored == self.n_clips else "partial"
+        """ok; partial (some seconds scored); failed (none)."""
+        if self.error is None and self.n_scored == self.n_clips:
+            return "ok"
+        return "partial" if self.n_scored else "failed"
 
 
 def title_id_for(uri: str) -> str:
@@ -97,11 +104,63 @@ def batched(clips: Iterable[Clip], batch_size: int) -> Iterator[list[Clip]]:
         yield batch
 
 
+class Scorer:
+    """The one scorer: a checkpoint loaded once on a device (the precision policy is
+    :func:`kissray.model.load_model`'s: fp16 + channels_last on CUDA, fp32 + channels_last on CPU),
+    scoring clips in batches of ``batch_size``. ``model``: a checkpoint URI or a loaded model."""
+
+    def __init__(self, model, *, device: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+                 num_threads: int | None = None):
+        import torch
+
+        from kissray.model import load_model
+
+        if num_threads:  # Ray pins an actor to its CPU request; a CPU model may use more
+            torch.set_num_threads(num_threads)
+        if isinstance(model, (str, os.PathLike)):
+            model = load_model(str(model), device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model, self.batch_size = model, int(batch_size)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.model.config.labels)
+
+    def predict(self, frames: np.ndarray, log_mel: np.ndarray) -> np.ndarray:
+        """float32[n, n_labels] for stills uint8[n, K, S, S, 3] and log-mels float32[n, 96, 64]."""
+        return self.model.predict_proba(frames, log_mel, batch_size=self.batch_size)
+
+    def predict_clips(self, clips: list[Clip]) -> np.ndarray:
+        frames = np.stack([c.frames for c in clips]) if clips else np.zeros((0,), np.uint8)
+        log_mel = np.stack([c.log_mel for c in clips]) if clips else np.zeros((0, 96, 64), np.float32)
+        return self.predict(frames, log_mel)
+
+
 def predict_clips(model, clips: list[Clip], batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
-    """float32[len(clips), n_labels] for a list of clips, in one or more batched forward passes."""
-    frames = np.stack([c.frames for c in clips]) if clips else np.zeros((0,), np.uint8)
-    log_mel = np.stack([c.log_mel for c in clips]) if clips else np.zeros((0, 96, 64), np.float32)
-    return model.predict_proba(frames, log_mel, batch_size=batch_size)
+    """float32[len(clips), n_labels] for a list of clips (``model``: a loaded KissModel)."""
+    return Scorer(model, batch_size=batch_size).predict_clips(clips)
+
+
+def assemble_film(title_id: str, uri: str, labels: list[str], n_clips: int, duration_s: float, has_audio: bool,
+                  pieces: Iterable[tuple[int, np.ndarray]], errors: Iterable[str] = (),
+                  params: SegmentParams = SegmentParams()) -> FilmResult:
+    """The one result assembly: ``(second, p[n_labels])`` pieces in any order -> one row per
+    second (NaN where none came), the first error of the decoder / classifier (or how many
+    seconds are missing), and the segments. Status follows (:attr:`FilmResult.status`)."""
+    probs = np.full((max(0, int(n_clips)), len(labels)), np.nan, np.float32)
+    for second, p in pieces:
+        if 0 <= second < len(probs):
+            probs[second] = p
+    error = next((e for e in errors if e), None)
+    n_scored = int(np.isfinite(probs).all(axis=1).sum())
+    if error is None and n_scored < len(probs):
+        error = f"{len(probs) - n_scored} second(s) were not scored"
+    return FilmResult(title_id=title_id, uri=str(uri), duration_s=duration_s, n_clips=len(probs),
+                      has_audio=has_audio, labels=list(labels), probs=probs,
+                      segments=segments_by_label(probs, labels, params), error=error)
 
 
 def segments_by_label(probs: np.ndarray, labels: list[str], params: SegmentParams = SegmentParams()) -> Segments:
@@ -117,28 +176,26 @@ def segments_by_label(probs: np.ndarray, labels: list[str], params: SegmentParam
 def score_film(uri: str, model, *, title_id: str | None = None, threshold: float = 0.5,
                min_len: int = 10, min_fraction: float = 0.7, batch_size: int = DEFAULT_BATCH_SIZE,
                timeout_s: float = DEFAULT_TIMEOUT_S, progress=None) -> FilmResult:
-    """Score every second of one film with ``model`` and segment the result.
+    """Score every second of one film with ``model`` (a loaded model, a :class:`Scorer` or a
+    checkpoint URI) and segment the result.
 
     Raises :class:`MediaError` when the film cannot be opened. Seconds that cannot be decoded
     are NaN rows of ``probs`` (below any threshold for the segmenter); ``result.error`` says why
     and the status is ``partial``.
     """
-    config = model.config
+    scorer = model if isinstance(model, Scorer) else Scorer(model, batch_size=batch_size)
+    config = scorer.config
+    pieces, errors = [], []
     with ClipReader(uri, frames_per_clip=config.frames_per_clip, size=config.image_size,
                     timeout_s=timeout_s) as reader:
-        info = reader.info
-        probs = np.full((info.n_clips, len(config.labels)), np.nan, np.float32)
-        has_audio, error = info.has_audio, None
+        info, has_audio = reader.info, reader.info.has_audio
         try:
-            for batch in batched(reader, batch_size):
-                probs[[c.index for c in batch]] = predict_clips(model, batch, batch_size)
+            for batch in batched(reader, scorer.batch_size):
+                pieces += zip((c.index for c in batch), scorer.predict_clips(batch))
                 has_audio = has_audio and all(c.has_audio for c in batch)
                 if progress is not None:
                     progress(len(batch))
         except DecodeError as e:
-            error = e.reason
-    return FilmResult(
-        title_id=title_id or title_id_for(uri), uri=str(uri), duration_s=info.duration_s,
-        n_clips=info.n_clips, has_audio=has_audio, labels=list(config.labels), probs=probs,
-        segments=segments_by_label(probs, config.labels, SegmentParams(threshold, min_len, min_fraction)),
-        error=error)
+            errors.append(e.reason)
+    return assemble_film(title_id or title_id_for(uri), uri, scorer.labels, info.n_clips, info.duration_s, has_audio,
+                         pieces, errors, SegmentParams(threshold, min_len, min_fraction))

@@ -265,6 +265,7 @@ def test_remote_film_is_one_window_decoded_without_a_separate_probe(film, model)
     import fsspec
 
     from kissray.batch.faults import NO_FAULTS
+    from kissray.score import Scorer
     from kissray.batch.stages import WHOLE_FILM, Classifier, DecodeSpec, decode_window, probe_windows
 
     fsspec.filesystem("memory").pipe("/remote/film.mp4", open(film, "rb").read())
@@ -279,7 +280,7 @@ def test_remote_film_is_one_window_decoded_without_a_separate_probe(film, model)
     clips = {k: v[:5] for k, v in rows.items()}
     assert list(clips["second"]) == list(range(5))
     classifier = Classifier.__new__(Classifier)  # the loaded fixture model, not a second load
-    classifier.model, classifier.batch_size, classifier.faults = model, 3, NO_FAULTS
+    classifier.scorer, classifier.faults = Scorer(model, batch_size=3), NO_FAULTS
     np.testing.assert_allclose(classifier(clips)["p"][:, 0], score_film(film, model).probs[:, 0], atol=1e-5)
 
 

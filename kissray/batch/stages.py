@@ -21,7 +21,7 @@ from kissray.batch.faults import NO_FAULTS, FaultPlan
 from kissray.batch.tables import ResultStore, TitleRecord, scores_table, segments_table
 from kissray.errors import MediaError
 from kissray.media import ClipReader, probe
-from kissray.score import SegmentParams, segments_by_label
+from kissray.score import SegmentParams, assemble_film
 
 CLIPS_PER_BLOCK = 32  # clips per output batch of a decode task (bounds block size)
 MIN_WINDOW_S = 30  # a film is not cut finer than this to fill idle CPUs
@@ -178,30 +178,24 @@ def _rows(window: dict, clips: list, spec: DecodeSpec,
 
 
 class Classifier:
-    """Ray Data actor: loads the checkpoint once, adds ``p`` (float32[n_labels]) to clip rows.
-
-    Trailer rows pass through with ``p`` = NaN; frames and log-mels are dropped from the output.
-    A batch whose forward pass fails is redone title by title, so a fault (a poisoned input, an
-    out-of-memory) costs only the titles it touches: their rows carry the error and ``p`` = NaN.
+    """Ray Data actor around the one :class:`kissray.score.Scorer` (checkpoint loaded once per
+    actor): adds ``p`` (float32[n_labels]) to clip rows. Trailer rows pass through with ``p`` = NaN;
+    frames and log-mels are dropped from the output. A batch whose forward pass fails is redone
+    title by title, so a fault (a poisoned input, an out-of-memory) costs only the titles it
+    touches: their rows carry the error and ``p`` = NaN.
     """
 
     def __init__(self, model_uri: str, batch_size: int = 32, device: str | None = None,
                  num_threads: int | None = None, faults: FaultPlan = NO_FAULTS):
-        from kissray.model import load_model  # first: it sets OpenMP's wait policy before torch loads
-        import torch
+        from kissray.score import Scorer
 
-        if num_threads:  # Ray pins an actor to its CPU request; a CPU model may use more
-            torch.set_num_threads(num_threads)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = load_model(model_uri, device=device)
-        if torch.device(device).type == "cuda":  # fp16 + channels_last: the tensor cores' fast path
-            self.model.prepare(device, dtype=torch.float16, channels_last=True)
-        self.batch_size, self.faults = batch_size, faults
+        self.scorer = Scorer(model_uri, device=device, batch_size=batch_size, num_threads=num_threads)
+        self.faults = faults
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         clips = ~batch["trailer"]
         titles = batch["title_id"].astype(str)
-        p = np.full((len(clips), len(self.model.labels)), np.nan, np.float32)
+        p = np.full((len(clips), len(self.scorer.labels)), np.nan, np.float32)
         errors = np.asarray(batch["error"], object).copy()
         for title_id in np.unique(titles[clips]):
             self.faults.crash("classifier", title_id)
@@ -223,7 +217,7 @@ class Classifier:
         return out
 
     def _predict(self, batch: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
-        return self.model.predict_proba(batch["frames"][rows], batch["log_mel"][rows], batch_size=self.batch_size)
+        return self.scorer.predict(batch["frames"][rows], batch["log_mel"][rows])
 
 
 @dataclass
@@ -259,11 +253,12 @@ class TitleWriter:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         finished, n_clips, film_s, opened = [], 0, 0, 0
+        held = set(self.open)  # titles with rows from earlier batches
         for i in range(len(batch["title_id"])):
             title_id = str(batch["title_id"][i])
-            if title_id in self.open:
+            if title_id in held:
                 self.faults.crash("writer", title_id)  # dies holding the title's earlier rows
-            else:
+            if title_id not in self.open:
                 film_s, opened = film_s + int(batch["n_clips"][i]), opened + 1
             state = self.open.setdefault(title_id, _OpenTitle())
             if batch["trailer"][i]:  # keyed by window: a retried task's repeat is harmless
@@ -295,31 +290,24 @@ class TitleWriter:
             return _summary(title_id, standing, None if standing == "ok" else error, 0, 0, written=True)
 
     def finish(self, title_id: str, state: _OpenTitle) -> dict:
-        """Write one complete title; returns its summary row. Like :func:`kissray.score.score_film`,
-        the scores have one row per second of the film, NaN where a second was not scored."""
+        """Write one complete title; returns its summary row. The result is assembled exactly as
+        :func:`kissray.score.score_film` assembles it (one row per second, NaN where not scored)."""
         first = state.trailers[min(state.trailers)]
-        n_clips = int(first["n_clips"])
-        probs = np.full((n_clips, len(self.labels)), np.nan, np.float32)
-        for second, p in state.probs.items():
-            if second < n_clips:
-                probs[second] = p
-        n_scored = int(np.isfinite(probs).all(axis=1).sum())
-        errors = sorted((int(t["second"]), str(t["error"])) for t in state.trailers.values() if str(t["error"]))
-        error = errors[0][1] if errors else (state.clip_error or None)
-        if error is None and n_scored < n_clips:
-            error = f"{n_clips - n_scored} second(s) were not scored"
-        status = "ok" if error is None else ("partial" if n_scored else "failed")
+        window_errors = [str(t["error"]) for _, t in sorted(state.trailers.items())]
         duration_s = float(first["duration_s"])
-        record = TitleRecord(title_id, str(first["uri"]), status, error, None if math.isnan(duration_s) else duration_s,
-                             n_clips, n_scored, bool(first["has_audio"]) and state.clips_have_audio, self.model_uri)
         self.faults.check("segmenter", title_id)
-        segments = segments_by_label(probs, self.labels, self.params)
+        film = assemble_film(title_id, str(first["uri"]), self.labels, int(first["n_clips"]),
+                             None if math.isnan(duration_s) else duration_s,
+                             bool(first["has_audio"]) and state.clips_have_audio, state.probs.items(),
+                             [*window_errors, state.clip_error], self.params)
+        record = TitleRecord(title_id, film.uri, film.status, film.error, film.duration_s, film.n_clips,
+                             film.n_scored, film.has_audio, self.model_uri)
         self.faults.check("write", title_id)
-        standing = self.store.write_title(record, scores_table(title_id, self.labels, probs),
-                                          segments_table(title_id, segments))
-        if standing != status:  # an ok row was there already (a re-submitted title): it stays
-            status, error = standing, None
-        return _summary(title_id, status, error, n_clips, n_scored, written=True)
+        standing = self.store.write_title(record, scores_table(title_id, self.labels, film.probs),
+                                          segments_table(title_id, film.segments))
+        if standing != film.status:  # an ok row was there already (a re-submitted title): it stays
+            return _summary(title_id, standing, None, film.n_clips, film.n_scored, written=True)
+        return _summary(title_id, film.status, film.error, film.n_clips, film.n_scored, written=True)
 
 
 def _no_scores(labels: list[str]) -> np.ndarray:
