@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import re
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -25,6 +24,7 @@ import pandas as pd
 from kissray.errors import KissrayError, UsageError
 from kissray.ffmpeg import run_ffmpeg
 from kissray.media import local_path
+from kissray.names import file_name_for
 from kissray.outputs import EXCERPTS_DIR, ScoreOutputs, join_uri, read_outputs
 
 THUMBNAIL_MAX_WIDTH = 320  # pixels; thumbnails are for the report and for browsing
@@ -32,17 +32,11 @@ REENCODE_ARGS = ("-c:v", "libx264", "-preset", "veryfast", "-crf", "18", "-pix_f
                  "-vf", "scale=trunc(iw/2)*2:trunc(ih/2)*2",  # yuv420p needs even sizes
                  "-c:a", "aac", "-b:a", "192k")
 COPY_ARGS = ("-c", "copy", "-avoid_negative_ts", "make_zero")
-_UNSAFE = re.compile(r"[^A-Za-z0-9_.=+-]+")
-
-
-def safe_name(text: str) -> str:
-    """``text`` usable as one file or folder name on any file system."""
-    return _UNSAFE.sub("_", str(text)).strip("._") or "_"
 
 
 def excerpt_stem(label: str, segment: int, start_s: float, end_s: float) -> str:
     """``<label>-<n>-<start>-<end>``: segment number and (unpadded) segment seconds."""
-    return f"{safe_name(label)}-{int(segment)}-{_seconds_text(start_s)}-{_seconds_text(end_s)}"
+    return f"{file_name_for(label)}-{int(segment)}-{_seconds_text(start_s)}-{_seconds_text(end_s)}"
 
 
 def _seconds_text(t_s: float) -> str:
@@ -168,7 +162,7 @@ def cut_film(film: FilmCuts, dest: str, options: ExcerptOptions = ExcerptOptions
 
     Returns (written, skipped) output URIs. Raises on the first failure; what was written stays.
     """
-    folder = join_uri(dest, safe_name(film.title_id))
+    folder = join_uri(dest, file_name_for(film.title_id))
     todo, skipped = _outputs_to_make(film, folder, options.thumbnails)
     if not todo:
         return [], skipped

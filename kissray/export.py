@@ -19,7 +19,7 @@ from fractions import Fraction
 import pandas as pd
 
 from kissray.errors import KissrayError, MediaOpenError, UsageError
-from kissray.excerpts import safe_name
+from kissray.names import file_name_for
 from kissray.outputs import ScoreOutputs, join_uri, read_outputs
 
 FORMATS = ("csv", "json", "edl")
@@ -193,7 +193,7 @@ def _write_edls(outputs: ScoreOutputs, folder: str, fps: float | None) -> Export
         except KissrayError as e:
             summary.failed[str(title_id)] = str(e)
             continue
-        target = join_uri(folder, f"{safe_name(title_id)}.edl")
+        target = join_uri(folder, f"{file_name_for(title_id)}.edl")
         _write_text(target, edl_text(str(title_id), uri, segments, clock, bool(titles.loc[title_id, "has_audio"])))
         summary.written.append(target)
     return summary

@@ -18,11 +18,13 @@ import datetime as dt
 import html
 import os
 from dataclasses import dataclass
+from urllib.parse import quote
 
 import numpy as np
 import pandas as pd
 
-from kissray.excerpts import excerpt_stem, safe_name
+from kissray.excerpts import excerpt_stem
+from kissray.names import file_name_for
 from kissray.outputs import EXCERPTS_DIR, STATUSES, ScoreOutputs, join_uri, read_outputs
 
 PAGE_SIZE = 100  # titles per page of the index
@@ -42,10 +44,11 @@ class Media:
     embed_thumbnails: bool = False
 
     def find(self, title_id: str, stem: str, ext: str) -> str | None:
-        name = f"{safe_name(title_id)}/{stem}.{ext}"
+        name = f"{file_name_for(title_id)}/{stem}.{ext}"
         return name if name in self.files else None
 
     def href(self, name: str) -> str:
+        name = quote(name)  # file names keep their %XX escapes: the link must not decode them
         return f"{self.href_base}/{name}" if self.href_base else name
 
     def thumbnail_src(self, name: str) -> str:
@@ -176,7 +179,7 @@ def _index(titles: list[dict], segments: dict[str, pd.DataFrame], labels: list[s
         seconds = segs.groupby("label")["n_seconds"].sum() if segs is not None else pd.Series(dtype=int)
         cells = "".join(f"<td>{int(seconds.get(label, 0))}</td>" for label in labels)
         rows.append(f'<tr data-title="{_esc(t["title_id"])}" data-status="{_esc(t["status"])}">'
-                    f'<td><a href="#t-{_esc(safe_name(t["title_id"]))}">{_esc(t["title_id"])}</a></td>'
+                    f'<td><a href="#t-{_esc(file_name_for(t["title_id"]))}">{_esc(t["title_id"])}</a></td>'
                     f'<td class="status {_esc(t["status"])}">{_esc(t["status"])}</td>'
                     f'<td data-v="{_number(t["duration_s"]):.3f}">{_duration_or_dash(t["duration_s"])}</td>'
                     f'<td>{int(_number(t["n_scored"]))}</td><td>{0 if segs is None else len(segs)}</td>{cells}</tr>')
@@ -215,7 +218,7 @@ def _title_section(title: dict, probs: dict[str, np.ndarray], segs: pd.DataFrame
         parts.append(timeline_svg(probs, segs, _number(title["duration_s"]), int(_number(title["n_scored"])), colours))
     if segs is not None and len(segs):
         parts.append(_segment_table(title_id, segs, media))
-    return (f'<details class="title" id="t-{_esc(safe_name(title_id))}" data-title="{_esc(title_id)}" '
+    return (f'<details class="title" id="t-{_esc(file_name_for(title_id))}" data-title="{_esc(title_id)}" '
             f'data-status="{_esc(status)}">{summary}{"".join(parts)}</details>')
 
 
@@ -279,7 +282,7 @@ def _failures(titles: list[dict]) -> str:
     bad = [t for t in titles if t["status"] != "ok"]
     if not bad:
         return '<section id="failures"><h2>Failed and partial titles</h2><p>None.</p></section>'
-    rows = "".join(f'<tr><td><a href="#t-{_esc(safe_name(t["title_id"]))}">{_esc(t["title_id"])}</a></td>'
+    rows = "".join(f'<tr><td><a href="#t-{_esc(file_name_for(t["title_id"]))}">{_esc(t["title_id"])}</a></td>'
                    f'<td class="status {_esc(t["status"])}">{_esc(t["status"])}</td>'
                    f'<td><code>{_esc(t["uri"])}</code></td><td>{_esc(t["error"] or "")}</td></tr>' for t in bad)
     return ('<section id="failures"><h2>Failed and partial titles</h2><table><thead><tr><th>title</th><th>status</th>'

@@ -18,6 +18,7 @@ import numpy as np
 
 from kissray.errors import DecodeError
 from kissray.media import DEFAULT_TIMEOUT_S, Clip, ClipReader
+from kissray.names import title_id_for
 from kissray.segment import find_segments
 
 DEFAULT_BATCH_SIZE = 32  # clips per forward pass
@@ -78,12 +79,6 @@ class FilmResult:
         if self.error is None and self.n_scored == self.n_clips:
             return "ok"
         return "partial" if self.n_scored else "failed"
-
-
-def title_id_for(uri: str) -> str:
-    """The default title id: the file name without its extension."""
-    name = os.path.basename(str(uri).rstrip("/").split("?")[0])
-    return os.path.splitext(name)[0] or name
 
 
 def batched(clips: Iterable[Clip], batch_size: int) -> Iterator[list[Clip]]:

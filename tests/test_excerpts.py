@@ -202,3 +202,23 @@ def test_cli_reports_failed_films_and_exits_3(library, tmp_path, capsys):
 def test_cli_rejects_a_folder_that_is_not_a_score_output(tmp_path, capsys):
     assert cli_main(["excerpts", "--scores", str(tmp_path)]) == 2
     assert "no titles/ dataset" in capsys.readouterr().err
+
+
+def test_titles_that_differ_only_in_punctuation_get_their_own_excerpts_and_edls(tmp_path, media_dir):
+    """``a b``, ``a_b`` and ``a:b`` are three titles: three excerpt folders, three EDLs (one id ->
+    file name mapping, kissray.names.file_name_for, shared with the Parquet files)."""
+    from kissray.export import export_segments
+    from kissray.names import file_name_for
+
+    film = make_film(media_dir / "punctuation.mp4", duration_s=6)
+    ids = ["a b", "a_b", "a:b"]
+    out = write_score_out(tmp_path / "out", [Title(t, film, 6.0, probs_with_peak(6, range(1, 4 + i)))
+                                             for i, t in enumerate(ids)])
+    summary = write_excerpts(out, str(tmp_path / "x"), options=ExcerptOptions(copy=True, thumbnails=False),
+                             progress=False)
+    folders = sorted(os.listdir(tmp_path / "x"))
+    assert folders == sorted(file_name_for(t) for t in ids) and len(set(folders)) == 3
+    assert len(summary.written) == 3 and not summary.failed
+    edls = export_segments(out, "edl", str(tmp_path / "edl"), fps=25)
+    assert sorted(os.listdir(tmp_path / "edl")) == sorted(f"{file_name_for(t)}.edl" for t in ids)
+    assert len(edls.written) == 3

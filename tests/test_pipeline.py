@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from conftest import make_film
-from kissray.batch.tables import file_name_for
+from kissray.names import file_name_for
 from kissray.cli import main as cli_main
 from kissray.score import SegmentParams, score_film
 from kissray.segment import find_segments

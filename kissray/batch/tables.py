@@ -1,7 +1,7 @@
 """The three output tables of ``kissray score`` (SPEC section 7) and how they are stored.
 
 Each title is three Parquet files, ``OUT/{scores,segments,titles}/<name>.parquet``, where
-``<name>`` is the title id escaped to a safe file name (:func:`file_name_for`). Every file is
+``<name>`` is the title id escaped to a safe file name (:func:`kissray.names.file_name_for`). Every file is
 written to a hidden temporary name and renamed into place, scores and segments before titles:
 a ``titles`` file is the commit record, so a killed run never leaves a half-written title that a
 rerun would skip. Readers (pandas / pyarrow datasets) ignore the hidden temporary files.
@@ -9,7 +9,6 @@ rerun would skip. Readers (pandas / pyarrow datasets) ignore the hidden temporar
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -18,12 +17,11 @@ import numpy as np
 import pyarrow as pa
 
 from kissray.errors import UsageError
+from kissray.names import file_name_for
 from kissray.score import Segment
 
 TABLES = ("scores", "segments", "titles")
 TEMP_PREFIX = ".tmp-"  # leading dot: ignored by pyarrow / pandas dataset readers
-MAX_NAME_CHARS = 150  # longer escaped ids are cut and suffixed with a hash
-SAFE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
 SCORES_SCHEMA = pa.schema([
     ("title_id", pa.string()), ("label", pa.string()), ("second", pa.int32()),
@@ -53,17 +51,6 @@ class TitleRecord:
     n_scored: int
     has_audio: bool
     model: str
-
-
-def file_name_for(title_id: str) -> str:
-    """A deterministic, filesystem- and URL-safe file stem for a title id (``%XX`` escapes)."""
-    escaped = "".join(c if c in SAFE_CHARS else "".join(f"%{b:02X}" for b in c.encode()) for c in title_id)
-    if escaped[:1] in (".", "_", ""):  # hidden to dataset readers: escape the first character
-        escaped = f"%{ord(escaped[:1] or ' '):02X}{escaped[1:]}" if escaped else "%20"
-    if len(escaped) > MAX_NAME_CHARS:
-        digest = hashlib.sha256(title_id.encode()).hexdigest()[:16]
-        escaped = f"{escaped[:MAX_NAME_CHARS - 17]}~{digest}"
-    return escaped
 
 
 def scores_table(title_id: str, labels: list[str], probs: np.ndarray) -> pa.Table:
