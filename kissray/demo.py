@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from kissray.annotations import read_annotations, split_films
 from kissray.evaluate import FilmPrediction, evaluate_predictions
+from kissray.outputs import read_outputs
 from kissray.excerpts import write_excerpts
 from kissray.report import write_report
 from kissray.score import Segment, SegmentParams
@@ -63,7 +64,7 @@ def run_demo(out_dir: str, options: DemoOptions = DemoOptions(), log=print) -> d
     shutil.rmtree(scores_dir, ignore_errors=True)  # `score` would skip titles a previous demo scored
     log(f"[3/5] scoring {len(held_out)} held-out films with `kissray score` ...")
     t0 = time.perf_counter()
-    predictions = score_films(held_out, model_dir, scores_dir)
+    predictions = score_films(held_out, model_dir, scores_dir, metrics["labels"])
     timings["score_s"] = time.perf_counter() - t0
     log("[4/5] evaluating ...")
     report = evaluate_predictions(predictions, annotations, metrics["labels"], SegmentParams())
@@ -80,34 +81,31 @@ def run_demo(out_dir: str, options: DemoOptions = DemoOptions(), log=print) -> d
     return report
 
 
-def score_films(uris: list[str], model_dir: str, out_dir: str) -> list[FilmPrediction]:
+def score_films(uris: list[str], model_dir: str, out_dir: str, labels: list[str]) -> list[FilmPrediction]:
     """Score films with the ``kissray score`` command (a local Ray) and read its Parquet back."""
     argv = [sys.executable, "-m", "kissray.cli", "score", *uris, "--model", model_dir, "--out", out_dir]
     proc = subprocess.run(argv)
     if proc.returncode not in (0, 3):
         raise RuntimeError(f"kissray score failed (exit {proc.returncode}): {' '.join(argv)}")
-    return read_score_outputs(out_dir)
+    return read_score_outputs(out_dir, labels)
 
 
-def read_score_outputs(out_dir: str) -> list[FilmPrediction]:
-    """FilmPredictions from ``kissray score``'s ``scores/``, ``segments/`` and ``titles/`` datasets."""
+def read_score_outputs(out_dir: str, labels: list[str]) -> list[FilmPrediction]:
+    """FilmPredictions (columns in ``labels`` order) from a ``kissray score`` output directory."""
     import numpy as np
-    import pandas as pd
 
-    titles = pd.read_parquet(os.path.join(out_dir, "titles"))
-    scores = pd.read_parquet(os.path.join(out_dir, "scores"))
-    segments = pd.read_parquet(os.path.join(out_dir, "segments"))
-    labels = list(dict.fromkeys(scores["label"]))
+    outputs = read_outputs(out_dir, with_scores=True, labels=labels)
+    scores, segments = outputs.scores, outputs.segments
     predictions = []
-    for title in titles.itertuples():
+    for title in outputs.titles.itertuples():
         mine = scores[scores["title_id"] == title.title_id]
-        probs = np.full((int(title.n_clips), len(labels)), np.nan, np.float32)  # NaN: not scored
+        probs = np.full((int(title.n_clips or 0), len(labels)), np.nan, np.float32)  # NaN: not scored
         for j, label in enumerate(labels):
             rows = mine[mine["label"] == label]
             probs[rows["second"].to_numpy(), j] = rows["p"].to_numpy()
         segs = [Segment(s.label, int(s.start_s), int(s.end_s), float(s.mean_p))
                 for s in segments[segments["title_id"] == title.title_id].itertuples()]
-        predictions.append(FilmPrediction(title.uri, probs, segs, int(title.n_clips)))
+        predictions.append(FilmPrediction(title.uri, probs, segs, int(title.n_clips or 0)))
     return predictions
 
 

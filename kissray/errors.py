@@ -47,6 +47,16 @@ class JobError(KissrayError):
     """The job itself cannot go on (output unwritable, cluster lost): CLI exit code 1."""
 
 
+def one_line(error: BaseException) -> str:
+    """The one error formatter: a media error's reason, else ``Type: message``, one line, <= 300 chars."""
+    if isinstance(error, MediaError):
+        return error.reason
+    text = " ".join(str(error).split())
+    if isinstance(error, KissrayError):
+        return text[:300]
+    return f"{type(error).__name__}: {text}"[:300] if text else type(error).__name__
+
+
 ERRORS_BY_NAME = {
     cls.__name__: cls
     for cls in (MediaError, MediaOpenError, TooShortError, DecodeError, DecodeTimeoutError)

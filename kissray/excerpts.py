@@ -21,11 +21,12 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from kissray.errors import KissrayError, UsageError
+from kissray.errors import UsageError, one_line
 from kissray.ffmpeg import run_ffmpeg
 from kissray.media import local_path
 from kissray.names import file_name_for
-from kissray.outputs import EXCERPTS_DIR, ScoreOutputs, join_uri, read_outputs
+from kissray.outputs import EXCERPTS_DIR, ScoreOutputs, read_outputs
+from kissray.uris import is_local_fs, join_uri
 
 THUMBNAIL_MAX_WIDTH = 320  # pixels; thumbnails are for the report and for browsing
 REENCODE_ARGS = ("-c:v", "libx264", "-preset", "veryfast", "-crf", "18", "-pix_fmt", "yuv420p",
@@ -198,10 +199,9 @@ def _outputs_to_make(film: FilmCuts, folder: str, thumbnails: bool) -> tuple[lis
 def _publish(local_file: str, uri: str) -> None:
     """Move a finished file to its final name (atomic on local disks; an upload elsewhere)."""
     import fsspec
-    from fsspec.implementations.local import LocalFileSystem
 
     fs, path = fsspec.core.url_to_fs(uri)
-    if isinstance(fs, LocalFileSystem):
+    if is_local_fs(fs):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         shutil.move(local_file, path)
     else:
@@ -229,16 +229,11 @@ def write_excerpts(scores_dir: str, dest: str | None = None, *, labels: list[str
                 summary.written += written
                 summary.skipped += skipped
             except Exception as e:  # noqa: BLE001 - one bad film must not stop the library
-                summary.failed[film.title_id] = _one_line(e)
+                summary.failed[film.title_id] = one_line(e)
             bar.update(1)
     summary.written.sort()
     summary.skipped.sort()
     return summary
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text}" if not isinstance(error, KissrayError) else text
 
 
 @contextlib.contextmanager

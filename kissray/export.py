@@ -20,7 +20,8 @@ import pandas as pd
 
 from kissray.errors import KissrayError, MediaOpenError, UsageError
 from kissray.names import file_name_for
-from kissray.outputs import ScoreOutputs, join_uri, read_outputs
+from kissray.outputs import ScoreOutputs, read_outputs
+from kissray.uris import join_uri
 
 FORMATS = ("csv", "json", "edl")
 RECORD_START_TC = "01:00:00:00"  # where an NLE sequence conventionally starts

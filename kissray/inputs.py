@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from kissray.errors import UsageError
 from kissray.media import VIDEO_EXTENSIONS
-from kissray.score import title_id_for
+from kissray.names import title_id_for
+from kissray.uris import is_local_fs
 
 MANIFEST_EXTENSIONS = (".txt", ".csv", ".parquet")
 GLOB_CHARS = "*?["
@@ -45,7 +46,7 @@ def expand_inputs(inputs: list[str]) -> list[Title]:
 
 def _expand_one(item: str) -> list[Title]:
     fs, path = _url_to_fs(item)
-    local = _is_local(fs)
+    local = is_local_fs(fs)
     if any(c in path for c in GLOB_CHARS) and not _exists(fs, path):  # "Casablanca [1942].mp4" is a file
         matches = sorted(fs.glob(path))
         if not matches:
@@ -135,12 +136,6 @@ def _url_to_fs(item: str):
         raise UsageError(f"{item}: unsupported URI ({e})") from e
 
 
-def _is_local(fs) -> bool:
-    from fsspec.implementations.local import LocalFileSystem
-
-    return isinstance(fs, LocalFileSystem)
-
-
 def _exists(fs, path: str) -> bool:
     try:
         return bool(fs.exists(path))
@@ -166,7 +161,7 @@ def _uri(fs, path: str, item: str, local: bool) -> str:
 def _manifest_base(uri: str) -> str | None:
     """The folder relative manifest entries are resolved against (local manifests only)."""
     fs, path = _url_to_fs(uri)
-    return os.path.dirname(os.path.abspath(path)) if _is_local(fs) else None
+    return os.path.dirname(os.path.abspath(path)) if is_local_fs(fs) else None
 
 
 def _resolve(entry: str, base: str | None) -> str:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from kissray.errors import UsageError
+from kissray.uris import join_uri
 
 TITLES_COLUMNS = ("title_id", "uri", "status", "error", "duration_s", "n_clips", "n_scored", "has_audio",
                   "model", "scored_at")
@@ -40,11 +41,6 @@ class ScoreOutputs:
 
     def uri_of(self, title_id: str) -> str:
         return str(self.titles.loc[self.titles["title_id"] == title_id, "uri"].iloc[0])
-
-
-def join_uri(base: str, *parts: str) -> str:
-    """``base/part/...`` for local paths and fsspec URIs alike."""
-    return "/".join([str(base).rstrip("/"), *[str(p).strip("/") for p in parts]])
 
 
 def _exists(uri: str) -> bool:

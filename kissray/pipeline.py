@@ -34,12 +34,13 @@ import numpy as np
 
 from kissray.batch.faults import NO_FAULTS, FaultPlan
 from kissray.batch.lock import OutLock
-from kissray.batch.stages import Classifier, DecodeSpec, TitleWriter, decode_window, is_local, one_line, probe_windows
+from kissray.batch.stages import Classifier, DecodeSpec, TitleWriter, decode_window, probe_windows
 from kissray.batch.tables import ResultStore, TitleRecord, scores_table, segments_table
-from kissray.errors import CheckpointError, JobError
+from kissray.errors import CheckpointError, JobError, one_line
 from kissray.inputs import Title, expand_inputs
 from kissray.model import CONFIG_FILE, WEIGHTS_FILE, ModelConfig
 from kissray.score import DEFAULT_BATCH_SIZE, SegmentParams
+from kissray.uris import is_local
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,8 @@ import pandas as pd
 
 from kissray.excerpts import excerpt_stem
 from kissray.names import file_name_for
-from kissray.outputs import EXCERPTS_DIR, STATUSES, ScoreOutputs, join_uri, read_outputs
+from kissray.outputs import EXCERPTS_DIR, STATUSES, ScoreOutputs, read_outputs
+from kissray.uris import is_local_fs, join_uri
 
 PAGE_SIZE = 100  # titles per page of the index
 TIMELINE_WIDTH, TIMELINE_HEIGHT = 800, 120  # SVG user units
@@ -63,7 +64,6 @@ class Media:
 def find_media(excerpts_dir: str, report_uri: str, embed_thumbnails: bool = False) -> Media:
     """Index the excerpts folder once (it may not exist: then the page has no media)."""
     import fsspec
-    from fsspec.implementations.local import LocalFileSystem
 
     fs, root = fsspec.core.url_to_fs(excerpts_dir)
     files = frozenset()
@@ -71,7 +71,7 @@ def find_media(excerpts_dir: str, report_uri: str, embed_thumbnails: bool = Fals
         prefix = root.rstrip("/") + "/"
         files = frozenset(p[len(prefix):] for p in fs.find(root) if p.startswith(prefix))
     report_fs, report_path = fsspec.core.url_to_fs(report_uri)
-    if isinstance(fs, LocalFileSystem) and isinstance(report_fs, LocalFileSystem):
+    if is_local_fs(fs) and is_local_fs(report_fs):
         href_base = os.path.relpath(root, os.path.dirname(os.path.abspath(report_path))).replace(os.sep, "/")
     else:
         href_base = str(excerpts_dir).rstrip("/")

@@ -137,15 +137,18 @@ def test_score_outputs_read_back_as_predictions(tmp_path):
     from kissray.demo import read_score_outputs
 
     for name, frame in {
-        "titles": pd.DataFrame({"title_id": ["a"], "uri": ["a"], "status": ["ok"], "n_clips": [5], "n_scored": [5]}),
+        "titles": pd.DataFrame({"title_id": ["a"], "uri": ["a"], "status": ["ok"], "error": [None],
+                                "duration_s": [5.0], "n_clips": [5], "n_scored": [5], "has_audio": [True],
+                                "model": ["ck"], "scored_at": [pd.Timestamp("2026-01-01", tz="UTC")]}),
         "scores": pd.DataFrame({"title_id": ["a"] * 5, "label": ["kiss"] * 5, "second": list(range(5)),
+                                "start_s": [0.0, 1, 2, 3, 4], "end_s": [1.0, 2, 3, 4, 5],
                                 "p": [0.1, 0.9, 0.8, 0.7, 0.2]}),
         "segments": pd.DataFrame({"title_id": ["a"], "label": ["kiss"], "segment": [0], "start_s": [1.0],
                                   "end_s": [4.0], "n_seconds": [3], "mean_p": [0.8]}),
     }.items():
         (tmp_path / name).mkdir()
         frame.to_parquet(tmp_path / name / "part-0.parquet")
-    [pred] = read_score_outputs(str(tmp_path))
+    [pred] = read_score_outputs(str(tmp_path), ["kiss"])
     assert pred.uri == "a" and pred.n_clips == 5
     assert pred.probs[:, 0].tolist() == pytest.approx([0.1, 0.9, 0.8, 0.7, 0.2])
     assert pred.segments == [Segment("kiss", 1, 4, 0.8)]

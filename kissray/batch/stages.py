@@ -19,9 +19,10 @@ import pyarrow as pa
 from kissray.audio import SILENCE_LOG_MEL
 from kissray.batch.faults import NO_FAULTS, FaultPlan
 from kissray.batch.tables import ResultStore, TitleRecord, scores_table, segments_table
-from kissray.errors import MediaError
+from kissray.errors import one_line
 from kissray.media import ClipReader, probe
 from kissray.score import SegmentParams, assemble_film
+from kissray.uris import is_local
 
 CLIPS_PER_BLOCK = 32  # clips per output batch of a decode task (bounds block size)
 MIN_WINDOW_S = 30  # a film is not cut finer than this to fill idle CPUs
@@ -48,13 +49,6 @@ class DecodeSpec:
     decode_threads: int = 1  # decoder threads per window
     decode_slots: int = 1  # decode tasks the cluster runs at once: a short film is cut into about this many windows
     faults: FaultPlan = NO_FAULTS  # tests only
-
-
-def one_line(error: BaseException) -> str:
-    if isinstance(error, MediaError):
-        return error.reason
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text}"[:300] if text else type(error).__name__
 
 
 def probe_windows(title: dict, spec: DecodeSpec) -> list[dict]:
@@ -86,16 +80,6 @@ def window_length(n_clips: int, spec: DecodeSpec) -> int:
     """Seconds per window: the film spread over the decode slots, at most ``spec.window_s``, at
     least :data:`MIN_WINDOW_S` (each window opens the film and decodes from a keyframe)."""
     return max(1, min(spec.window_s, max(MIN_WINDOW_S, math.ceil(n_clips / max(1, spec.decode_slots)))))
-
-
-def is_local(uri: str) -> bool:
-    import fsspec
-    from fsspec.implementations.local import LocalFileSystem
-
-    try:
-        return isinstance(fsspec.core.url_to_fs(str(uri))[0], LocalFileSystem)
-    except (ValueError, ImportError):
-        return False  # an unknown protocol: the decoder reports it as the title's error
 
 
 def decode_window(windows: dict[str, np.ndarray], spec: DecodeSpec) -> Iterator[dict[str, np.ndarray]]:
