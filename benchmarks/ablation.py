@@ -18,8 +18,9 @@ import time
 
 from kissray.annotations import read_annotations
 from kissray.evaluate import evaluate
-from kissray.model import MODALITIES, load_model
-from kissray.train import MODES, TrainOptions, train
+from kissray.defaults import MODALITIES, MODES, TrainOptions
+from kissray.model import load_model
+from kissray.train import train
 
 NAMES = {"audio": "audio (VGGish)", "video": "video (ResNet-18)", "av": "audio + video"}
 

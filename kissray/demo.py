@@ -20,9 +20,9 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 
 from kissray.annotations import read_annotations, split_films
+from kissray.defaults import DemoOptions
 from kissray.evaluate import FilmPrediction, evaluate_predictions
 from kissray.outputs import read_outputs
 from kissray.excerpts import write_excerpts
@@ -32,15 +32,6 @@ from kissray.synth import make_corpus
 from kissray.train import TrainOptions, train
 
 DEMO_IMAGE_SIZE = 64  # small stills keep the demo within minutes on two CPU cores
-
-
-@dataclass(frozen=True)
-class DemoOptions:
-    n_train: int = 12  # films used for training (the last ~15% of them validate)
-    n_test: int = 4  # held-out films scored and evaluated
-    duration_s: tuple[int, int] = (30, 50)  # film lengths, seconds
-    epochs: int = 30  # head-only training on cached embeddings: each epoch takes well under a second
-    seed: int = 0
 
 
 def run_demo(out_dir: str, options: DemoOptions = DemoOptions(), log=print) -> dict:

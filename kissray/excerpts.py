@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from kissray.defaults import ExcerptOptions
 from kissray.errors import UsageError, one_line
 from kissray.ffmpeg import run_ffmpeg
 from kissray.media import local_path
@@ -42,14 +43,6 @@ def excerpt_stem(label: str, segment: int, start_s: float, end_s: float) -> str:
 
 def _seconds_text(t_s: float) -> str:
     return str(int(t_s)) if float(t_s).is_integer() else f"{float(t_s):.3f}"
-
-
-@dataclass(frozen=True)
-class ExcerptOptions:
-    pad_s: float = 1.0  # seconds added before and after each segment (clamped to the film)
-    copy: bool = False  # stream copy (fast, starts at a keyframe) instead of an accurate re-encode
-    thumbnails: bool = True
-    timeout_s: float = 3600.0  # longest one ffmpeg call may run
 
 
 @dataclass(frozen=True)

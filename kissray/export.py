@@ -18,12 +18,13 @@ from fractions import Fraction
 
 import pandas as pd
 
+from kissray.defaults import EXPORT_FORMATS
 from kissray.errors import KissrayError, MediaOpenError, UsageError
 from kissray.names import file_name_for
 from kissray.outputs import ScoreOutputs, read_outputs
 from kissray.uris import join_uri
 
-FORMATS = ("csv", "json", "edl")
+FORMATS = EXPORT_FORMATS
 RECORD_START_TC = "01:00:00:00"  # where an NLE sequence conventionally starts
 LIST_COLUMNS = ("title_id", "uri", "label", "segment", "start_s", "end_s", "n_seconds", "mean_p",
                 "start_timecode", "end_timecode")

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from kissray.defaults import FRAMES_PER_CLIP, IMAGE_SIZE_PX, MODALITIES
 from kissray.errors import CheckpointError
 
-MODALITIES = ("av", "video", "audio")
 RESNET_DIM = 512  # ResNet-18 pooled feature size
 VGGISH_DIM = 128  # VGGish embedding size
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -47,8 +47,8 @@ class ModelConfig:
 
     labels: list[str] = field(default_factory=lambda: ["kiss"])
     modality: str = "av"  # av | video | audio (the paper's ablations)
-    frames_per_clip: int = 1  # K stills per 1-second clip, mean-pooled after the ResNet trunk
-    image_size: int = 224  # stills are resized to image_size x image_size
+    frames_per_clip: int = FRAMES_PER_CLIP  # K stills per 1-second clip, mean-pooled after the ResNet trunk
+    image_size: int = IMAGE_SIZE_PX  # stills are resized to image_size x image_size
     kissray_version: str = field(default_factory=_version)
 
     def __post_init__(self):

@@ -36,6 +36,7 @@ from kissray.batch.faults import NO_FAULTS, FaultPlan
 from kissray.batch.lock import OutLock
 from kissray.batch.stages import Classifier, DecodeSpec, TitleWriter, decode_window, probe_windows
 from kissray.batch.tables import ResultStore, TitleRecord, scores_table, segments_table
+from kissray.defaults import DECODE_TIMEOUT_S, STILLS_MODES, WINDOW_S
 from kissray.errors import CheckpointError, JobError, one_line
 from kissray.inputs import Title, expand_inputs
 from kissray.model import CONFIG_FILE, WEIGHTS_FILE, ModelConfig
@@ -44,8 +45,8 @@ from kissray.uris import is_local
 
 log = logging.getLogger(__name__)
 
-DEFAULT_WINDOW_S = 120  # seconds of film per decode task: a long film spreads over many workers
-DEFAULT_DECODE_TIMEOUT_S = 60.0  # a window whose decoder makes no progress this long fails
+DEFAULT_WINDOW_S = WINDOW_S  # most seconds of film per decode task: a long film spreads over many workers
+DEFAULT_DECODE_TIMEOUT_S = DECODE_TIMEOUT_S  # a window whose decoder makes no progress this long fails
 SPLIT_BELOW_TITLES_PER_CPU = 4  # fewer titles than this per CPU: cut films into windows for parallelism
 MAX_DECODE_THREADS = 4  # threads of one window's decoder (more buys little for one stream)
 DECODE_TASK_MEMORY_BYTES = 512 << 20  # a decode task: its decoder child plus a block of clips
@@ -53,7 +54,6 @@ MAX_ATTEMPTS = 3  # times one run submits a title whose result never came back
 TASK_MAX_RETRIES = 3  # Ray retries of a probe/decode task whose worker or node died
 ACTOR_MAX_RESTARTS = 4  # Ray restarts of a classifier/writer actor whose process or node died
 WAIT_FOR_GPU_ACTORS_S = 900  # an autoscaler that brings no GPU node in this long ends the attempt
-STILLS_MODES = ("exact", "keyframe")
 
 
 def lost_error(attempts: int) -> str:

@@ -16,21 +16,22 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from kissray.defaults import BATCH_SIZE, MIN_FRACTION, MIN_LEN_S, THRESHOLD
 from kissray.errors import DecodeError
 from kissray.media import DEFAULT_TIMEOUT_S, Clip, ClipReader
 from kissray.names import title_id_for
 from kissray.segment import find_segments
 
-DEFAULT_BATCH_SIZE = 32  # clips per forward pass
+DEFAULT_BATCH_SIZE = BATCH_SIZE
 
 
 @dataclass(frozen=True)
 class SegmentParams:
     """The segmenter's knobs (SPEC section 5); the paper's values are the defaults."""
 
-    threshold: float = 0.5
-    min_len: int = 10
-    min_fraction: float = 0.7
+    threshold: float = THRESHOLD
+    min_len: int = MIN_LEN_S
+    min_fraction: float = MIN_FRACTION
 
 
 @dataclass(frozen=True)
@@ -168,8 +169,8 @@ def segments_by_label(probs: np.ndarray, labels: list[str], params: SegmentParam
     return segments
 
 
-def score_film(uri: str, model, *, title_id: str | None = None, threshold: float = 0.5,
-               min_len: int = 10, min_fraction: float = 0.7, batch_size: int = DEFAULT_BATCH_SIZE,
+def score_film(uri: str, model, *, title_id: str | None = None, threshold: float = THRESHOLD,
+               min_len: int = MIN_LEN_S, min_fraction: float = MIN_FRACTION, batch_size: int = DEFAULT_BATCH_SIZE,
                timeout_s: float = DEFAULT_TIMEOUT_S, progress=None) -> FilmResult:
     """Score every second of one film with ``model`` (a loaded model, a :class:`Scorer` or a
     checkpoint URI) and segment the result.

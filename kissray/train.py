@@ -27,50 +27,16 @@ import torch
 from torch import nn
 
 from kissray.annotations import Annotations, clip_targets, split_films
+from kissray.defaults import BALANCED_RATE, TrainOptions
 from kissray.errors import DecodeError, MediaError, UsageError
 from kissray.evaluate import mean_ap, mean_f1, per_second_metrics
 from kissray.media import ClipReader
-from kissray.model import MODALITIES, KissModel, ModelConfig, init_model, load_model, save_model
+from kissray.model import KissModel, ModelConfig, init_model, load_model, save_model
 from kissray.score import batched
 
 log = logging.getLogger(__name__)
-MODES = ("head", "full")
-BALANCE_CHOICES = ("auto", "none", "pos-weight", "sample")
-SELECT_CHOICES = ("ap", "f1")
-BALANCED_RATE = 0.2  # auto: no re-balancing while every label's positive rate is within [0.2, 0.8]
 METRICS_FILE = "metrics.json"
 EMBED_BATCH = 32  # clips per forward pass when caching embeddings
-
-
-@dataclass
-class TrainOptions:
-    """How to train; the defaults are the paper's recipe."""
-
-    mode: str = "head"  # head | full
-    modality: str | None = None  # av | video | audio; None: the init checkpoint's, else av
-    epochs: int = 10
-    lr: float = 1e-3
-    batch_size: int = 64
-    seed: int = 0
-    unlabelled: str = "ignore"  # ignore | negative (clips in no annotated span)
-    image_size: int = 224  # for a new model (no init checkpoint)
-    frames_per_clip: int = 1  # for a new model (no init checkpoint)
-    device: str | None = None  # None: cuda when available, else cpu
-    ray_workers: int = 0  # head mode: embed films on this many Ray actors (0: in this process)
-    balance: str = "auto"  # auto | none | pos-weight | sample (see class_balance)
-    select_on: str = "ap"  # ap | f1: the validation metric that picks the epoch kept (the other breaks ties)
-
-    def __post_init__(self):
-        if self.balance not in BALANCE_CHOICES:
-            raise UsageError(f"balance must be one of {BALANCE_CHOICES}, not {self.balance!r}")
-        if self.select_on not in SELECT_CHOICES:
-            raise UsageError(f"select_on must be one of {SELECT_CHOICES}, not {self.select_on!r}")
-        if self.mode not in MODES:
-            raise UsageError(f"mode must be one of {MODES}, not {self.mode!r}")
-        if self.modality is not None and self.modality not in MODALITIES:
-            raise UsageError(f"modality must be one of {MODALITIES}, not {self.modality!r}")
-        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or self.ray_workers < 0:
-            raise UsageError("epochs and batch size must be >= 1, lr > 0 and ray workers >= 0")
 
 
 @dataclass

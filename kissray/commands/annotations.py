@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kissray.annotations import write_annotations
-from kissray.ava import FIRST_IDS_SHOWN, convert_ava
 
 FROM_AVA = """Convert AVA v2.x annotations into a kissray annotations CSV (uri,start_s,end_s,label,split).
 
@@ -38,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_from_ava(args: argparse.Namespace) -> int:
+    from kissray.annotations import write_annotations
+    from kissray.ava import FIRST_IDS_SHOWN, convert_ava
+
     result = convert_ava(args.csv, args.label_map, args.action, args.videos, args.label, args.offset_s)
     if result.missing:
         first = ", ".join(result.missing[:FIRST_IDS_SHOWN])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from kissray.demo import DemoOptions, run_demo, summary
+from kissray.defaults import DemoOptions
 
 _DEFAULTS = DemoOptions()
 
@@ -25,6 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kissray.demo import run_demo, summary
+
     options = DemoOptions(n_train=args.train_films, n_test=args.test_films, epochs=args.epochs, seed=args.seed)
     print(summary(run_demo(args.out, options)))
     return 0

@@ -14,12 +14,8 @@ import json
 import sys
 
 from kissray.annotations import SPLITS, UNLABELLED_CHOICES, read_annotations
-from kissray.evaluate import evaluate
-from kissray.model import load_model
-from kissray.score import SegmentParams
-from kissray.train import read_metrics
+from kissray.defaults import MIN_FRACTION, MIN_LEN_S, THRESHOLD
 
-_SEG = SegmentParams()
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,14 +28,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="write the report as JSON here (default: print it)")
     p.add_argument("--unlabelled", choices=UNLABELLED_CHOICES, default=None,
                    help="seconds in no annotated span (default: as in training, else ignore)")
-    p.add_argument("--threshold", type=float, default=_SEG.threshold)
-    p.add_argument("--min-len", type=int, default=_SEG.min_len)
-    p.add_argument("--min-fraction", type=float, default=_SEG.min_fraction)
+    p.add_argument("--threshold", type=float, default=THRESHOLD)
+    p.add_argument("--min-len", type=int, default=MIN_LEN_S)
+    p.add_argument("--min-fraction", type=float, default=MIN_FRACTION)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
+
+    from kissray.evaluate import evaluate
+    from kissray.model import load_model
+    from kissray.score import SegmentParams
+    from kissray.train import read_metrics
 
     annotations = read_annotations(args.annotations)
     trained = read_metrics(args.model) or {}

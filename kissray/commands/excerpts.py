@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kissray.excerpts import ExcerptOptions, write_excerpts
+from kissray.defaults import ExcerptOptions
 
 EXIT_OK, EXIT_SOME_FAILED = 0, 3
 
@@ -31,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kissray.excerpts import write_excerpts
+
     options = ExcerptOptions(pad_s=args.pad, copy=args.copy, thumbnails=not args.no_thumbnails)
     summary = write_excerpts(args.scores, args.out, labels=args.label, options=options, jobs=args.jobs,
                              progress=sys.stderr.isatty())

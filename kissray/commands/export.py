@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kissray.export import FORMATS, export_segments
+from kissray.defaults import EXPORT_FORMATS
 
 EXIT_OK, EXIT_SOME_FAILED = 0, 3
 
@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                               "are drop-frame, 23.976 and integer rates non-drop. Exit code 3 when some film's "
                               "frame rate could not be read (its EDL is missing).")
     p.add_argument("--scores", required=True, metavar="OUT", help="a `kissray score --out` directory (any fsspec URI)")
-    p.add_argument("--format", required=True, choices=FORMATS, help="csv / json: one file; edl: one per title")
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="csv / json: one file; edl: one per title")
     p.add_argument("--out", default=None,
                    help="csv/json: the file ('-' for stdout; default OUT/segments.FORMAT); "
                         "edl: the folder (default OUT/edl)")
@@ -28,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kissray.export import export_segments
+
     summary = export_segments(args.scores, args.format, args.out, labels=args.label, fps=args.fps)
     for title_id, reason in sorted(summary.failed.items()):
         print(f"failed {title_id}: {reason}", file=sys.stderr)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from kissray.model import MODALITIES, ModelConfig, init_model, save_model
+from kissray.defaults import FRAMES_PER_CLIP, IMAGE_SIZE_PX, MODALITIES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -13,8 +13,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="checkpoint directory (any fsspec URI)")
     p.add_argument("--labels", default="kiss", help="comma-separated label names (default: kiss)")
     p.add_argument("--modality", choices=MODALITIES, default="av")
-    p.add_argument("--frames-per-clip", type=int, default=1, help="stills per 1-second clip (default 1)")
-    p.add_argument("--image-size", type=int, default=224, help="still size in pixels (default 224)")
+    p.add_argument("--frames-per-clip", type=int, default=FRAMES_PER_CLIP,
+                   help="stills per 1-second clip (default %(default)s)")
+    p.add_argument("--image-size", type=int, default=IMAGE_SIZE_PX, help="still size in pixels (default %(default)s)")
     p.add_argument("--resnet-weights", default=None,
                    help="'imagenet' (torchvision's IMAGENET1K_V1, downloaded on request) or a state-dict URI")
     p.add_argument("--vggish-weights", default=None,
@@ -24,6 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kissray.model import ModelConfig, init_model, save_model
+
     labels = [name.strip() for name in args.labels.split(",") if name.strip()]
     config = ModelConfig(labels=labels, modality=args.modality, frames_per_clip=args.frames_per_clip,
                          image_size=args.image_size)

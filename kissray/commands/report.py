@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from kissray.report import write_report
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,6 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kissray.report import write_report
+
     out = write_report(args.scores, args.out, excerpts_dir=args.excerpts, embed_thumbnails=args.embed_thumbnails)
     print(f"wrote {out}")
     return 0

@@ -16,10 +16,8 @@ import sys
 
 import math
 
-from kissray.score import DEFAULT_BATCH_SIZE, SegmentParams
-
-DEFAULTS = SegmentParams()
-STILLS_MODES = ("exact", "keyframe")  # as kissray.pipeline.STILLS_MODES (not imported: --help stays fast)
+from kissray.defaults import (BATCH_SIZE, DECODE_TIMEOUT_S, MIN_FRACTION, MIN_LEN_S, STILLS_MODES, THRESHOLD,
+                              WINDOW_S)
 
 
 def _positive_int(text: str) -> int:
@@ -59,20 +57,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The score options; shared with ``jobs/score_titles.py``."""
-    from kissray.pipeline import DEFAULT_DECODE_TIMEOUT_S, DEFAULT_WINDOW_S
-
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="films, directories, globs, URIs or manifests")
     p.add_argument("--model", required=True, help="checkpoint directory (any fsspec URI)")
     p.add_argument("--out", required=True, help="output directory (any fsspec URI)")
     p.add_argument("--address", default=None,
                    help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray; 'local' forces one)")
-    p.add_argument("--threshold", type=_fraction, default=DEFAULTS.threshold, help="segmenter threshold (%(default)s)")
-    p.add_argument("--min-len", type=_positive_int, default=DEFAULTS.min_len, help="shortest segment, seconds (%(default)s)")
-    p.add_argument("--min-fraction", type=_fraction, default=DEFAULTS.min_fraction,
+    p.add_argument("--threshold", type=_fraction, default=THRESHOLD, help="segmenter threshold (%(default)s)")
+    p.add_argument("--min-len", type=_positive_int, default=MIN_LEN_S, help="shortest segment, seconds (%(default)s)")
+    p.add_argument("--min-fraction", type=_fraction, default=MIN_FRACTION,
                    help="least fraction of positive seconds in a segment (%(default)s)")
-    p.add_argument("--window-s", type=_positive_int, default=DEFAULT_WINDOW_S,
+    p.add_argument("--window-s", type=_positive_int, default=WINDOW_S,
                    help="seconds of film per decode task (%(default)s)")
-    p.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE, help="clips per forward pass (%(default)s)")
+    p.add_argument("--batch-size", type=_positive_int, default=BATCH_SIZE, help="clips per forward pass (%(default)s)")
     p.add_argument("--max-actors", "--actors", dest="max_actors", type=_positive_int, default=None,
                    help="most classifier actors; the pool grows and shrinks with the cluster up to this "
                         "(default: unbounded on GPUs, one per 4 CPUs on CPU)")
@@ -83,13 +79,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="exact: the frame at each still time (default); keyframe: the last keyframe before it "
                         "(faster, one GOP of error at most)")
     p.add_argument("--frames-per-clip", type=_positive_int, default=None, help="stills per clip (default: the checkpoint's)")
-    p.add_argument("--decode-timeout-s", type=_seconds, default=DEFAULT_DECODE_TIMEOUT_S,
+    p.add_argument("--decode-timeout-s", type=_seconds, default=DECODE_TIMEOUT_S,
                    help="a window whose decoder makes no progress this long fails (%(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars at all (ours or Ray Data's)")
 
 
 def run(args: argparse.Namespace) -> int:
     from kissray.pipeline import out_lock, prepare_library, ray_connection, run_library
+    from kissray.score import SegmentParams
 
     params = SegmentParams(args.threshold, args.min_len, args.min_fraction)
     with out_lock(args.out):  # a second live run on OUT: usage error naming this one

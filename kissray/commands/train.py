@@ -12,8 +12,7 @@ from __future__ import annotations
 import argparse
 
 from kissray.annotations import UNLABELLED_CHOICES, read_annotations
-from kissray.model import MODALITIES
-from kissray.train import BALANCE_CHOICES, BALANCED_RATE, MODES, SELECT_CHOICES, TrainOptions, train
+from kissray.defaults import BALANCE_CHOICES, BALANCED_RATE, MODALITIES, MODES, SELECT_CHOICES, TrainOptions
 
 _DEFAULTS = TrainOptions()
 
@@ -49,6 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kissray.train import train
+
     annotations = read_annotations(args.annotations)
     options = TrainOptions(mode=args.mode, modality=args.modality, epochs=args.epochs, lr=args.lr,
                            batch_size=args.batch_size, seed=args.seed, unlabelled=args.unlabelled,
