@@ -168,6 +168,9 @@ class Ingress:
                 raise
             logger.warning("request %s: abandoned after %.0f s", request_id, self.config.request_timeout_s)
             raise ApiError(504, f"not done within the server's limit of {self.config.request_timeout_s:.0f} s") from e
+        except asyncio.CancelledError:
+            logger.info("request %s: cancelled (the client went away)", request_id)
+            raise
         finally:
             slot.release()
         return JSONResponse(result_json(result))
@@ -309,7 +312,7 @@ def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, a
     if host not in LOOPBACK_HOSTS and ApiKey.load(config.api_key_file) is None:
         ready(f"kissray serve: WARNING: listening on {host} without an API key (--api-key-file or "
               f"$KISSRAY_API_KEY): anyone who reaches this port can use it")
-    own_ray = not (address or os.environ.get("RAY_ADDRESS"))
+    own_ray = (address or os.environ.get("RAY_ADDRESS") or "local") == "local"
     ray.init(address=address, include_dashboard=False, configure_logging=False)
     stop = threading.Event()  # handlers set after ray.init, which installs its own crash handlers
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -41,7 +41,7 @@ class ServeConfig:
     classifier_cpus: float = 1.0  # also torch's thread count on CPU
     max_concurrent_decodes: int | None = None  # per Ingress replica; None: its CPU allotment
     max_ongoing_requests: int = 64  # per Ingress replica, all routes; the proxy may queue ...
-    max_queued_requests: int = 16  # ... this many more per caller, then answers 503 itself
+    max_queued_requests: int = 64  # ... this many more per caller, then answers 503 itself
     decode_timeout_s: float = DEFAULT_TIMEOUT_S  # longest wait for one clip from the decoder
 
     def __post_init__(self):
@@ -50,7 +50,8 @@ class ServeConfig:
         positive = {"max_upload_mb": self.max_upload_mb, "max_batch_size": self.max_batch_size,
                     "chunk_clips": self.chunk_clips, "max_film_s": self.max_film_s,
                     "request_timeout_s": self.request_timeout_s, "decode_timeout_s": self.decode_timeout_s,
-                    "max_concurrent_decodes": self.max_concurrent_decodes or 1, "ingress_cpus": self.ingress_cpus,
+                    "max_concurrent_decodes": 1 if self.max_concurrent_decodes is None else self.max_concurrent_decodes,
+                    "ingress_cpus": self.ingress_cpus,
                     "max_ongoing_requests": self.max_ongoing_requests}
         bad = sorted(name for name, value in positive.items() if not value > 0)
         if bad:
