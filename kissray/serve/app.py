@@ -27,6 +27,7 @@ import numpy as np
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.exceptions import TaskCancelledError
 
 from kissray.errors import MediaError
 from kissray.media import MediaInfo, MediaTooLargeError
@@ -168,9 +169,11 @@ class Ingress:
                 raise
             logger.warning("request %s: abandoned after %.0f s", request_id, self.config.request_timeout_s)
             raise ApiError(504, f"not done within the server's limit of {self.config.request_timeout_s:.0f} s") from e
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, TaskCancelledError) as e:
+            # Serve cancels a request whose client went away, and with it the request's classifier
+            # calls: an await on one of those may raise TaskCancelledError first.
             logger.info("request %s: cancelled (the client went away)", request_id)
-            raise
+            raise asyncio.CancelledError() from e
         finally:
             slot.release()
         return JSONResponse(result_json(result))
