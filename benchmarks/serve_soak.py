@@ -47,7 +47,7 @@ def start_app(workdir: Path, checkpoint: str, key_file: Path, args) -> str:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = ServeConfig(model=checkpoint, num_gpus=0, upload_dir=str(workdir / "uploads"),
-                         api_key_file=str(key_file), max_upload_mb=64, request_timeout_s=300)
+                         api_key_file=str(key_file), max_upload_mb=64, request_timeout_s=300, ingress_cpus=2)
     serve.run(build_app(config), name="kissray-soak", route_prefix="/")
     return f"http://127.0.0.1:{port}"
 

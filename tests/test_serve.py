@@ -146,10 +146,15 @@ def test_config_from_args_and_yaml_style_args(checkpoint):
 
     args = build_parser().parse_args(["serve", "--model", checkpoint, "--allow-uri-prefix", "s3://b/f/",
                                       "--allow-uri-prefix", "/data/films/", "--max-upload-mb", "16",
-                                      "--replicas", "2"])
+                                      "--replicas", "2", "--api-key-file", "key.txt", "--max-film-s", "600",
+                                      "--request-timeout-s", "90", "--max-concurrent-decodes", "3"])
     config = config_from_args(args)
     assert config.allow_uri_prefixes == ("s3://b/f/", "/data/films/")
     assert (config.max_upload_bytes, config.replicas, config.max_batch_size) == (16 << 20, 2, 16)
+    assert config.api_key_file == os.path.abspath("key.txt")  # replicas may run in another directory
+    assert (config.max_film_s, config.request_timeout_s, config.max_concurrent_decodes) == (600, 90, 3)
+    defaults = config_from_args(build_parser().parse_args(["serve", "--model", checkpoint]))
+    assert (defaults.api_key_file, defaults.max_film_s, defaults.max_concurrent_decodes) == (None, 14400, None)
     assert ServeConfig.from_dict({"model": checkpoint, "allow_uri_prefixes": "s3://b/f/"}).allow_uri_prefixes == (
         "s3://b/f/",)
     with pytest.raises(UsageError, match="unknown"):
@@ -181,6 +186,19 @@ def test_cluster_serve_configs_build_the_same_app():
     assert [a.import_path for a in apps[0]] == [a.import_path for a in apps[1]] == ["kissray.serve:app_builder"]
     assert apps[0][0].args == apps[1][0].args
     assert isinstance(app_builder(apps[0][0].args), Application)  # args are valid ServeConfig options
+
+
+def test_cluster_configs_read_the_key_from_a_mounted_secret():
+    import yaml
+
+    key_file = serve_configs()["rayservice.yaml"]["applications"][0]["args"]["api_key_file"]
+    rayservice = yaml.safe_load((CLUSTER / "rayservice.yaml").read_text())
+    for group in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]:  # wherever an Ingress may run
+        pod = group["template"]["spec"]
+        secrets = {v["name"] for v in pod["volumes"] if "secret" in v}
+        mounts = {m["mountPath"]: m["name"] for c in pod["containers"] for m in c["volumeMounts"]}
+        assert mounts.get(os.path.dirname(key_file)) in secrets, group["groupName"]
+    assert "api_key:" not in (CLUSTER / "serve-config.yaml").read_text().replace("api_key_file", "")
 
 
 # ---------------------------------------------------------------- over HTTP
@@ -368,6 +386,17 @@ def test_api_key_never_logged(server, film):
         if path.is_file():
             with open(path, "rb") as f:
                 assert API_KEY.encode() not in f.read(), path
+
+
+def test_ingress_decoders_get_a_minimal_environment(server, film):
+    assert server.upload(film).status_code == 200
+    pids = ingress_decoders()
+    assert pids  # the idle pool
+    for pid in pids:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+        env = dict(item.split("=", 1) for item in environ if "=" in item)
+        assert env["TMPDIR"] == str(server.uploads)  # decoder scratch files go to the upload dir too
+        assert "PATH" in env and not [k for k in env if k.startswith(("RAY_", "AWS_", "KISSRAY_API"))], sorted(env)
 
 
 def test_partial_film_is_200_with_nulls(server, media_dir, tmp_path, model):

@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--replicas", type=int, default=None, help="classifier replicas (default 1)")
     p.add_argument("--ingress-replicas", type=int, default=None, help="HTTP/decode replicas (default 1)")
     p.add_argument("--ingress-cpus", type=float, default=None,
-                   help="Ray CPUs per ingress replica (default 2); its decode slots follow its CPU allotment")
+                   help="Ray CPUs per ingress replica (default 1); its decode slots follow its CPU allotment")
     p.add_argument("--max-concurrent-decodes", type=int, default=None,
                    help="films decoded at once per ingress replica; more requests get 503 + Retry-After "
                         "(default: the replica's CPU allotment: affinity, cgroup quota, Ray CPUs)")

@@ -33,7 +33,7 @@ class ServeConfig:
     replicas: int | str = 1  # classifier replicas, or "auto" (Serve's default autoscaling)
     autoscaling: dict | None = None  # classifier autoscaling_config; overrides ``replicas``
     ingress_replicas: int = 1
-    ingress_cpus: float = 2.0  # Ray CPUs per Ingress replica: bounds its concurrent decodes
+    ingress_cpus: float = 1.0  # Ray CPUs per Ingress replica: bounds its concurrent decodes
     max_batch_size: int = 16  # chunks of clips per forward pass (each chunk <= chunk_clips clips)
     batch_wait_timeout_s: float = 0.05  # longest wait for a batch to fill
     chunk_clips: int = 8  # clips per call from ingress to classifier
