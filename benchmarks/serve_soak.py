@@ -136,8 +136,9 @@ class Client:
         if kind == "gone":
             return self.hang_up()
         key = "wrong" if kind == "unauthorised" else self.key
-        name, data = {"good": ("good.mp4", self.films["good"]), "partial": ("cut.mp4", self.films["partial"]),
-                      "bad": ("text.mp4", b"not a film\n" * 100), "unauthorised": ("good.mp4", self.films["good"])}[kind]
+        payloads = {"good": ("good.mp4", self.films["good"]), "partial": ("cut.mp4", self.films["partial"]),
+                    "bad": ("text.mp4", b"not a film\n" * 100), "unauthorised": ("good.mp4", self.films["good"])}
+        name, data = payloads[kind]
         try:
             r = http.post(f"{self.url}/v1/score", files={"file": (name, data, "video/mp4")},
                           headers={"authorization": f"Bearer {key}"})

@@ -16,7 +16,6 @@ import contextlib
 import json
 import os
 import select
-import shutil
 import struct
 import subprocess
 import sys

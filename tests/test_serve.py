@@ -147,11 +147,13 @@ def test_config_from_args_and_yaml_style_args(checkpoint):
     args = build_parser().parse_args(["serve", "--model", checkpoint, "--allow-uri-prefix", "s3://b/f/",
                                       "--allow-uri-prefix", "/data/films/", "--max-upload-mb", "16",
                                       "--replicas", "2", "--api-key-file", "key.txt", "--max-film-s", "600",
-                                      "--request-timeout-s", "90", "--max-concurrent-decodes", "3"])
+                                      "--request-timeout-s", "90", "--max-concurrent-decodes", "3",
+                                      "--upload-dir", "up"])
     config = config_from_args(args)
     assert config.allow_uri_prefixes == ("s3://b/f/", "/data/films/")
     assert (config.max_upload_bytes, config.replicas, config.max_batch_size) == (16 << 20, 2, 16)
     assert config.api_key_file == os.path.abspath("key.txt")  # replicas may run in another directory
+    assert config.upload_dir == os.path.abspath("up")
     assert (config.max_film_s, config.request_timeout_s, config.max_concurrent_decodes) == (600, 90, 3)
     defaults = config_from_args(build_parser().parse_args(["serve", "--model", checkpoint]))
     assert (defaults.api_key_file, defaults.max_film_s, defaults.max_concurrent_decodes) == (None, 14400, None)

@@ -12,8 +12,8 @@ import argparse
 import os
 
 # option name -> ServeConfig field; unset options keep ServeConfig's defaults (one place for them)
-PASSED_AS_IS = ("replicas", "ingress_replicas", "max_batch_size", "num_gpus", "max_upload_mb", "upload_dir",
-                "max_film_s", "request_timeout_s", "max_concurrent_decodes", "ingress_cpus")
+PASSED_AS_IS = ("replicas", "ingress_replicas", "max_batch_size", "num_gpus", "max_upload_mb", "max_film_s",
+                "request_timeout_s", "max_concurrent_decodes", "ingress_cpus")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -60,7 +60,8 @@ def config_from_args(args: argparse.Namespace):
 
     options = {name: getattr(args, name) for name in PASSED_AS_IS}
     options.update(model=args.model, allow_uri_prefixes=tuple(args.allow_uri_prefix),
-                   api_key_file=args.api_key_file and os.path.abspath(args.api_key_file),
+                   api_key_file=args.api_key_file and os.path.abspath(args.api_key_file),  # replicas run
+                   upload_dir=args.upload_dir and os.path.abspath(args.upload_dir),  # in other directories
                    batch_wait_timeout_s=None if args.batch_wait_ms is None else args.batch_wait_ms / 1000)
     return ServeConfig.from_dict({k: v for k, v in options.items() if v is not None})
 

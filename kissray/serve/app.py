@@ -136,6 +136,8 @@ class Ingress:
         self.api_key = ApiKey.load(config.api_key_file)
         self.slots = DecodeSlots(config.max_concurrent_decodes or cpu_allotment())
         self.limits = FilmLimits(config.max_upload_bytes, config.max_film_s, config.upload_dir)
+        if config.upload_dir:
+            os.makedirs(config.upload_dir, exist_ok=True)
         self._model_info: dict | None = None
         logger.info("ingress: %d decode slots, API key %s", self.slots.n,
                     "required" if self.api_key else "NOT configured (any caller is served)")

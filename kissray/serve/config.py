@@ -32,7 +32,7 @@ class ServeConfig:
     retry_after_s: int = 2  # the Retry-After of a 503 when every decode slot is taken
     replicas: int | str = 1  # classifier replicas, or "auto" (Serve's default autoscaling)
     autoscaling: dict | None = None  # classifier autoscaling_config; overrides ``replicas``
-    ingress_replicas: int = 1
+    ingress_replicas: int | str = 1
     ingress_cpus: float = 1.0  # Ray CPUs per Ingress replica: bounds its concurrent decodes
     max_batch_size: int = 16  # chunks of clips per forward pass (each chunk <= chunk_clips clips)
     batch_wait_timeout_s: float = 0.05  # longest wait for a batch to fill
