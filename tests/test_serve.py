@@ -506,6 +506,15 @@ def test_clients_that_disconnect_leave_nothing_behind(server, media_dir, film, m
     wait_until_clean(server)
     assert_matches(server.upload(film).json(), score_film(film, model), "film")  # the next request is right
     wait_until_clean(server)
+    assert ingress_log().count("cancelled (the client went away)") >= 6  # hang-ups after admission
+
+
+def ingress_log() -> str:
+    """The Ingress replica's Serve log in this Ray session."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
+    return "".join(p.read_text(errors="replace") for p in logs.glob(f"replica_{APP}_Ingress_*.log"))
 
 
 @pytest.mark.slow

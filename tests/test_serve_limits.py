@@ -110,8 +110,7 @@ def test_decoder_child_gets_no_credentials(monkeypatch, film):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret")
     monkeypatch.setenv("KISSRAY_API_KEY", "test-key")
     assert probe(film).n_clips == 5  # the child decodes with what it has
-    children = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(p) == os.getpid()
-                and b"kissray.decode" in _read(p / "cmdline")]
+    children = _own_decoders()
     assert children
     for child in children:
         environ = _read(child / "environ")
@@ -129,3 +128,71 @@ def _read(path: Path) -> bytes:
 def _parent(proc: Path) -> int:
     stat = _read(proc / "stat").decode(errors="replace")
     return int(stat.rsplit(")", 1)[1].split()[1]) if ")" in stat else -1
+
+
+# ---------------------------------------------------------------- one film on a worker thread
+
+
+def run_decoder(uri: str, tmp_path: Path, stop_after: int | None = None, max_film_s: float = 60,
+                max_ahead: int = 4) -> tuple[list, "FilmDecoder"]:
+    """Messages of a FilmDecoder; with ``stop_after``, cancel once that many were read (never ack chunks)."""
+    import asyncio
+
+    from kissray.serve.films import FilmDecoder, FilmLimits
+
+    async def main():
+        decoder = FilmDecoder(uri, {"frames_per_clip": 1, "size": 32, "timeout_s": 10},
+                              FilmLimits(1 << 30, max_film_s, str(tmp_path)), chunk_clips=2, max_ahead=max_ahead)
+        decoder.start()
+        messages = []
+        while stop_after is None or len(messages) < stop_after:
+            messages.append(await decoder.next())
+            if messages[-1][0] == "chunk" and stop_after is None:
+                decoder.chunk_done()
+            if messages[-1][0] in ("end", "failed"):
+                break
+        decoder.cancel()
+        return messages, decoder
+
+    return asyncio.run(main())
+
+
+def test_film_decoder_delivers_info_chunks_and_a_break(tmp_path, media_dir):
+    from conftest import make_film
+
+    from kissray.serve.films import FilmTooLongError
+
+    src = make_film(media_dir / "limits-cut.mp4", duration_s=12, extra_args=("-movflags", "+faststart"))
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(Path(src).read_bytes()[: Path(src).stat().st_size // 2])
+    messages, decoder = run_decoder(str(cut), tmp_path)
+    kinds = [kind for kind, _ in messages]
+    assert kinds[0] == "info" and messages[0][1].n_clips == 12 and kinds[-2:] == ["broken", "end"]
+    assert set(kinds[1:-2]) == {"chunk"} and "truncated" in messages[-2][1].reason
+    assert decoder.join(10)
+    messages, decoder = run_decoder(src, tmp_path, max_film_s=11)
+    assert [k for k, _ in messages] == ["failed"] and isinstance(messages[0][1], FilmTooLongError)
+    assert decoder.join(10) and list(tmp_path.glob("kissray-*")) == []
+
+
+@pytest.mark.parametrize("stop_after", [0, 1, 2])  # while opening, after the info, waiting for the classifier
+def test_film_decoder_cancelled_at_any_moment_closes_everything(tmp_path, media_dir, stop_after):
+    import fsspec
+
+    from conftest import make_film
+    from kissray.media import DECODERS, MAX_IDLE_DECODERS
+
+    src = make_film(media_dir / "limits-long.mp4", duration_s=20)
+    fsspec.filesystem("memory").pipe("/serve-limits/long.mp4", Path(src).read_bytes())  # staged to tmp_path
+    before = _own_decoders()
+    messages, decoder = run_decoder("memory://serve-limits/long.mp4", tmp_path, stop_after, max_ahead=1)
+    assert decoder.join(10)  # the thread saw the cancellation and left the ClipReader
+    assert [k for k, _ in messages] == ["info", "chunk"][:stop_after]
+    assert list(tmp_path.iterdir()) == []  # staged copy and scratch dir removed
+    assert len(_own_decoders()) <= max(len(before), MAX_IDLE_DECODERS)  # a cancelled child is killed
+    DECODERS.close()
+
+
+def _own_decoders() -> list[Path]:
+    return [p for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(p) == os.getpid()
+            and b"kissray.decode" in _read(p / "cmdline")]

@@ -317,7 +317,9 @@ def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, a
     if host not in LOOPBACK_HOSTS and ApiKey.load(config.api_key_file) is None:
         ready(f"kissray serve: WARNING: listening on {host} without an API key (--api-key-file or "
               f"$KISSRAY_API_KEY): anyone who reaches this port can use it")
-    own_ray = (address or os.environ.get("RAY_ADDRESS") or "local") == "local"
+    # "local": a new Ray of our own. Without it, ray.init joins whichever Ray already runs on this machine.
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    own_ray = address == "local"
     ray.init(address=address, include_dashboard=False, configure_logging=False)
     stop = threading.Event()  # handlers set after ray.init, which installs its own crash handlers
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
