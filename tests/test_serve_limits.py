@@ -36,6 +36,8 @@ def test_config_takes_a_key_file_never_a_key(checkpoint):
     for bad in ({"max_film_s": 0}, {"request_timeout_s": -1}, {"max_concurrent_decodes": 0}):
         with pytest.raises(UsageError, match="positive"):
             ServeConfig(model=checkpoint, **bad)
+    with pytest.raises(UsageError, match="absolute"):
+        ServeConfig(model=checkpoint, api_key_file="key.txt")
 
 
 def test_decode_slots_are_shared_until_the_last_owner_releases():

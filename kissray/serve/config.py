@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +59,10 @@ class ServeConfig:
             raise UsageError(f"{', '.join(bad)} must be positive")
         if self.batch_wait_timeout_s < 0 or self.retry_after_s < 0 or self.max_queued_requests < 0:
             raise UsageError("batch_wait_timeout_s, retry_after_s and max_queued_requests must be >= 0")
+        relative = [name for name in ("upload_dir", "api_key_file")
+                    if getattr(self, name) and not os.path.isabs(getattr(self, name))]
+        if relative:  # replicas run in directories of Ray's choosing
+            raise UsageError(f"{', '.join(relative)} must be absolute paths")
         for prefix in self.allow_uri_prefixes:
             canonical_uri(prefix)  # raises UsageError for unusable prefixes
 
