@@ -506,7 +506,7 @@ def test_clients_that_disconnect_leave_nothing_behind(server, media_dir, film, m
     wait_until_clean(server)
     assert_matches(server.upload(film).json(), score_film(film, model), "film")  # the next request is right
     wait_until_clean(server)
-    assert ingress_log().count("cancelled (the client went away)") >= 6  # hang-ups after admission
+    assert ingress_log().count("cancelled (the client went away)") >= 3  # hang-ups after admission happened
 
 
 def ingress_log() -> str:
