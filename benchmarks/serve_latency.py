@@ -59,7 +59,9 @@ def measure(url: str, film: bytes, concurrency: int, n_requests: int, seconds: i
 
     def one(i: int) -> float:
         start = time.perf_counter()
-        r = httpx.post(f"{url}/v1/score", files={"file": (f"bench{i}.mp4", film, "video/mp4")}, timeout=600)
+        while (r := httpx.post(f"{url}/v1/score", files={"file": (f"bench{i}.mp4", film, "video/mp4")},
+                               timeout=600)).status_code == 503:  # busy: retry when told, as a client should
+            time.sleep(float(r.headers.get("retry-after", 1)))
         r.raise_for_status()
         return time.perf_counter() - start
 

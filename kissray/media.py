@@ -16,7 +16,6 @@ import contextlib
 import json
 import os
 import select
-import shutil
 import struct
 import subprocess
 import sys
@@ -76,9 +75,15 @@ def iter_clips(uri: str, start: int = 0, stop: int | None = None, *, frames_per_
         yield from reader
 
 
+class MediaTooLargeError(MediaOpenError):
+    """The object is larger than the caller's byte limit (checked before and while staging)."""
+
+
 @contextlib.contextmanager
-def local_path(uri: str) -> Iterator[str]:
-    """A local file path for ``uri``: the file itself when local, else a staged temporary copy."""
+def local_path(uri: str, *, staging_dir: str | None = None, max_bytes: int | None = None) -> Iterator[str]:
+    """A local file path for ``uri``: the file itself when local, else a staged temporary copy
+    (in ``staging_dir``, default the system temp dir). With ``max_bytes``, a larger object raises
+    :class:`MediaTooLargeError`: by the size the filesystem reports, and by the bytes copied."""
     import fsspec
     from fsspec.implementations.local import LocalFileSystem
 
@@ -89,15 +94,21 @@ def local_path(uri: str) -> Iterator[str]:
     if isinstance(fs, LocalFileSystem):
         if not os.path.isfile(path):
             raise MediaOpenError(uri, "no such file")
+        _check_size(uri, os.path.getsize(path), max_bytes)
         yield path
         return
+    if max_bytes is not None:
+        try:
+            _check_size(uri, fs.size(path), max_bytes)
+        except FileNotFoundError as e:
+            raise MediaOpenError(uri, "no such file") from e
     suffix = os.path.splitext(path)[1][:16]
-    fd, tmp = tempfile.mkstemp(prefix="kissray-stage-", suffix=suffix)
+    fd, tmp = tempfile.mkstemp(prefix="kissray-stage-", suffix=suffix, dir=staging_dir)
     try:
         with os.fdopen(fd, "wb") as out:
             try:
                 with fs.open(path, "rb") as src:
-                    shutil.copyfileobj(src, out, STAGE_CHUNK_BYTES)
+                    _copy_capped(src, out, uri, max_bytes)
             except FileNotFoundError as e:
                 raise MediaOpenError(uri, "no such file") from e
             except OSError as e:
@@ -106,6 +117,20 @@ def local_path(uri: str) -> Iterator[str]:
     finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+
+
+def _check_size(uri: str, n_bytes: int | None, max_bytes: int | None) -> None:
+    if max_bytes is not None and n_bytes is not None and n_bytes > max_bytes:
+        raise MediaTooLargeError(uri, f"{n_bytes} bytes is over the limit of {max_bytes} bytes")
+
+
+def _copy_capped(src, out, uri: str, max_bytes: int | None) -> None:
+    """Copy in STAGE_CHUNK_BYTES chunks, counting: an object that grows past the limit is refused."""
+    copied = 0
+    while chunk := src.read(STAGE_CHUNK_BYTES):
+        copied += len(chunk)
+        _check_size(uri, copied, max_bytes)
+        out.write(chunk)
 
 
 class ClipReader:
@@ -227,6 +252,21 @@ class DecoderPool:
             child.close()
 
 
+# What the decoder child may see of its parent's environment: Python, the loader, locale, temp dir,
+# thread pools and the ffmpeg binary. Nothing else: it reads only a local file, so it needs no
+# cloud credentials or API keys, and a library exploited by a crafted film finds none.
+DECODER_ENV_KEYS = ("PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "LD_LIBRARY_PATH", "VIRTUAL_ENV",
+                    "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                    "NUMEXPR_NUM_THREADS", "KISSRAY_FFMPEG", "IMAGEIO_FFMPEG_EXE")
+DECODER_ENV_PREFIXES = ("LC_", "PYTHON")
+
+
+def decoder_env(environ=os.environ) -> dict[str, str]:
+    """The decoder child's environment: the allowed variables of ``environ``, unbuffered output."""
+    env = {k: v for k, v in environ.items() if k in DECODER_ENV_KEYS or k.startswith(DECODER_ENV_PREFIXES)}
+    return {**env, "PYTHONUNBUFFERED": "1"}
+
+
 class _DecoderProcess:
     """One ``python -m kissray.decode`` child, speaking the framed protocol of :mod:`kissray.decode`."""
 
@@ -234,9 +274,8 @@ class _DecoderProcess:
         self.uri, self.requests = "", 0
         self._buf = bytearray()
         self._stderr = tempfile.TemporaryFile()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self._proc = subprocess.Popen([sys.executable, "-m", "kissray.decode"], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, stderr=self._stderr, env=env, bufsize=0)
+                                      stdout=subprocess.PIPE, stderr=self._stderr, env=decoder_env(), bufsize=0)
 
     def alive(self) -> bool:
         return self._proc.poll() is None

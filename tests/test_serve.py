@@ -1,14 +1,20 @@
-"""The Serve app over real HTTP on 127.0.0.1: answers equal score_film, bad input is a 4xx, batching works.
+"""The Serve app over real HTTP on 127.0.0.1: answers equal score_film, bad input is a 4xx, batching
+works, and under load and abuse: API key, limits on every path, 503 + Retry-After at capacity, 504
+past the deadline, clients that disconnect at any moment leave nothing behind.
 
-Serve starts once for this module (on the session's Ray) and is shut down at the end.
+Serve starts once for this module (on the session's Ray) and is shut down at the end. Its Ingress
+has 2 decode slots, so requests sent together may be answered 503: ``Server.post`` retries those
+after Retry-After, as a client should; the flood test looks at the 503s themselves.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import shutil
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,21 +29,42 @@ from kissray.score import score_film
 from kissray.serve import ServeConfig, UriPolicy, canonical_uri
 
 MAX_UPLOAD_MB = 1
+MAX_FILM_S = 16
+DECODE_SLOTS = 2
+REQUEST_TIMEOUT_S = 20
+API_KEY = "kissray-test-" + os.urandom(12).hex()
+APP = "kissray-test"
 
 
 @dataclass
 class Server:
     url: str
     allowed: Path  # the only URI prefix the test app allows
-    uploads: Path  # the app's upload temp dir
+    uploads: Path  # the app's upload dir (uploads, staged objects and decoder scratch files)
+    key: str = API_KEY
 
-    def post(self, **kwargs) -> httpx.Response:
-        return httpx.post(f"{self.url}/v1/score", timeout=120, **kwargs)
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
 
-    def upload(self, path, name=None, **fields) -> httpx.Response:
+    def post(self, retry_busy: bool = True, key: str | None = None, **kwargs) -> httpx.Response:
+        """POST /v1/score with the key; a 503 (busy) is retried after its Retry-After, up to 60 s."""
+        headers = {"authorization": f"Bearer {key or self.key}", **kwargs.pop("headers", {})}
+        deadline = time.monotonic() + 60
+        while True:
+            r = httpx.post(f"{self.url}/v1/score", timeout=120, headers=headers, **kwargs)
+            if r.status_code != 503 or not retry_busy or time.monotonic() > deadline:
+                return r
+            time.sleep(float(r.headers["retry-after"]) * random.uniform(0.5, 1.5))
+
+    def upload(self, path, name=None, retry_busy: bool = True, **fields) -> httpx.Response:
         with open(path, "rb") as f:
-            return self.post(files={"file": (name or os.path.basename(path), f, "video/mp4")},
-                             data={k: str(v) for k, v in fields.items()})
+            data = f.read()  # bytes, so a retry can send the body again
+        return self.post(retry_busy, files={"file": (name or os.path.basename(path), data, "video/mp4")},
+                         data={k: str(v) for k, v in fields.items()})
+
+    def get(self, path: str, key: str | None = None) -> httpx.Response:
+        return httpx.get(f"{self.url}{path}", timeout=60, headers={"authorization": f"Bearer {key or self.key}"})
 
 
 def free_port() -> int:
@@ -53,12 +80,15 @@ def server(ray_session, checkpoint, tmp_path_factory):
     from kissray.serve import build_app
 
     allowed, uploads = tmp_path_factory.mktemp("allowed"), tmp_path_factory.mktemp("uploads")
+    key_file = tmp_path_factory.mktemp("secrets") / "api-key"
+    key_file.write_text(API_KEY + "\n")
     config = ServeConfig(model=checkpoint, allow_uri_prefixes=(f"{allowed}/",), max_upload_mb=MAX_UPLOAD_MB,
-                         upload_dir=str(uploads), batch_wait_timeout_s=0.2, max_concurrent_decodes=8,
-                         num_gpus=0)
+                         upload_dir=str(uploads), batch_wait_timeout_s=0.2, max_concurrent_decodes=DECODE_SLOTS,
+                         num_gpus=0, api_key_file=str(key_file), max_film_s=MAX_FILM_S,
+                         request_timeout_s=REQUEST_TIMEOUT_S, retry_after_s=1, ingress_cpus=1)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(config), name="kissray-test", route_prefix="/")
+    serve.run(build_app(config), name=APP, route_prefix="/")
     yield Server(f"http://127.0.0.1:{port}", allowed, uploads)
     serve.shutdown()
 
@@ -116,10 +146,17 @@ def test_config_from_args_and_yaml_style_args(checkpoint):
 
     args = build_parser().parse_args(["serve", "--model", checkpoint, "--allow-uri-prefix", "s3://b/f/",
                                       "--allow-uri-prefix", "/data/films/", "--max-upload-mb", "16",
-                                      "--replicas", "2"])
+                                      "--replicas", "2", "--api-key-file", "key.txt", "--max-film-s", "600",
+                                      "--request-timeout-s", "90", "--max-concurrent-decodes", "3",
+                                      "--upload-dir", "up"])
     config = config_from_args(args)
     assert config.allow_uri_prefixes == ("s3://b/f/", "/data/films/")
     assert (config.max_upload_bytes, config.replicas, config.max_batch_size) == (16 << 20, 2, 16)
+    assert config.api_key_file == os.path.abspath("key.txt")  # replicas may run in another directory
+    assert config.upload_dir == os.path.abspath("up")
+    assert (config.max_film_s, config.request_timeout_s, config.max_concurrent_decodes) == (600, 90, 3)
+    defaults = config_from_args(build_parser().parse_args(["serve", "--model", checkpoint]))
+    assert (defaults.api_key_file, defaults.max_film_s, defaults.max_concurrent_decodes) == (None, 14400, None)
     assert ServeConfig.from_dict({"model": checkpoint, "allow_uri_prefixes": "s3://b/f/"}).allow_uri_prefixes == (
         "s3://b/f/",)
     with pytest.raises(UsageError, match="unknown"):
@@ -153,6 +190,19 @@ def test_cluster_serve_configs_build_the_same_app():
     assert isinstance(app_builder(apps[0][0].args), Application)  # args are valid ServeConfig options
 
 
+def test_cluster_configs_read_the_key_from_a_mounted_secret():
+    import yaml
+
+    key_file = serve_configs()["rayservice.yaml"]["applications"][0]["args"]["api_key_file"]
+    rayservice = yaml.safe_load((CLUSTER / "rayservice.yaml").read_text())
+    for group in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]:  # wherever an Ingress may run
+        pod = group["template"]["spec"]
+        secrets = {v["name"] for v in pod["volumes"] if "secret" in v}
+        mounts = {m["mountPath"]: m["name"] for c in pod["containers"] for m in c["volumeMounts"]}
+        assert mounts.get(os.path.dirname(key_file)) in secrets, group["groupName"]
+    assert "api_key:" not in (CLUSTER / "serve-config.yaml").read_text().replace("api_key_file", "")
+
+
 # ---------------------------------------------------------------- over HTTP
 
 
@@ -174,8 +224,8 @@ def test_segment_params_as_form_fields_and_query(server, film, model):
     r = server.upload(film, threshold=0.0, min_len=2, min_fraction=0.5, title_id="T-1")
     assert r.status_code == 200, r.text
     assert_matches(r.json(), expected, "T-1")
-    with open(film, "rb") as f:
-        r = server.post(params={"threshold": 0, "min_len": 2, "min_fraction": 0.5}, files={"file": ("x.mp4", f)})
+    r = server.post(params={"threshold": 0, "min_len": 2, "min_fraction": 0.5},
+                    files={"file": ("x.mp4", Path(film).read_bytes())})
     assert_matches(r.json(), expected, "x")
 
 
@@ -210,7 +260,7 @@ def test_bad_uploads_are_400(server, media_dir, tmp_path, film):
         "text.mp4": b"this is not a film\n" * 50,
         "audio-only.mp4": Path(audio_only).read_bytes(),
         "short.mp4": Path(make_film(tmp_path / "short.mp4", duration_s=0.3)).read_bytes(),
-        "half.mp4": data[: len(data) // 2],
+        "no-index.mp4": data[len(data) // 2:],
     }
     for name, payload in bad.items():
         r = server.post(files={"file": (name, payload, "video/mp4")})
@@ -246,13 +296,13 @@ def test_malformed_requests(server):
     assert_error(server.post(content=b"{not json", headers={"content-type": "application/json"}), 400, "JSON")
     assert_error(server.post(data={"threshold": "0.5"}, files={"other": ("x.txt", b"x")}), 422)
     assert_error(server.post(content=b"x", headers={"content-type": "text/plain"}), 415)
-    assert_error(httpx.get(f"{server.url}/v1/score"), 405)
-    assert_error(httpx.get(f"{server.url}/nope"), 404)
+    assert_error(server.get("/v1/score"), 405)
+    assert_error(server.get("/nope"), 404)
 
 
 def test_openapi_docs(server):
-    assert httpx.get(f"{server.url}/docs").status_code == 200
-    spec = httpx.get(f"{server.url}/openapi.json").json()
+    assert server.get("/docs").status_code == 200
+    spec = server.get("/openapi.json").json()
     assert set(spec["paths"]) >= {"/healthz", "/v1/score"}
 
 
@@ -265,7 +315,7 @@ def test_concurrent_requests_are_batched(server, film, model):
     for i, r in enumerate(responses):
         assert r.status_code == 200, r.text
         assert_matches(r.json(), expected, f"c{i}")
-    stats = serve.get_deployment_handle("Classifier", app_name="kissray-test").stats.remote().result()
+    stats = serve.get_deployment_handle("Classifier", app_name=APP).stats.remote().result()
     assert stats["max_requests"] > 1  # clips of different requests shared a forward pass
     assert stats["max_calls"] > 1
 
@@ -275,6 +325,196 @@ def test_healthy_after_bad_requests_and_no_temp_files_left(server, film, model):
     assert r.status_code == 200
     assert_matches(server.upload(film).json(), score_film(film, model), "film")
     assert list(server.uploads.iterdir()) == []
+
+
+# ---------------------------------------------------------------- under load and abuse
+
+
+def ingress_decoders() -> list[int]:
+    """Pids of the decoder children of this module's Ingress replica (others' tests run decoders too)."""
+    def cmdline(pid) -> str:
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            return ""
+
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and "kissray.decode" in cmdline(entry.name):
+            try:
+                ppid = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()[1]
+            except (OSError, IndexError):
+                continue
+            if f"ServeReplica:{APP}:Ingress" in cmdline(ppid):
+                found.append(int(entry.name))
+    return found
+
+
+def wait_until_clean(server: Server, timeout_s: float = 90) -> None:
+    """Upload dir empty and at most the idle pool of decoder children left, within ``timeout_s``."""
+    from kissray.media import MAX_IDLE_DECODERS
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        leftovers, decoders = sorted(p.name for p in server.uploads.iterdir()), ingress_decoders()
+        if not leftovers and len(decoders) <= MAX_IDLE_DECODERS:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"left behind: files {leftovers}, {len(decoders)} decoder children")
+
+
+def test_api_key_required_everywhere_but_healthz(server):
+    for path in ("/docs", "/openapi.json", "/nope"):
+        assert_error(httpx.get(f"{server.url}{path}", timeout=60), 401, "API key")
+    assert server.get("/openapi.json").status_code == 200
+    for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": API_KEY},
+                    {"authorization": f"Basic {API_KEY}"}, {"authorization": f"Bearer {API_KEY}x"}):
+        r = httpx.post(f"{server.url}/v1/score", json={"uri": "x"}, headers=headers, timeout=60)
+        assert_error(r, 401, "API key")
+        assert r.headers["www-authenticate"] == "Bearer"
+    assert httpx.get(f"{server.url}/healthz", timeout=60).status_code == 200
+    r = httpx.post(f"{server.url}/v1/score", json={"uri": "s3://elsewhere/x.mp4"}, timeout=60,
+                   headers={"authorization": f"bearer  {API_KEY}"})  # the scheme in any case, extra spaces
+    assert_error(r, 403)  # past the key check
+
+
+def test_api_key_never_logged(server, film):
+    import ray
+
+    server.upload(film)
+    httpx.post(f"{server.url}/v1/score", json={"uri": "x"}, headers={"authorization": "Bearer wrong"}, timeout=60)
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    for path in logs.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                assert API_KEY.encode() not in f.read(), path
+
+
+def test_ingress_decoders_get_a_minimal_environment(server, film):
+    assert server.upload(film).status_code == 200
+    pids = ingress_decoders()
+    assert pids  # the idle pool
+    for pid in pids:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+        env = dict(item.split("=", 1) for item in environ if "=" in item)
+        assert env["TMPDIR"] == str(server.uploads)  # decoder scratch files go to the upload dir too
+        assert "PATH" in env and not [k for k in env if k.startswith(("RAY_", "AWS_", "KISSRAY_API"))], sorted(env)
+
+
+def test_partial_film_is_200_with_nulls(server, media_dir, tmp_path, model):
+    src = make_film(media_dir / "serve-cut.mp4", duration_s=12, extra_args=("-movflags", "+faststart"))
+    data = Path(src).read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) // 2])
+    expected = score_film(str(cut), model, timeout_s=10)
+    assert expected.status == "partial"
+    r = server.upload(cut)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["status"] == "partial" and "truncated" in body["error"]
+    assert len(body["scores"]) == 12
+    n_scored = expected.n_scored
+    assert 0 < n_scored < 12 and body["scores"][n_scored:] == [[None]] * (12 - n_scored)
+    probs = np.array(body["scores"], np.float32)  # null -> NaN
+    np.testing.assert_allclose(probs, expected.probs, atol=1e-5, rtol=0)  # NaN where expected is NaN
+    ok = server.upload(src).json()
+    assert (ok["status"], ok["error"]) == ("ok", None)
+
+
+def test_oversized_uri_is_413_before_reading_it(server):
+    big = server.allowed / "big.mp4"
+    with open(big, "wb") as f:
+        f.truncate(MAX_UPLOAD_MB * (1 << 20) + 1)  # sparse: the size is all that is read
+    assert_error(server.post(json={"uri": str(big)}), 413, "limit")
+    assert_error(server.post(json={"uri": f"file://{big}"}), 413, "limit")
+
+
+def test_over_long_film_is_413(server, media_dir):
+    long = make_film(media_dir / "serve-too-long.mp4", duration_s=MAX_FILM_S + 4, size=(32, 24))
+    assert_error(server.upload(long), 413, "longer than the limit")
+    path = shutil.copy(long, server.allowed / "too-long.mp4")
+    assert_error(server.post(json={"uri": str(path)}), 413, "longer than the limit")
+
+
+def test_flood_gets_only_200_and_503_with_retry_after(server, film, model):
+    expected = score_film(film, model)
+    with ThreadPoolExecutor(40) as pool:
+        responses = list(pool.map(lambda i: server.upload(film, name=f"f{i}.mp4", retry_busy=False), range(40)))
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503} and 200 in codes and 503 in codes, codes
+    busy = []
+    for i, r in enumerate(responses):
+        if r.status_code == 503:  # from the replica (JSON), or from Serve's proxy when its queue is full
+            assert int(r.headers["retry-after"]) >= 1
+            busy.append("busy" in r.json()["error"] if r.headers["content-type"] == "application/json" else False)
+        else:
+            assert_matches(r.json(), expected, f"f{i}")
+    assert any(busy)  # the replica refused some itself: it queues nothing
+    wait_until_clean(server)
+
+
+def test_slow_upload_past_the_deadline_is_504(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=REQUEST_TIMEOUT_S + 60) as s:
+        s.sendall(b"POST /v1/score HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + API_KEY.encode() +
+                  b"\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n"
+                  b'--b\r\nContent-Disposition: form-data; name="file"; filename="slow.mp4"\r\n\r\n')
+        reply = read_reply(s)  # nothing more is sent: the server gives up at its deadline
+    assert reply.startswith(b"HTTP/1.1 504"), reply
+    assert b"limit of" in reply
+
+
+def read_reply(sock: socket.socket) -> bytes:
+    """One HTTP response (headers and a Content-Length body) read from a raw socket."""
+    reply = b""
+    while b"\r\n\r\n" not in reply:
+        reply += sock.recv(4096) or b"\r\n\r\n"
+    head = reply.split(b"\r\n\r\n", 1)[0].lower()
+    length = int(head.split(b"content-length:", 1)[1].split(b"\r\n", 1)[0]) if b"content-length:" in head else 0
+    while len(reply) < len(head) + 4 + length:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        reply += chunk
+    return reply
+    wait_until_clean(server)
+
+
+def disconnecting_client(port: int, body: bytes, content_type: str, cut_at: int, wait_s: float) -> None:
+    """Send the request up to byte ``cut_at`` of its body, wait ``wait_s``, then drop the connection."""
+    head = (f"POST /v1/score HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(head + body[:cut_at])
+        time.sleep(wait_s)
+
+
+def test_clients_that_disconnect_leave_nothing_behind(server, media_dir, film, model):
+    long = Path(make_film(media_dir / "serve-disconnect.mp4", duration_s=MAX_FILM_S - 1))
+    boundary = "kissray-boundary"
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="gone.mp4"\r\n\r\n'.encode()
+            + long.read_bytes() + f"\r\n--{boundary}--\r\n".encode())
+    rng = random.Random(16)
+    moments = []  # (bytes sent, seconds before hanging up): mid-upload, then open/decode/classify
+    for i in range(24):
+        if i % 4 == 0:
+            moments.append((rng.randrange(1, len(body)), rng.uniform(0, 0.3)))
+        else:
+            moments.append((len(body), rng.uniform(0, 2.5)))
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(lambda m: disconnecting_client(server.port, body, f"multipart/form-data; boundary={boundary}",
+                                                     *m), moments))
+    wait_until_clean(server)
+    assert_matches(server.upload(film).json(), score_film(film, model), "film")  # the next request is right
+    wait_until_clean(server)
+    assert ingress_log().count("cancelled (the client went away)") >= 3  # hang-ups after admission happened
+
+
+def ingress_log() -> str:
+    """The Ingress replica's Serve log in this Ray session."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
+    return "".join(p.read_text(errors="replace") for p in logs.glob(f"replica_{APP}_Ingress_*.log"))
 
 
 @pytest.mark.slow

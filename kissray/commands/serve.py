@@ -1,12 +1,19 @@
 """``kissray serve``: the HTTP scoring API (SPEC section 8) on Ray Serve, until Ctrl-C.
 
 Endpoints: GET /healthz, POST /v1/score (multipart ``file`` or JSON ``{"uri": ...}``), docs at /docs.
-The same application runs on a cluster with ``serve deploy cluster/serve-config.yaml``.
+With an API key (--api-key-file FILE or $KISSRAY_API_KEY) every route but /healthz needs
+``Authorization: Bearer KEY``. The same application runs on a cluster with
+``serve deploy cluster/serve-config.yaml``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+
+# option name -> ServeConfig field; unset options keep ServeConfig's defaults (one place for them)
+PASSED_AS_IS = ("replicas", "ingress_replicas", "max_batch_size", "num_gpus", "max_upload_mb", "max_film_s",
+                "request_timeout_s", "max_concurrent_decodes", "ingress_cpus")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,8 +24,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--address", default=None,
                    help="Ray cluster to run on (default: $RAY_ADDRESS, else a new local Ray)")
+    p.add_argument("--api-key-file", default=None, metavar="FILE",
+                   help="file holding the API key clients send as 'Authorization: Bearer KEY' (default: "
+                        "$KISSRAY_API_KEY; neither: no authentication, fine on loopback only)")
     p.add_argument("--replicas", type=int, default=None, help="classifier replicas (default 1)")
     p.add_argument("--ingress-replicas", type=int, default=None, help="HTTP/decode replicas (default 1)")
+    p.add_argument("--ingress-cpus", type=float, default=None,
+                   help="Ray CPUs per ingress replica (default 1); its decode slots follow its CPU allotment")
+    p.add_argument("--max-concurrent-decodes", type=int, default=None,
+                   help="films decoded at once per ingress replica; more requests get 503 + Retry-After "
+                        "(default: the replica's CPU allotment: affinity, cgroup quota, Ray CPUs)")
     p.add_argument("--max-batch-size", type=int, default=None,
                    help="chunks of clips (8 clips each) per forward pass (default 16)")
     p.add_argument("--batch-wait-ms", type=float, default=None,
@@ -28,8 +43,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-uri-prefix", action="append", default=[], metavar="PREFIX",
                    help="let JSON requests read URIs under PREFIX (repeatable), e.g. s3://bucket/films/; "
                         "none by default, and local paths / file:// only when a prefix names them")
-    p.add_argument("--max-upload-mb", type=float, default=None, help="upload size limit in MiB (default 2048)")
-    p.add_argument("--upload-dir", default=None, help="where uploads are staged (default: system temp dir)")
+    p.add_argument("--max-upload-mb", type=float, default=None,
+                   help="size limit in MiB for uploads and for the objects behind URIs (default 2048)")
+    p.add_argument("--max-film-s", type=float, default=None,
+                   help="longest film accepted, seconds (default 14400 = 4 h); longer: 413")
+    p.add_argument("--request-timeout-s", type=float, default=None,
+                   help="a request running longer is abandoned with 504 (default 3600)")
+    p.add_argument("--upload-dir", default=None,
+                   help="where uploads, staged URI objects and decoder scratch files go (default: system temp)")
     p.set_defaults(func=run)
 
 
@@ -37,11 +58,11 @@ def config_from_args(args: argparse.Namespace):
     """The :class:`kissray.serve.ServeConfig` for parsed arguments; unset options keep its defaults."""
     from kissray.serve import ServeConfig
 
-    options = {"model": args.model, "allow_uri_prefixes": tuple(args.allow_uri_prefix),
-               "replicas": args.replicas, "ingress_replicas": args.ingress_replicas,
-               "max_batch_size": args.max_batch_size, "num_gpus": args.num_gpus,
-               "max_upload_mb": args.max_upload_mb, "upload_dir": args.upload_dir,
-               "batch_wait_timeout_s": None if args.batch_wait_ms is None else args.batch_wait_ms / 1000}
+    options = {name: getattr(args, name) for name in PASSED_AS_IS}
+    options.update(model=args.model, allow_uri_prefixes=tuple(args.allow_uri_prefix),
+                   api_key_file=args.api_key_file and os.path.abspath(args.api_key_file),  # replicas run
+                   upload_dir=args.upload_dir and os.path.abspath(args.upload_dir),  # in other directories
+                   batch_wait_timeout_s=None if args.batch_wait_ms is None else args.batch_wait_ms / 1000)
     return ServeConfig.from_dict({k: v for k, v in options.items() if v is not None})
 
 
