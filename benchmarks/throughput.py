@@ -150,10 +150,10 @@ def model_only(model, n_clips: int, size: int, batch_size: int) -> None:
 def naive(path: str, model, clip_indices: list[int], size: int) -> None:
     """The paper's loop: open the film at clip i, decode it, forward a batch of one, next clip."""
     from kissray.media import iter_clips
-    from kissray.score import predict_clips
+    from kissray.score import Scorer
 
     for i in clip_indices:
-        predict_clips(model, list(iter_clips(path, i, i + 1, size=size)), batch_size=1)
+        Scorer(model, batch_size=1).predict_clips(list(iter_clips(path, i, i + 1, size=size)))
 
 
 def start_ray(num_cpus: int) -> float:

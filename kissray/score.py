@@ -135,11 +135,6 @@ class Scorer:
         return self.predict(frames, log_mel)
 
 
-def predict_clips(model, clips: list[Clip], batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
-    """float32[len(clips), n_labels] for a list of clips (``model``: a loaded KissModel)."""
-    return Scorer(model, batch_size=batch_size).predict_clips(clips)
-
-
 def assemble_film(title_id: str, uri: str, labels: list[str], n_clips: int, duration_s: float, has_audio: bool,
                   pieces: Iterable[tuple[int, np.ndarray]], errors: Iterable[str] = (),
                   params: SegmentParams = SegmentParams()) -> FilmResult:

@@ -9,7 +9,7 @@ import kissray
 from conftest import make_film
 from kissray.errors import MediaOpenError, TooShortError
 from kissray.media import iter_clips
-from kissray.score import FilmResult, predict_clips, segments_by_label, title_id_for
+from kissray.score import FilmResult, Scorer, segments_by_label, title_id_for
 from kissray.segment import find_segments
 
 
@@ -27,7 +27,7 @@ def test_deterministic_and_equal_to_the_pieces(film, model):
     second = kissray.score_film(film, model, batch_size=32)
     clips = list(iter_clips(film, size=model.config.image_size))
     np.testing.assert_allclose(first.probs, second.probs, atol=1e-5)
-    np.testing.assert_allclose(first.probs, predict_clips(model, clips), atol=1e-5)
+    np.testing.assert_allclose(first.probs, Scorer(model).predict_clips(clips), atol=1e-5)
     again = kissray.score_film(film, model, batch_size=2)
     np.testing.assert_array_equal(first.probs, again.probs)
 

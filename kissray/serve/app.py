@@ -4,7 +4,7 @@
 streams an upload to a temp file under a size limit (or checks a JSON ``uri`` against the
 operator's allowed prefixes), decodes the film on a worker thread (:class:`FilmDecoder`, an
 isolated decoder child) and sends chunks of clips to ``Classifier``. ``Classifier`` loads the
-checkpoint once and runs :func:`kissray.score.predict_clips` over the clips of all requests that
+checkpoint once (the one :class:`kissray.score.Scorer`) and scores the clips of all requests that
 arrive together (``@serve.batch``). The answer is assembled like :func:`kissray.score.score_film`'s:
 a :class:`FilmResult` whose unscored seconds are NaN (``null`` in JSON), status ``partial``.
 
@@ -31,7 +31,7 @@ from ray.exceptions import TaskCancelledError
 
 from kissray.errors import MediaError
 from kissray.media import MediaInfo, MediaTooLargeError
-from kissray.score import FilmResult, predict_clips, segments_by_label, title_id_for
+from kissray.score import FilmResult, Scorer, assemble_film, title_id_for
 from kissray.serve.api import ApiError, ScoreParams, build_api, parse_params, result_json
 from kissray.serve.config import ServeConfig
 from kissray.serve.films import FilmDecoder, FilmLimits, FilmTooLongError
@@ -83,10 +83,9 @@ class Classifier:
     """The fused model, loaded once; concurrent calls share one forward pass."""
 
     def __init__(self, model_uri: str, device: str, max_batch_size: int, batch_wait_timeout_s: float):
-        from kissray.model import load_model
-
         self.model_uri = model_uri
-        self.model = load_model(model_uri, device=device)
+        self.scorer = Scorer(model_uri, device=device)
+        self.model = self.scorer.model
         self.stats_ = BatchStats()
         self.predict_batch.set_max_batch_size(max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -109,7 +108,7 @@ class Classifier:
         clips = [clip for _, chunk in calls for clip in chunk]
         requests = {request_id for request_id, _ in calls}
         self.stats_.record(len(calls), len(clips), len(requests))
-        probs = await asyncio.to_thread(predict_clips, self.model, clips, max(1, len(clips)))
+        probs = await asyncio.to_thread(self.scorer.predict_clips, clips)
         logger.info("batch of %d clips from %d calls, %d requests", len(clips), len(calls), len(requests))
         bounds = np.cumsum([0] + [len(chunk) for _, chunk in calls])
         return [probs[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
@@ -216,22 +215,21 @@ class Ingress:
             kind, film = await decoder.next()
             if kind == "failed":
                 raise _refusal(name, film)
-            probs, has_audio, error = await self.classify(decoder, film, name, request_id)
+            pieces, has_audio, error = await self.classify(decoder, film, name, request_id)
         finally:
             decoder.cancel()  # a no-op once it ended; else the thread stops and cleans up
-        logger.info("request %s: scored %d of %d seconds of %r", request_id,
-                    int(np.isfinite(probs).all(axis=1).sum()), film.n_clips, name)
-        return FilmResult(
-            title_id=params.title_id or title_id_for(name), uri=name, duration_s=film.duration_s,
-            n_clips=film.n_clips, has_audio=has_audio, labels=info["labels"], probs=probs,
-            segments=segments_by_label(probs, info["labels"], params.segment_params()), error=error)
+        result = assemble_film(params.title_id or title_id_for(name), name, info["labels"], film.n_clips,
+                               film.duration_s, has_audio, pieces, [error or ""], params.segment_params())
+        logger.info("request %s: scored %d of %d seconds of %r", request_id, result.n_scored, film.n_clips, name)
+        if result.status == "failed":  # not one second could be scored: the film is unusable
+            raise ApiError(400, f"{name}: {result.error}")
+        return result
 
     async def classify(self, decoder: FilmDecoder, film: MediaInfo, name: str,
-                       request_id: str) -> tuple[np.ndarray, bool, str | None]:
-        """(probs, has_audio, error) for the chunks ``decoder`` delivers, as in ``score_film``: rows
-        of seconds never delivered stay NaN, and a break part-way is the error, not a failure."""
-        probs = np.full((film.n_clips, len((await self.model_info())["labels"])), np.nan, np.float32)
-        pending, has_audio, error = deque(), film.has_audio, None
+                       request_id: str) -> tuple[list, bool, str | None]:
+        """((second, p) pieces, has_audio, error) for the chunks ``decoder`` delivers, as in
+        ``score_film``: a break part-way is the error, not a failure (assembled by ``assemble_film``)."""
+        pieces, pending, has_audio, error = [], deque(), film.has_audio, None
         try:
             while (message := await decoder.next())[0] != "end":
                 kind, value = message
@@ -243,19 +241,20 @@ class Ingress:
                 has_audio = has_audio and all(c.has_audio for c in value)
                 pending.append(([c.index for c in value], self.classifier.predict.remote(request_id, value)))
                 if len(pending) >= IN_FLIGHT_CHUNKS:
-                    await self._fill(probs, pending.popleft(), decoder)
+                    pieces += await self._scored(pending.popleft(), decoder)
             while pending:
-                await self._fill(probs, pending.popleft(), decoder)
+                pieces += await self._scored(pending.popleft(), decoder)
         finally:
             for _, response in pending:
                 response.cancel()
-        return probs, has_audio, error
+        return pieces, has_audio, error
 
     @staticmethod
-    async def _fill(probs: np.ndarray, item: tuple, decoder: FilmDecoder) -> None:
+    async def _scored(item: tuple, decoder: FilmDecoder) -> list:
         indices, response = item
-        probs[indices] = await response
+        probs = await response
         decoder.chunk_done()
+        return list(zip(indices, probs))
 
     async def model_info(self) -> dict:
         if self._model_info is None:
