@@ -553,3 +553,20 @@ def test_cli_serves_on_loopback_until_sigterm(checkpoint, film, tmp_path):
             proc.wait()
         log.seek(0)
         print(log.read()[-3000:])
+
+
+def test_one_film_has_the_same_scores_on_every_path(server, film, model, checkpoint, tmp_path):
+    """SPEC 3: score_film, the Ray job, Serve and eval score one film with one scorer and one result
+    assembly, so the scores agree (CPU, fp32: equal up to batch composition, 1e-6)."""
+    import pandas as pd
+
+    from kissray.evaluate import predict_films
+    from kissray.pipeline import score_library
+
+    expected = score_film(film, model).probs[:, 0]
+    served = np.asarray([row[0] for row in server.upload(film).json()["scores"]], np.float32)
+    score_library([film], checkpoint, str(tmp_path / "out"), progress=False)
+    job = pd.read_parquet(tmp_path / "out" / "scores").sort_values("second").p.to_numpy()
+    evaluated = predict_films([film], model)[0].probs[:, 0]
+    for name, probs in {"serve": served, "ray job": job, "eval": evaluated}.items():
+        np.testing.assert_allclose(probs, expected, atol=1e-6, rtol=0, err_msg=name)
