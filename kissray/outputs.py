@@ -15,7 +15,7 @@ from kissray.errors import UsageError
 from kissray.uris import join_uri
 
 TITLES_COLUMNS = ("title_id", "uri", "status", "error", "duration_s", "n_clips", "n_scored", "has_audio",
-                  "model", "scored_at")
+                  "model", "scored_at", "stills")
 SEGMENTS_COLUMNS = ("title_id", "label", "segment", "start_s", "end_s", "n_seconds", "mean_p")
 SCORES_COLUMNS = ("title_id", "label", "second", "start_s", "end_s", "p")
 STATUSES = ("ok", "partial", "failed")
@@ -55,7 +55,8 @@ def read_table(out_dir: str, name: str, columns: tuple[str, ...]) -> pd.DataFram
     uri = join_uri(out_dir, name)
     if not _exists(uri):
         return pd.DataFrame({c: pd.Series(dtype=object) for c in columns})
-    frame = pd.read_parquet(uri, columns=list(columns))
+    frame = pd.read_parquet(uri)  # all columns: outputs of older versions lack some (e.g. stills)
+    frame = frame[[c for c in columns if c in frame.columns]]
     for column in ("title_id", "label"):  # partitioned or categorical strings -> plain str
         if column in frame.columns:
             frame[column] = frame[column].astype(str)

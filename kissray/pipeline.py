@@ -26,7 +26,7 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Iterator
 
@@ -124,6 +124,7 @@ class LibraryJob:
     store: ResultStore
     started: float = field(default_factory=time.monotonic)
     started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    stills: str = "exact"  # set by run_library; recorded in every titles row
 
 
 def prepare_library(inputs: list[str], model_uri: str, out: str) -> LibraryJob:
@@ -222,6 +223,7 @@ def run_library(job: LibraryJob, *, params: SegmentParams = SegmentParams(), win
     if stills not in STILLS_MODES:
         raise ValueError(f"stills must be one of {', '.join(STILLS_MODES)}")
     summary = LibrarySummary(n_titles=len(job.titles), n_skipped=len(job.titles) - len(job.todo))
+    job = replace(job, stills=stills)
     if job.todo:
         pool = plan_pool(num_gpus_per_actor, max_actors or num_actors)
         if progress:
@@ -304,7 +306,7 @@ def build_dataset(titles: list[Title], model_uri: str, out: str, config: ModelCo
                          compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool.max_actors))
             .map_batches(TitleWriter, fn_constructor_kwargs={"out": out, "labels": list(config.labels),
                                                              "model_uri": model_uri, "params": params,
-                                                             "faults": spec.faults},
+                                                             "faults": spec.faults, "stills": spec.stills},
                          batch_size=None, batch_format="numpy", num_cpus=0, **writer_args,
                          compute=ray.data.ActorPoolStrategy(size=1))  # one writer sees every row of a title
         )
@@ -430,7 +432,7 @@ def _write_failed(job: LibraryJob, title_id: str, error: str) -> str:
     status that stands. Raises :class:`JobError` when even this cannot be written."""
     uri = next((t.uri for t in job.titles if t.title_id == title_id), "")
     labels = list(job.config.labels)
-    record = TitleRecord(title_id, uri, "failed", error, None, 0, 0, False, job.model_uri)
+    record = TitleRecord(title_id, uri, "failed", error, None, 0, 0, False, job.model_uri, job.stills)
     try:
         return job.store.write_title(record, scores_table(title_id, labels, np.zeros((0, len(labels)), np.float32)),
                                      segments_table(title_id, []))

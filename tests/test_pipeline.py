@@ -96,7 +96,7 @@ def test_schemas_are_spec_section_7(library):
         "segments": "title_id:string label:string segment:int32 start_s:double end_s:double n_seconds:int32 "
                     "mean_p:float",
         "titles": "title_id:string uri:string status:string error:string duration_s:double n_clips:int32 "
-                  "n_scored:int32 has_audio:bool model:string scored_at:timestamp[us, tz=UTC]",
+                  "n_scored:int32 has_audio:bool model:string scored_at:timestamp[us, tz=UTC] stills:string",
     }
     for table, fields in expected.items():
         schema = pds.dataset(str(out / table), format="parquet").schema

@@ -229,10 +229,11 @@ class TitleWriter:
     ``titles`` row could be written (if not, the driver writes it)."""
 
     def __init__(self, out: str, labels: list[str], model_uri: str, params: SegmentParams,
-                 faults: FaultPlan = NO_FAULTS):
+                 faults: FaultPlan = NO_FAULTS, stills: str = "exact"):
         self.store = ResultStore(out)
         self.store.make_folders()  # the driver made them too, but maybe on another machine's disk
         self.labels, self.model_uri, self.params, self.faults = list(labels), model_uri, params, faults
+        self.stills = stills
         self.open: dict[str, _OpenTitle] = {}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -264,7 +265,8 @@ class TitleWriter:
         except Exception as e:  # segmenter or write: the title fails, the job goes on
             first = state.trailers[min(state.trailers)]
             error = f"cannot finish the title: {one_line(e)}"
-            record = TitleRecord(title_id, str(first["uri"]), "failed", error, None, 0, 0, False, self.model_uri)
+            record = TitleRecord(title_id, str(first["uri"]), "failed", error, None, 0, 0, False, self.model_uri,
+                                 self.stills)
             try:
                 standing = self.store.write_title(record, scores_table(title_id, self.labels, _no_scores(self.labels)),
                                                   segments_table(title_id, []))
@@ -285,7 +287,7 @@ class TitleWriter:
                              bool(first["has_audio"]) and state.clips_have_audio, state.probs.items(),
                              [*window_errors, state.clip_error], self.params)
         record = TitleRecord(title_id, film.uri, film.status, film.error, film.duration_s, film.n_clips,
-                             film.n_scored, film.has_audio, self.model_uri)
+                             film.n_scored, film.has_audio, self.model_uri, self.stills)
         self.faults.check("write", title_id)
         standing = self.store.write_title(record, scores_table(title_id, self.labels, film.probs),
                                           segments_table(title_id, film.segments))

@@ -35,6 +35,7 @@ TITLES_SCHEMA = pa.schema([
     ("title_id", pa.string()), ("uri", pa.string()), ("status", pa.string()), ("error", pa.string()),
     ("duration_s", pa.float64()), ("n_clips", pa.int32()), ("n_scored", pa.int32()),
     ("has_audio", pa.bool_()), ("model", pa.string()), ("scored_at", pa.timestamp("us", tz="UTC")),
+    ("stills", pa.string()),
 ])
 
 
@@ -51,6 +52,7 @@ class TitleRecord:
     n_scored: int
     has_audio: bool
     model: str
+    stills: str = "exact"  # exact | keyframe: how the stills were chosen (SPEC section 2)
 
 
 def scores_table(title_id: str, labels: list[str], probs: np.ndarray) -> pa.Table:
