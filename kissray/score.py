@@ -116,16 +116,16 @@ def segments_by_label(probs: np.ndarray, labels: list[str], params: SegmentParam
 
 def score_film(uri: str, model, *, title_id: str | None = None, threshold: float = 0.5,
                min_len: int = 10, min_fraction: float = 0.7, batch_size: int = DEFAULT_BATCH_SIZE,
-               timeout_s: float = DEFAULT_TIMEOUT_S, progress=None) -> FilmResult:
+               timeout_s: float = DEFAULT_TIMEOUT_S, stills: str = "exact", progress=None) -> FilmResult:
     """Score every second of one film with ``model`` and segment the result.
 
     Raises :class:`MediaError` when the film cannot be opened. Seconds that cannot be decoded
     are NaN rows of ``probs`` (below any threshold for the segmenter); ``result.error`` says why
-    and the status is ``partial``.
+    and the status is ``partial``. ``stills``: one of ``media.STILLS_MODES`` (SPEC 2).
     """
     config = model.config
     with ClipReader(uri, frames_per_clip=config.frames_per_clip, size=config.image_size,
-                    timeout_s=timeout_s) as reader:
+                    timeout_s=timeout_s, stills=stills) as reader:
         info = reader.info
         probs = np.full((info.n_clips, len(config.labels)), np.nan, np.float32)
         has_audio, error = info.has_audio, None

@@ -33,6 +33,6 @@ def test_decode_paths_benchmark_runs_on_a_tiny_film(tmp_path):
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
-    for key in ("ffmpeg_video_floor", "decord_1t", "sequential_1t", "decord_2t", "sequential_2t", "audio"):
+    for key in ("ffmpeg_video_floor", "decord_1t", "exact_1t", "keyframe_1t", "decord_2t", "exact_2t", "audio"):
         assert result[key]["wall_s"] > 0, key
-    assert "| sequential_1t |" in proc.stdout
+    assert "| exact_1t |" in proc.stdout
