@@ -209,16 +209,17 @@ def _splice_discontinuities(pts: np.ndarray, frame: int, time_base: Fraction, re
     jumps = np.flatnonzero((pts < prev - tolerance) | (pts > prev + max_gap))
     if len(jumps) == 0:
         return pts
-    out, shift, top = pts.copy(), 0, int(pts[0])
+    out, shift, top, spliced = pts.copy(), 0, int(pts[0]), 0
     cuts = set(int(j) for j in jumps)
     for d in range(len(pts)):  # jumps are rare; shifts accumulate, so this is a walk
         value = int(pts[d]) + shift
         if d in cuts and (value < top - tolerance or value > top + max_gap):
             shift += top + frame - value
-            value = top + frame
+            value, spliced = top + frame, spliced + 1
         out[d] = value
         top = max(top, value)
-    repairs.append(f"{len(cuts)} timestamp discontinuities spliced out")
+    if spliced:
+        repairs.append(f"{spliced} timestamp discontinuit{'y' if spliced == 1 else 'ies'} spliced out")
     return out
 
 
