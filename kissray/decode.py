@@ -127,21 +127,22 @@ def _read(path: str, uri: str) -> tuple[_Container, FrameIndex, bool]:
 class VideoTrack:
     """A film's video: its :class:`~kissray.index.FrameIndex` and the stills of one window.
 
-    Stills come from :class:`~kissray.stills.SparseStills`. When it cannot vouch for a still the
-    rest of the window falls back to decord (``on_fallback(reason)`` is called, and the caller
-    logs and counts it), provided decord's frame index agrees with the packets'; otherwise those
-    clips are gaps. A decode error libavcodec reports is that clip's gap, never a fallback.
+    Stills come from :class:`~kissray.stills.SparseStills`. When it cannot vouch for a still, the
+    rest of the window is decoded again without skipping anything, and if that cannot vouch for one
+    either, by decord (provided decord's frame index agrees with the packets'; otherwise those
+    clips are gaps). Each such step calls ``on_fallback(to, reason, n_clips)``; the caller logs
+    and counts it. A decode error libavcodec reports is that clip's gap, never a fallback.
     """
 
     def __init__(self, path: str, uri: str, index: FrameIndex, size: int | None, threads: int = 0,
                  stills: str = "exact", decord_only: bool = False,
-                 on_fallback: Callable[[str, int], None] | None = None):
+                 on_fallback: Callable[[str, str, int], None] | None = None):
         if stills not in STILLS_MODES:
             raise ValueError(f"stills must be one of {STILLS_MODES}, not {stills!r}")
         self.uri, self.index, self._path, self._size, self._threads = uri, index, path, size, threads
         self.keyframes_only, self.decord_only = stills == "keyframe", decord_only
-        self._on_fallback = on_fallback or (lambda reason, n_clips: None)
-        self.fallbacks: list[str] = []
+        self._on_fallback = on_fallback or (lambda to, reason, n_clips: None)
+        self.fallbacks: list[str] = []  # "to: reason" of each fallback in this track's windows
 
     def still_indices(self, clip_indices: np.ndarray, frames_per_clip: int) -> np.ndarray:
         """int[n, K]: for each clip, the presentation positions of its stills (SPEC 2)."""
@@ -151,27 +152,31 @@ class VideoTrack:
         """Per clip, uint8[K, H, W, 3] RGB stills, or a DecodeError for a clip that cannot be decoded
         (``indices``: int[n, K], the stills of consecutive clips from ``first_clip``)."""
         if self.decord_only:
-            self._fell_back("PyAV cannot read this container", len(indices))
+            self._fell_back("decord", "PyAV cannot read this container", len(indices))
             yield from self._decord_stills(indices, first_clip, "PyAV cannot read this container")
             return
-        sparse = SparseStills(self._path, self.index, indices.ravel(), self._size, self._threads)
-        try:
-            for row, positions in enumerate(indices):
-                try:
-                    yield np.stack([sparse.still(int(p)) for p in positions])
-                except StillDecodeError as e:
-                    yield DecodeError(self.uri, f"clip {first_clip + row}: {e}")
-                except Unvouched as e:
-                    sparse.close()
-                    self._fell_back(str(e), len(indices) - row)
+        row, dense = 0, False
+        while row < len(indices):
+            stills = SparseStills(self._path, self.index, indices[row:].ravel(), self._size, self._threads, dense)
+            try:
+                for row in range(row, len(indices)):
+                    try:
+                        yield np.stack([stills.still(int(p)) for p in indices[row]])
+                    except StillDecodeError as e:
+                        yield DecodeError(self.uri, f"clip {first_clip + row}: {e}")
+                row = len(indices)
+            except Unvouched as e:
+                self._fell_back("decord" if dense else "full decode", str(e), len(indices) - row)
+                if dense:
                     yield from self._decord_stills(indices[row:], first_clip + row, str(e))
                     return
-        finally:
-            sparse.close()
+                dense = True
+            finally:
+                stills.close()
 
-    def _fell_back(self, reason: str, n_clips: int) -> None:
-        self.fallbacks.append(reason)
-        self._on_fallback(reason, n_clips)
+    def _fell_back(self, to: str, reason: str, n_clips: int) -> None:
+        self.fallbacks.append(f"{to}: {reason}")
+        self._on_fallback(to, reason, n_clips)
 
     def _decord_stills(self, indices: np.ndarray, first_clip: int, why: str) -> Iterator[np.ndarray | DecodeError]:
         """decord's ``get_batch`` per group of clips, then ``seek(0)``: its threaded decoder
@@ -336,7 +341,7 @@ def _mean_of_channels(frames: list) -> np.ndarray:
 def decode_clips(path: str, uri: str, start: int = 0, stop: int | None = None, *,
                  frames_per_clip: int = 1, size: int = 224, threads: int = 0, stills: str = "exact",
                  indexes: IndexCache | None = None,
-                 on_fallback: Callable[[str, int], None] | None = None) -> tuple[MediaInfo, Iterator[Clip]]:
+                 on_fallback: Callable[[str, str, int], None] | None = None) -> tuple[MediaInfo, Iterator[Clip]]:
     """Open a local film; return its MediaInfo and an iterator over clips ``[start, stop)``.
 
     The iterator yields a :class:`DecodeError` in place of a clip that cannot be decoded. A file
@@ -420,8 +425,8 @@ def _group_log_mels(audio: AudioTrack | None, start: int, stop: int) -> tuple[np
 
 
 def _serve(request: dict, send: Callable[[dict, bytes], None], indexes: IndexCache) -> None:
-    def fell_back(reason: str, n_clips: int) -> None:
-        send({"type": "fallback", "reason": reason, "clips": n_clips}, b"")
+    def fell_back(to: str, reason: str, n_clips: int) -> None:
+        send({"type": "fallback", "to": to, "reason": reason, "clips": n_clips}, b"")
 
     info, clips = decode_clips(request["path"], request["uri"], request["start"], request["stop"],
                                frames_per_clip=request["frames_per_clip"], size=request["size"],

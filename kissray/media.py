@@ -126,8 +126,9 @@ class ClipReader:
     order. A clip that cannot be decoded is skipped (its index is missing) and iteration ends with
     a :class:`DecodeError` after every clip that did decode; a decoder that hangs is killed
     (:class:`DecodeTimeoutError`). ``n_delivered`` counts the clips delivered; ``fallbacks``
-    counts the times the rest of a window was decoded by decord because the sparse decoder could
-    not vouch for a still (each logged as a warning naming the film and the reason).
+    counts the times the rest of a window was decoded by decord because PyAV could not vouch for
+    a still (each fallback, also to a full decode first, is logged as a warning naming the film
+    and the reason).
     """
 
     def __init__(self, uri: str, start: int = 0, stop: int | None = None, *,
@@ -187,9 +188,10 @@ class ClipReader:
             if header["type"] == "gap":  # one undecodable clip: go on, report at the end
                 self.gaps.append(header["reason"])
                 continue
-            if header["type"] == "fallback":
-                self.fallbacks += 1
-                log.warning("%s: %d clip(s) decoded by decord instead: %s", self.uri, header["clips"], header["reason"])
+            if header["type"] == "fallback":  # the sparse decoder could not vouch for a still
+                self.fallbacks += header["to"] == "decord"
+                log.warning("%s: %d clip(s) decoded by %s instead (%s)", self.uri, header["clips"], header["to"],
+                            header["reason"])
                 continue
             if header["type"] == "end":
                 self._ended = True

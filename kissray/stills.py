@@ -35,12 +35,20 @@ class StillDecodeError(Exception):
 
 
 class SparseStills:
-    """RGB stills (uint8[H, W, 3]) of presentation positions ``wanted``, asked for in order."""
+    """RGB stills (uint8[H, W, 3]) of presentation positions ``wanted``, asked for in order.
 
-    def __init__(self, path: str, index: FrameIndex, wanted: np.ndarray, size: int | None, threads: int):
+    ``dense``: decode every packet from the first run's start to the last still, skipping nothing
+    (what any forward reader does; the retry when the sparse decoder cannot vouch for a still).
+    """
+
+    def __init__(self, path: str, index: FrameIndex, wanted: np.ndarray, size: int | None, threads: int,
+                 dense: bool = False):
         self._path, self._index, self._size, self._threads = path, index, size, threads
         self._wanted_pts = set(index.pts[index.order[np.unique(wanted)]].tolist())
         self._runs = decode_runs(index, index.order[np.unique(wanted)])
+        self._dense = dense
+        if dense:
+            self._runs = np.array([[self._runs[0, 0], self._runs[-1, 1]]], np.int64)
         self._ready: dict[int, np.ndarray] = {}  # pts -> still decoded but not yet taken
         self._errors: list[str] = []  # decode errors libavcodec reported in this window
         self._container = None
@@ -54,27 +62,33 @@ class SparseStills:
 
     def still(self, position: int) -> np.ndarray:
         """The still at presentation ``position``; raises Unvouched or StillDecodeError."""
-        pts = int(self._index.pts[self._index.order[position]])
+        packet = int(self._index.order[position])
+        pts = int(self._index.pts[packet])
         if self._frames is None:
             self._frames = self._decode()
         while pts not in self._ready:
-            if len(self._ready) > MAX_PENDING_STILLS:
-                self._missing(pts, "decoded out of step with the index")
+            if len([p for p in self._ready if p > pts]) > MAX_PENDING_STILLS:
+                self._missing(packet, "was not decoded in order")
             try:
                 at, rgb = next(self._frames)
             except StopIteration:
-                self._missing(pts, "never decoded")
+                self._missing(packet, "was never decoded")
             self._ready[at] = rgb
         rgb = self._ready[pts]
         for done in [p for p in self._ready if p < pts]:  # taken, or skipped by the caller
             del self._ready[done]
         return rgb
 
-    def _missing(self, pts: int, why: str):
-        seconds = (pts - self._index.first_ticks) * float(self._index.time_base)
+    def _missing(self, packet: int, why: str):
+        """Raise for a still that did not come out: a decode error (the caller's gap, and the
+        next stills still come from here) or Unvouched (the caller decodes another way)."""
+        seconds = (int(self._index.pts[packet]) - self._index.first_ticks) * float(self._index.time_base)
+        what = f"frame at {seconds:.3f} s {why}"
+        if not self._index.keyframe[:packet + 1].any():
+            raise StillDecodeError(f"{what}: no keyframe before it (the film starts mid-GOP)")
         if self._errors:
-            raise StillDecodeError(f"frame at {seconds:.3f} s {why}: {self._errors[-1]}")
-        raise Unvouched(f"frame at {seconds:.3f} s {why}")
+            raise StillDecodeError(f"{what}: {self._errors[-1]}")
+        raise Unvouched(what)
 
     def _decode(self):
         """(pts, rgb) of each still, in the decoder's output order."""
@@ -98,7 +112,7 @@ class SparseStills:
             last_sent = d
             packet.pts = int(self._index.pts[d])
             self.sent += 1
-            codec.skip_frame = "DEFAULT" if is_still[d] else "NONREF"
+            codec.skip_frame = "DEFAULT" if self._dense or is_still[d] else "NONREF"
             try:
                 frames = codec.decode(packet)
             except av.FFmpegError as e:

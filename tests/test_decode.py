@@ -120,3 +120,23 @@ def test_formats_decord_cannot_copy_decode(tmp_path, video_args):
     still = next(iter(track.stills(track.still_indices(np.arange(2, 3), 1), 2)))
     assert still.shape == (1, 32, 32, 3) and still.dtype == np.uint8
     assert np.abs(still.astype(int) - 5 * expected_frames(2, 3, 1)[0, 0]).max() <= 2
+
+
+def test_decord_fallback_is_reported(tmp_path):
+    """Where PyAV cannot read a container decord decodes the stills, and says so every time."""
+    path = frame_numbered_film(tmp_path / "film.mp4", ("-bf", "3", "-g", "25"))
+    _, index, _ = IndexCache().get(path, path)
+    calls = []
+    track = VideoTrack(path, path, index, 32, threads=1, decord_only=True,
+                       on_fallback=lambda to, reason, n: calls.append((to, reason, n)))
+    stills = list(track.stills(track.still_indices(np.arange(1, 5), 1), 1))
+    np.testing.assert_array_equal(frame_numbers(stills), expected_frames(1, 5, 1))
+    assert calls == [("decord", "PyAV cannot read this container", 4)]
+    assert track.fallbacks == ["decord: PyAV cannot read this container"]
+
+
+def test_invalid_stills_mode(tmp_path):
+    from kissray.media import ClipReader
+
+    with pytest.raises(ValueError, match="exact, keyframe"):
+        ClipReader(str(tmp_path / "any.mp4"), stills="nearest")
