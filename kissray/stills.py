@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kissray.index import NOPTS, FrameIndex
+from kissray.index import NOPTS, FrameIndex, only_first_video
 
 SEEK_ATTEMPTS = 3  # keyframes tried, latest first, before demuxing a window from the film's start
 MAX_PENDING_STILLS = 64  # stills decoded past a missing one before it is declared missing
@@ -140,7 +140,7 @@ class SparseStills:
 
         self.close()
         self._container = av.open(self._path, metadata_errors="ignore")
-        stream = self._container.streams.video[0]
+        stream = only_first_video(self._container)
         stream.thread_type, stream.thread_count = "AUTO", self._threads
         return stream
 
