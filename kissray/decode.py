@@ -21,13 +21,17 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
-import numpy as np
+if __name__ == "__main__":  # the decoder child, before numpy loads: one BLAS thread (NOTES.md section 24)
+    for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
 
-from kissray.audio import CLIP_SAMPLES, PATCH_OFFSET_SAMPLES, SAMPLE_RATE_HZ, SILENCE_LOG_MEL, clip_log_mels
-from kissray.errors import DecodeError, MediaError, MediaOpenError, TooShortError
-from kissray.index import MAX_DURATION_S, FrameIndex, index_from_times, read_index
-from kissray.media import STILLS_MODES, Clip, MediaInfo, n_clips_for
-from kissray.stills import SparseStills, StillDecodeError, Unvouched
+import numpy as np  # noqa: E402
+
+from kissray.audio import CLIP_SAMPLES, PATCH_OFFSET_SAMPLES, SAMPLE_RATE_HZ, SILENCE_LOG_MEL, clip_log_mels  # noqa: E402
+from kissray.errors import DecodeError, MediaError, MediaOpenError, TooShortError  # noqa: E402
+from kissray.index import MAX_DURATION_S, FrameIndex, index_from_times, read_index  # noqa: E402
+from kissray.media import STILLS_MODES, Clip, MediaInfo, n_clips_for  # noqa: E402
+from kissray.stills import SparseStills, StillDecodeError, Unvouched  # noqa: E402
 
 AUDIO_SEEK_MARGIN_S = 1.0  # seek this far before the first sample needed, then decode forward
 CLIP_GROUP = 32  # clips decoded together: one batched log-mel FFT, one decord get_batch
