@@ -140,3 +140,24 @@ def test_invalid_stills_mode(tmp_path):
 
     with pytest.raises(ValueError, match="exact, keyframe"):
         ClipReader(str(tmp_path / "any.mp4"), stills="nearest")
+
+
+@pytest.mark.parametrize("start,k", [(0, 1), (3, 3)])
+def test_exact_stills_are_pixel_identical_to_a_full_decode(tmp_path_factory, start, k):
+    """On a lossy film (crf 23, 3 B-frames, moving picture), skipping non-reference frames and GOP
+    tails changes no pixel of any still: the same stills as decoding every frame."""
+    from kissray.ffmpeg import run_ffmpeg
+    from kissray.stills import SparseStills
+
+    path = str(tmp_path_factory.mktemp("lossy") / "lossy.mp4")
+    run_ffmpeg(["-f", "lavfi", "-i", "testsrc2=s=160x90:r=25:d=8", "-c:v", "libx264", "-preset", "veryfast",
+                "-crf", "23", "-bf", "3", "-g", "50", "-pix_fmt", "yuv420p", path])
+    track = open_track(path, size=64)
+    wanted = track.still_indices(np.arange(start, 8), k).ravel()
+    stills = {}
+    for dense in (False, True):
+        decoder = SparseStills(path, track.index, wanted, 64, 1, dense=dense)
+        stills[dense] = np.stack([decoder.still(int(p)) for p in wanted])
+        decoder.close()
+        assert decoder.sent < len(track.index) or dense
+    np.testing.assert_array_equal(stills[False], stills[True])

@@ -314,3 +314,16 @@ def test_film_that_starts_mid_gop(media_dir, tmp_path, caplog):
 def assert_colours_from(clips, offset: int):
     for clip in clips:
         assert np.abs(mean_colour(clip) - colour_of_second(clip.index + offset)).max() < 12, clip.index
+
+
+def test_keyframe_stills(film):
+    """stills="keyframe": the last keyframe before each time (GOP 12 here, so still the right
+    second's colour), the same audio; an unknown mode is refused."""
+    exact = list(iter_clips(film, size=32))
+    keyframe = list(iter_clips(film, size=32, stills="keyframe"))
+    assert [c.index for c in keyframe] == [0, 1, 2, 3, 4]
+    assert_colours(keyframe)
+    for a, b in zip(exact, keyframe):
+        np.testing.assert_array_equal(a.log_mel, b.log_mel)
+    with pytest.raises(ValueError, match="stills must be one of"):
+        list(iter_clips(film, stills="nearest"))
