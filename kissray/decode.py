@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 
 from kissray.audio import CLIP_SAMPLES, PATCH_OFFSET_SAMPLES, SAMPLE_RATE_HZ, SILENCE_LOG_MEL, clip_log_mels  # noqa: E402
 from kissray.errors import DecodeError, MediaError, MediaOpenError, TooShortError  # noqa: E402
-from kissray.index import MAX_DURATION_S, FrameIndex, index_from_times, read_index  # noqa: E402
+from kissray.index import MAX_DURATION_S, MAX_FRAME_GAP_S, FrameIndex, index_from_times, read_index  # noqa: E402
 from kissray.media import STILLS_MODES, Clip, MediaInfo, n_clips_for  # noqa: E402
 from kissray.stills import SparseStills, StillDecodeError, Unvouched  # noqa: E402
 
@@ -37,6 +37,7 @@ AUDIO_SEEK_MARGIN_S = 1.0  # seek this far before the first sample needed, then 
 CLIP_GROUP = 32  # clips decoded together: one batched log-mel FFT, one decord get_batch
 AUDIO_FRAMES_PER_RUN = 64  # audio frames (~1.5 s of AAC at 44.1 kHz) resampled in one call
 PTS_JITTER_SAMPLES = 2  # audio frame timestamps closer than this to "contiguous" are contiguous
+AUDIO_MAX_OVERLAP_S = 1.0  # audio jumping back further than this is a timestamp discontinuity
 DECORD_MATCH_S = 2e-3  # decord's frame times (float32) agree with the index within this
 
 
@@ -241,6 +242,9 @@ class AudioTrack:
         self.failed = False
         self._exhausted = False
         self._chunks = self._decode(first_sample)
+        self._held: tuple[int | None, np.ndarray] | None = None  # a decoded chunk that starts after the last read
+        self._shift = 0  # samples added to timestamps after discontinuities (kissray.index splices video alike)
+        self._placed = False  # a chunk has been placed: later jumps are discontinuities, not the start
 
     def close(self) -> None:
         self._container.close()
@@ -294,16 +298,17 @@ class AudioTrack:
         pending, end = [self._buf], self._buf_start + len(self._buf)
         while not (self.failed or self._exhausted) and end < b:
             try:
-                at, samples = next(self._chunks)
+                at, samples = self._held or next(self._chunks)
             except StopIteration:  # the audio ended: the rest is zeros, still has_audio
                 self._exhausted = True
                 break
             except Exception:  # undecodable audio: the rest of the film is silence
                 self.failed = True
                 break
-            samples = self._align(at, end, samples)
-            pending.append(samples)
-            end += len(samples)
+            placed, used = self._place(at, end, b, samples)
+            self._held = None if used else (at, samples)
+            pending.append(placed)
+            end += len(placed)
         self._buf = np.concatenate(pending) if len(pending) > 1 else self._buf
         out = np.zeros(b - a, np.float32)
         lo, hi = max(a, self._buf_start), min(b, end)
@@ -313,14 +318,26 @@ class AudioTrack:
         self._buf, self._buf_start = self._buf[keep:], self._buf_start + keep
         return out
 
-    @staticmethod
-    def _align(at: int | None, end: int, samples: np.ndarray) -> np.ndarray:
-        """Place a decoded chunk that starts at timeline sample ``at`` after the buffer's ``end``."""
-        if at is None or abs(at - end) <= PTS_JITTER_SAMPLES:
-            return samples
+    def _place(self, at: int | None, end: int, b: int, samples: np.ndarray) -> tuple[np.ndarray, bool]:
+        """What to append after the buffer's ``end`` for a chunk decoded at timeline sample ``at``,
+        and whether the chunk is used up. Timestamps are evidence: after the first chunk, a jump
+        back by more than AUDIO_MAX_OVERLAP_S or forward by more than MAX_FRAME_GAP_S is a
+        discontinuity and the audio carries on where it was. Silence is never allocated past this
+        read's end ``b`` (a chunk that starts later waits), whatever the timestamps say."""
+        if at is None:
+            return samples, True
+        at += self._shift
+        if self._placed and (at - end > MAX_FRAME_GAP_S * SAMPLE_RATE_HZ
+                             or end - at > AUDIO_MAX_OVERLAP_S * SAMPLE_RATE_HZ):
+            self._shift, at = self._shift + end - at, end
+        if at - end > PTS_JITTER_SAMPLES and at >= b:  # starts after this read: silence up to b
+            return np.zeros(max(0, b - end), np.float32), False
+        self._placed = True
+        if abs(at - end) <= PTS_JITTER_SAMPLES:
+            return samples, True
         if at > end:  # a gap in the audio: silence
-            return np.concatenate([np.zeros(at - end, np.float32), samples])
-        return samples[end - at:]  # overlaps what we have (decoded from before the seek target)
+            return np.concatenate([np.zeros(at - end, np.float32), samples]), True
+        return samples[end - at:], True  # overlaps what we have (decoded from before the seek target)
 
 
 _PCM_SCALE = {"u8": 128.0, "s16": 32768.0, "s32": 2147483648.0, "s64": 9223372036854775808.0}

@@ -27,7 +27,6 @@ import numpy as np
 from kissray.errors import MediaOpenError
 
 MAX_DURATION_S = 7 * 24 * 3600.0  # longer than any film: a timeline beyond this is broken metadata
-MAX_CLIPS = 2**31 - 1  # clip indices are int32 columns
 MAX_FRAME_GAP_S = 60.0  # no frame for this long (in decode order) is a timestamp discontinuity
 REORDER_FRAMES = 16  # B-frame reordering moves a pts at most this many frames from decode order
 MIN_FPS, MAX_FPS = 0.1, 1000.0  # frame rates a container may declare and be believed

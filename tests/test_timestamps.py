@@ -90,7 +90,23 @@ def test_timestamps_that_restart(media_dir, tmp_path):
         out.write(open(ts, "rb").read() * 2)
     info = probe(path)
     assert info.n_clips == 12 and "1 timestamp discontinuity spliced out" in info.repairs
-    assert_colours(path, 12, colour_second=lambda i: i % 6)
+    clips = assert_colours(path, 12, colour_second=lambda i: i % 6)
+    assert [tone(c) for c in clips] == [i % 6 in TONES for i in range(12)]  # the audio follows the splice
+
+
+def tone(clip) -> bool:
+    return clip.log_mel.mean() > -4.2  # silence is log(0.01) = -4.6 in every band
+
+
+def test_audio_timestamps_that_jump_a_day_ahead(tmp_path):
+    """A tone whose timestamps jump 1e5 s at 3 s: the audio carries on (the jump is a
+    discontinuity), and no silence is allocated for the day in between."""
+    path = str(tmp_path / "audio-jump.mkv")
+    run_ffmpeg(["-f", "lavfi", "-i", "color=c=gray:s=64x48:r=25:d=6",
+                "-f", "lavfi", "-i", "sine=f=1000:sample_rate=48000:d=6,asetpts='if(gte(T,3),PTS+100000/TB,PTS)'",
+                "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "pcm_s16le", path])
+    clips = list(iter_clips(path, size=32))
+    assert len(clips) == 6 and all(tone(c) for c in clips)
 
 
 def test_no_timestamps_at_all(tmp_path):
