@@ -1,7 +1,7 @@
 """kissray.decode / kissray.stills: which frame is each still, whatever the decoder skips.
 
 Every frame of these films is a solid grey whose level is five times its frame number, encoded
-losslessly (MJPEG: within 2 levels), so a still names the frame it came from; SPEC 2 says which
+losslessly (MJPEG, ProRes: within 2 levels), so a still names the frame it came from; SPEC 2 says which
 frame that must be. The sparse decoder skips non-reference frames, GOP tails and whole GOPs, so
 these tests are what proves that skipping never changes which frame a still is.
 """
@@ -18,6 +18,7 @@ FPS = 10
 N_FRAMES = 50  # 5 s; grey level 5 * n stays below 256 (and 5 levels apart beats the codec's +-2)
 LOSSLESS_YUV_ARGS = ("-c:v", "libx264", "-preset", "veryfast", "-qp", "0", "-pix_fmt", "yuv420p")
 MJPEG_ARGS = ("-c:v", "mjpeg", "-q:v", "1", "-pix_fmt", "yuvj444p")
+PRORES_ARGS = ("-c:v", "prores_ks", "-profile:v", "3", "-pix_fmt", "yuv422p10le")
 
 
 def frame_numbered_film(path, extra_args=(), video_args=LOSSLESS_YUV_ARGS) -> str:
@@ -32,6 +33,7 @@ FILMS = {
     "open-gop": ("mkv", ("-bf", "3", "-g", "12", "-x264-params", "open-gop=1:scenecut=0")),
     "short-gop": ("mp4", ("-bf", "2", "-g", "4", "-x264-params", "scenecut=0")),  # whole GOPs skipped
     "mjpeg": ("avi", MJPEG_ARGS),  # intra-only: only the stills' packets are decoded
+    "prores": ("mov", PRORES_ARGS),
 }
 
 
@@ -39,8 +41,8 @@ FILMS = {
 def numbered(request, tmp_path_factory) -> str:
     suffix, args = FILMS[request.param]
     path = tmp_path_factory.mktemp("numbered") / f"film.{suffix}"
-    if args is MJPEG_ARGS:
-        return frame_numbered_film(path, video_args=MJPEG_ARGS)
+    if args in (MJPEG_ARGS, PRORES_ARGS):
+        return frame_numbered_film(path, video_args=args)
     return frame_numbered_film(path, args)
 
 
