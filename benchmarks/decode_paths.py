@@ -28,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from throughput import make_film, write_json  # noqa: E402
 
-from kissray.decode import CLIP_GROUP, AudioTrack, IndexCache, VideoTrack, _group_log_mels  # noqa: E402
+from kissray.audio_track import AudioTrack  # noqa: E402
+from kissray.decode import CLIP_GROUP, IndexCache, VideoTrack, _group_log_mels  # noqa: E402
 from kissray.ffmpeg import ffmpeg_exe  # noqa: E402
 
 
