@@ -46,9 +46,9 @@ def numbered(request, tmp_path_factory) -> str:
     return frame_numbered_film(path, args)
 
 
-def open_track(path: str, stills: str = "exact", size: int = 32) -> VideoTrack:
+def open_track(path: str, stills: str = "exact", size: int = 32, threads: int = 1) -> VideoTrack:
     _, index, decord_only = IndexCache().get(path, path)
-    return VideoTrack(path, path, index, size, threads=1, stills=stills, decord_only=decord_only)
+    return VideoTrack(path, path, index, size, threads=threads, stills=stills, decord_only=decord_only)
 
 
 def expected_frames(start: int, stop: int, k: int) -> np.ndarray:
@@ -72,6 +72,14 @@ def decode_stills(track: VideoTrack, start: int, stop: int, k: int) -> np.ndarra
 @pytest.mark.parametrize("k", [1, 3])
 def test_exact_stills_are_the_spec_frames(numbered, start, k):
     track = open_track(numbered)
+    np.testing.assert_array_equal(decode_stills(track, start, 5, k), expected_frames(start, 5, k))
+    assert track.fallbacks == []  # decoded sparsely, not by decord
+
+
+@pytest.mark.parametrize("start,k", [(0, 1), (1, 3)])
+def test_exact_stills_with_frame_threads(numbered, start, k):
+    """skip_frame is set per packet; with frame threads it must still reach the right packet."""
+    track = open_track(numbered, threads=0)
     np.testing.assert_array_equal(decode_stills(track, start, 5, k), expected_frames(start, 5, k))
     assert track.fallbacks == []  # decoded sparsely, not by decord
 
@@ -144,8 +152,8 @@ def test_invalid_stills_mode(tmp_path):
         ClipReader(str(tmp_path / "any.mp4"), stills="nearest")
 
 
-@pytest.mark.parametrize("start,k", [(0, 1), (3, 3)])
-def test_exact_stills_are_pixel_identical_to_a_full_decode(tmp_path_factory, start, k):
+@pytest.mark.parametrize("start,k,threads", [(0, 1, 1), (3, 3, 1), (3, 3, 0)])
+def test_exact_stills_are_pixel_identical_to_a_full_decode(tmp_path_factory, start, k, threads):
     """On a lossy film (crf 23, 3 B-frames, moving picture), skipping non-reference frames and GOP
     tails changes no pixel of any still: the same stills as decoding every frame."""
     from kissray.ffmpeg import run_ffmpeg
@@ -158,7 +166,7 @@ def test_exact_stills_are_pixel_identical_to_a_full_decode(tmp_path_factory, sta
     wanted = track.still_indices(np.arange(start, 8), k).ravel()
     stills = {}
     for dense in (False, True):
-        decoder = SparseStills(path, track.index, wanted, 64, 1, dense=dense)
+        decoder = SparseStills(path, track.index, wanted, 64, threads, dense=dense)
         stills[dense] = np.stack([decoder.still(int(p)) for p in wanted])
         decoder.close()
         assert decoder.sent < len(track.index) or dense
