@@ -187,8 +187,12 @@ def _fill_missing(raw_pts: np.ndarray, raw_dts: np.ndarray, frame: int, repairs:
     from_dts = bad & has_dts
     pts[from_dts] = raw_dts[from_dts] + offset
     rest = np.flatnonzero(bad & ~has_dts)
-    for d in rest:  # rare: neither timestamp usable; one frame after the packet before it
-        pts[d] = pts[d - 1] + frame if d > 0 and pts[d - 1] != NOPTS else 0
+    pts[rest] = NOPTS  # rare: neither timestamp usable; one frame after the packet before it
+    known = np.flatnonzero(pts != NOPTS)
+    if len(known) == 0:  # not one usable timestamp: a constant frame rate from 0
+        pts = np.arange(len(pts), dtype=np.int64) * frame
+    for d in rest if len(known) else []:  # (before the first usable one: a frame before the next)
+        pts[d] = pts[known[0]] - (known[0] - d) * frame if d < known[0] else pts[d - 1] + frame
     repairs.append(f"{int(bad.sum())} of {len(pts)} video packets had a missing or stray pts "
                    f"({int(from_dts.sum())} placed by dts, {len(rest)} by frame rate)")
     return pts

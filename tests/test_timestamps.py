@@ -145,6 +145,14 @@ def test_missing_pts_come_from_dts_with_the_usual_offset():
     assert "2 of 100" in index.repairs[0]
 
 
+def test_leading_packets_without_any_timestamp_end_where_the_next_begins():
+    pts = np.arange(50) * 40 + 126_000  # an MPEG-TS-like start at 126 s
+    pts[:3] = NOPTS
+    index = index_of(pts, dts=np.full(50, NOPTS))
+    np.testing.assert_array_equal(index.pts, np.arange(50) * 40 + 126_000)
+    assert index.duration_s == pytest.approx(2.0)
+
+
 def test_duplicate_pts_get_one_tick_each():
     index = index_of([0, 40, 40, 80, 120, 160])
     assert len(set(index.pts.tolist())) == 6 and index.pts[2] == 41
