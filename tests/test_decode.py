@@ -171,3 +171,18 @@ def test_exact_stills_are_pixel_identical_to_a_full_decode(tmp_path_factory, sta
         decoder.close()
         assert decoder.sent < len(track.index) or dense
     np.testing.assert_array_equal(stills[False], stills[True])
+
+
+def test_variable_frame_rate(tmp_path):
+    """Frames 0.1 s apart for 2 s, then 0.2 s apart: stills are chosen by pts, not by counting."""
+    from kissray.ffmpeg import run_ffmpeg
+
+    cfr = frame_numbered_film(tmp_path / "cfr.mkv", ("-bf", "0", "-g", "12"))
+    path = str(tmp_path / "vfr.mkv")  # MKV: 1 ms ticks; frame n >= 20 moves to 2n/10 - 2 s
+    run_ffmpeg(["-i", cfr, "-c", "copy", "-bsf:v", "setts=ts=if(gte(N\\,20)\\,2*TS-2000\\,TS)", path])
+    times = np.where(np.arange(N_FRAMES) < 20, np.arange(N_FRAMES) / FPS, 2 * np.arange(N_FRAMES) / FPS - 2)
+    track = open_track(path)
+    np.testing.assert_allclose(track.index.pts_s, times, atol=1e-9)
+    t = np.arange(7)[:, None] + (np.arange(3) + 0.5) / 3
+    want = np.searchsorted(times, t + 1e-9, side="right") - 1
+    np.testing.assert_array_equal(decode_stills(track, 0, 7, 3), want)
