@@ -34,6 +34,7 @@ demo: venv
 
 bench: venv
 	$(PY) benchmarks/throughput.py --quick --json benchmarks/results/throughput-quick.json
+	$(PY) benchmarks/decode_bench.py --scores --json benchmarks/results/decode-bench.json
 
 clean:
 	rm -rf $(VENV) demo-out

@@ -2,7 +2,8 @@
 
   ffmpeg_video_floor   ffmpeg decoding the video stream to null (``-an``), 1 thread
   decord               decord's ``get_batch`` per 32 clips + ``seek(0)`` (the fallback path)
-  sequential           PyAV decoding forward, only the stills converted (the default path)
+  exact                PyAV, only what the stills depend on (stills="exact", the default)
+  keyframe             PyAV, keyframes only (stills="keyframe")
   audio                PyAV AAC decode, mean of channels, 16 kHz resample, VGGish log-mel
 
 Each runs in this process (the decoder child does the same work), on the film that
@@ -27,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from throughput import make_film, write_json  # noqa: E402
 
-from kissray.decode import CLIP_GROUP, AudioTrack, VideoTrack, _group_log_mels, _inspect_container  # noqa: E402
+from kissray.audio_track import AudioTrack  # noqa: E402
+from kissray.decode import CLIP_GROUP, IndexCache, VideoTrack, _group_log_mels  # noqa: E402
 from kissray.ffmpeg import ffmpeg_exe  # noqa: E402
 
 
@@ -46,22 +48,21 @@ def ffmpeg_video_floor(path: str) -> None:
     subprocess.run([ffmpeg_exe(), "-v", "error", "-threads", "1", "-i", path, "-an", "-f", "null", "-"], check=True)
 
 
-def stills(path: str, size: int, threads: int, sequential: bool) -> None:
-    track = VideoTrack(path, path, size, threads, sequential=sequential)
-    n = int(np.floor(track.duration_s + 0.5))
+def stills(path: str, size: int, threads: int, mode: str) -> None:
+    _, index, _ = IndexCache().get(path, path)
+    track = VideoTrack(path, path, index, size, threads, "exact" if mode == "decord" else mode)
+    n = int(np.floor(index.duration_s + 0.5))
     indices = track.still_indices(np.arange(n), 1)
-    for start in range(0, n, CLIP_GROUP):
-        for still in track.stills(indices[start:start + CLIP_GROUP], start):
-            assert isinstance(still, np.ndarray), still
-    assert track.sequential == sequential  # no silent fallback
-    track.close()
+    paths = track._decord_stills(indices, 0, "benchmark") if mode == "decord" else track.stills(indices, 0)
+    for still in paths:
+        assert isinstance(still, np.ndarray), still
+    assert track.fallbacks == []  # no silent fallback
 
 
 def audio(path: str) -> None:
-    container = _inspect_container(path, path)
-    track = VideoTrack(path, path, None, 1)
-    n = int(np.floor(track.duration_s + 0.5))
-    samples = AudioTrack(path, container.audio_stream, container.video_start_s + track.first_pts_s, 400)
+    container, index, _ = IndexCache().get(path, path)
+    n = int(np.floor(index.duration_s + 0.5))
+    samples = AudioTrack(path, container.audio_stream, index.first_s, 400)
     for start in range(0, n, CLIP_GROUP):
         _group_log_mels(samples, start, min(start + CLIP_GROUP, n))
     samples.close()
@@ -80,8 +81,8 @@ def main(argv=None) -> int:
     r = {"film": os.path.basename(film), "size": args.size,
          "ffmpeg_video_floor": measured(ffmpeg_video_floor, film)}
     for threads in (1, 2):
-        for name, sequential in (("decord", False), ("sequential", True)):
-            r[f"{name}_{threads}t"] = measured(stills, film, args.size, threads, sequential)
+        for mode in ("decord", "exact", "keyframe"):
+            r[f"{mode}_{threads}t"] = measured(stills, film, args.size, threads, mode)
     r["audio"] = measured(audio, film)
     write_json(r, args.json)
     print("| path | CPU s | wall s |\n|---|---:|---:|")

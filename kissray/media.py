@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
+import logging
 import os
 import select
 import struct
@@ -30,6 +31,8 @@ import numpy as np
 from kissray.errors import ERRORS_BY_NAME, DecodeError, DecodeTimeoutError, MediaError, MediaOpenError
 
 DEFAULT_SIZE = 224  # ResNet-18 input, pixels (square)
+STILLS_MODES = ("exact", "keyframe")  # SPEC 2: the frame a still is; "keyframe" trades exactness for speed
+MAX_CLIPS = 2**31 - 1  # clip indices are int32 columns
 DEFAULT_TIMEOUT_S = 60.0  # longest wait for one clip before the decoder is killed
 OPEN_TIMEOUT_FACTOR = 4  # opening (indexing) a film may take this many clip timeouts
 MAX_IDLE_DECODERS = 2  # decoder children kept per process between requests
@@ -47,6 +50,10 @@ class MediaInfo:
     height: int
     has_audio: bool  # an audio stream with a decoder exists (decoding may still fail)
     n_clips: int  # floor(duration_s + 0.5)
+    repairs: str = ""  # timestamps the decoder repaired from the packets (SPEC 2), "" when none
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -58,7 +65,10 @@ class Clip:
 
 
 def n_clips_for(duration_s: float) -> int:
-    return int(np.floor(duration_s + 0.5))
+    """floor(duration_s + 0.5), within [0, MAX_CLIPS] (the decoder refuses absurd durations first)."""
+    if not np.isfinite(duration_s):
+        return 0
+    return int(min(max(np.floor(duration_s + 0.5), 0), MAX_CLIPS))
 
 
 def probe(uri: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> MediaInfo:
@@ -68,9 +78,10 @@ def probe(uri: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> MediaInfo:
 
 
 def iter_clips(uri: str, start: int = 0, stop: int | None = None, *, frames_per_clip: int = 1,
-               size: int = DEFAULT_SIZE, timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[Clip]:
-    """Yield clips ``start <= i < stop`` of the film at ``uri`` (any fsspec URI), in order."""
-    with ClipReader(uri, start, stop, frames_per_clip=frames_per_clip, size=size,
+               size: int = DEFAULT_SIZE, stills: str = "exact", timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[Clip]:
+    """Yield clips ``start <= i < stop`` of the film at ``uri`` (any fsspec URI), in order.
+    ``stills``: one of STILLS_MODES (SPEC 2)."""
+    with ClipReader(uri, start, stop, frames_per_clip=frames_per_clip, size=size, stills=stills,
                     timeout_s=timeout_s) as reader:
         yield from reader
 
@@ -139,18 +150,24 @@ class ClipReader:
     Use as a context manager; ``info`` is the film's :class:`MediaInfo`, iteration yields clips in
     order. A clip that cannot be decoded is skipped (its index is missing) and iteration ends with
     a :class:`DecodeError` after every clip that did decode; a decoder that hangs is killed
-    (:class:`DecodeTimeoutError`). ``n_delivered`` counts the clips delivered.
+    (:class:`DecodeTimeoutError`). ``n_delivered`` counts the clips delivered; ``fallbacks``
+    counts the times the rest of a window was decoded by decord because PyAV could not vouch for
+    a still (each fallback, also to a full decode first, is logged as a warning naming the film
+    and the reason).
     """
 
     def __init__(self, uri: str, start: int = 0, stop: int | None = None, *,
                  frames_per_clip: int = 1, size: int = DEFAULT_SIZE,
-                 timeout_s: float = DEFAULT_TIMEOUT_S, decode_threads: int = 0):
+                 timeout_s: float = DEFAULT_TIMEOUT_S, decode_threads: int = 0, stills: str = "exact"):
         if frames_per_clip < 1 or size < 16:
             raise ValueError("frames_per_clip must be >= 1 and size >= 16")
+        if stills not in STILLS_MODES:
+            raise ValueError(f"stills must be one of {', '.join(STILLS_MODES)}, not {stills!r}")
         self.uri = str(uri)
         self.request = {"start": int(start), "stop": None if stop is None else int(stop),
                         "frames_per_clip": int(frames_per_clip), "size": int(size),
-                        "threads": int(decode_threads)}
+                        "threads": int(decode_threads), "stills": stills}
+        self.fallbacks = 0  # windows (or their rest) decoded by decord instead
         self.timeout_s = float(timeout_s)
         self.info: MediaInfo | None = None
         self.n_delivered = 0
@@ -162,12 +179,12 @@ class ClipReader:
     def __enter__(self) -> "ClipReader":
         try:
             path = self._stack.enter_context(local_path(self.uri))
-            scratch = self._stack.enter_context(tempfile.TemporaryDirectory(prefix="kissray-decode-"))
-            self._child = DECODERS.start(self.uri, {**self.request, "path": path, "uri": self.uri,
-                                                    "scratch_dir": scratch})
+            self._child = DECODERS.start(self.uri, {**self.request, "path": path, "uri": self.uri})
             self._stack.callback(self._release)
             header, _ = self._child.receive(self.timeout_s * OPEN_TIMEOUT_FACTOR, opening=True)
             self.info = MediaInfo(**header["info"])
+            if self.info.repairs:
+                log.warning("%s: timestamps repaired from the packets: %s", self.uri, self.info.repairs)
         except BaseException:
             self._stack.close()
             raise
@@ -195,6 +212,11 @@ class ClipReader:
             header, payload = self._child.receive(self.timeout_s)
             if header["type"] == "gap":  # one undecodable clip: go on, report at the end
                 self.gaps.append(header["reason"])
+                continue
+            if header["type"] == "fallback":  # the sparse decoder could not vouch for a still
+                self.fallbacks += header["to"] == "decord"
+                log.warning("%s: %d clip(s) decoded by %s instead (%s)", self.uri, header["clips"], header["to"],
+                            header["reason"])
                 continue
             if header["type"] == "end":
                 self._ended = True

@@ -166,19 +166,19 @@ def segments_by_label(probs: np.ndarray, labels: list[str], params: SegmentParam
 
 def score_film(uri: str, model, *, title_id: str | None = None, threshold: float = THRESHOLD,
                min_len: int = MIN_LEN_S, min_fraction: float = MIN_FRACTION, batch_size: int = DEFAULT_BATCH_SIZE,
-               timeout_s: float = DEFAULT_TIMEOUT_S, progress=None) -> FilmResult:
+               timeout_s: float = DEFAULT_TIMEOUT_S, stills: str = "exact", progress=None) -> FilmResult:
     """Score every second of one film with ``model`` (a loaded model, a :class:`Scorer` or a
     checkpoint URI) and segment the result.
 
     Raises :class:`MediaError` when the film cannot be opened. Seconds that cannot be decoded
     are NaN rows of ``probs`` (below any threshold for the segmenter); ``result.error`` says why
-    and the status is ``partial``.
+    and the status is ``partial``. ``stills``: one of ``media.STILLS_MODES`` (SPEC 2).
     """
     scorer = model if isinstance(model, Scorer) else Scorer(model, batch_size=batch_size)
     config = scorer.config
     pieces, errors = [], []
     with ClipReader(uri, frames_per_clip=config.frames_per_clip, size=config.image_size,
-                    timeout_s=timeout_s) as reader:
+                    timeout_s=timeout_s, stills=stills) as reader:
         info, has_audio = reader.info, reader.info.has_audio
         try:
             for batch in batched(reader, scorer.batch_size):

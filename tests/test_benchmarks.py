@@ -33,6 +33,20 @@ def test_decode_paths_benchmark_runs_on_a_tiny_film(tmp_path):
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
-    for key in ("ffmpeg_video_floor", "decord_1t", "sequential_1t", "decord_2t", "sequential_2t", "audio"):
+    for key in ("ffmpeg_video_floor", "decord_1t", "exact_1t", "keyframe_1t", "decord_2t", "exact_2t", "audio"):
         assert result[key]["wall_s"] > 0, key
-    assert "| sequential_1t |" in proc.stdout
+    assert "| exact_1t |" in proc.stdout
+
+
+def test_decode_bench_runs_on_tiny_films(tmp_path):
+    out = tmp_path / "r.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "decode_bench.py"), "--width", "64", "--height", "48",
+         "--seconds", "3", "--mjpeg-seconds", "2", "--size", "32", "--workdir", str(tmp_path), "--json", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    for film in ("h264", "mjpeg"):
+        for key in ("ffmpeg_threads1", "index", "exact", "keyframe", "stills_dense", "stills_exact"):
+            assert result[film][key]["cpu_s"] >= 0 and result[film][key]["wall_s"] > 0, (film, key)
+    assert "| h264 | exact |" in proc.stdout

@@ -11,7 +11,7 @@ import fsspec
 import numpy as np
 import pytest
 
-from conftest import TONE_HZ, colour_of_second, make_film
+from conftest import PALETTE, TONE_HZ, colour_of_second, make_film
 from kissray.audio import SILENCE_LOG_MEL
 from kissray.errors import DecodeError, DecodeTimeoutError, MediaError, MediaOpenError, TooShortError
 from kissray.media import DECODERS, ClipReader, iter_clips, probe
@@ -289,3 +289,41 @@ def test_audio_with_a_hole_in_its_timestamps(media_dir):
                 "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "pcm_s16le", path])
     clips = list(iter_clips(path, size=32))
     assert [tone_present(c) for c in clips] == [True, True, False, False, False, True, True, False]
+
+
+def test_film_that_starts_mid_gop(media_dir, tmp_path, caplog):
+    """MPEG-TS cut at an arbitrary packet: frames before the first keyframe cannot be decoded. Those
+    clips are gaps that say so, the rest are the right seconds, and nothing falls back to decord
+    (decord returns wrong frames for them instead of failing)."""
+    src = make_film(media_dir / "gop50.ts", duration_s=6.0, extra_args=("-bf", "2", "-g", "50", "-x264-params", "scenecut=0"))
+    data = open(src, "rb").read()
+    path = write_bytes(tmp_path / "cut.ts", data[188 * (len(data) // 188 // 12):])
+    clips = []
+    with ClipReader(path, size=32) as reader:
+        with pytest.raises(DecodeError, match="no keyframe before it"):
+            for clip in reader:
+                clips.append(clip)
+        assert reader.fallbacks == 0 and len(reader.gaps) == 1
+    assert [c.index for c in clips] == [1, 2, 3, 4]
+    first_colour = int(np.argmin(np.abs(PALETTE.astype(int) - mean_colour(clips[0])).sum(axis=1)))
+    offset = first_colour - 1  # the cut removed about a second
+    assert_colours_from(clips, offset)
+    assert "decord" not in caplog.text
+
+
+def assert_colours_from(clips, offset: int):
+    for clip in clips:
+        assert np.abs(mean_colour(clip) - colour_of_second(clip.index + offset)).max() < 12, clip.index
+
+
+def test_keyframe_stills(film):
+    """stills="keyframe": the last keyframe before each time (GOP 12 here, so still the right
+    second's colour), the same audio; an unknown mode is refused."""
+    exact = list(iter_clips(film, size=32))
+    keyframe = list(iter_clips(film, size=32, stills="keyframe"))
+    assert [c.index for c in keyframe] == [0, 1, 2, 3, 4]
+    assert_colours(keyframe)
+    for a, b in zip(exact, keyframe):
+        np.testing.assert_array_equal(a.log_mel, b.log_mel)
+    with pytest.raises(ValueError, match="stills must be one of"):
+        list(iter_clips(film, stills="nearest"))
