@@ -68,6 +68,7 @@ class TrainOptions:
     ray_workers: int = 0  # head mode: embed films on this many Ray actors (0: in this process)
     balance: str = "auto"  # auto | none | pos-weight | sample (see class_balance)
     select_on: str = "ap"  # ap | f1: the validation metric that picks the epoch kept (the other breaks ties)
+    stills: str = "exact"  # exact | keyframe: how training clips' stills are chosen (as in scoring)
 
     def __post_init__(self):
         if self.balance not in BALANCE_CHOICES:
@@ -76,6 +77,8 @@ class TrainOptions:
             raise UsageError(f"select_on must be one of {SELECT_CHOICES}, not {self.select_on!r}")
         if self.mode not in MODES:
             raise UsageError(f"mode must be one of {MODES}, not {self.mode!r}")
+        if self.stills not in STILLS_MODES:
+            raise UsageError(f"stills must be one of {STILLS_MODES}, not {self.stills!r}")
         if self.modality is not None and self.modality not in MODALITIES:
             raise UsageError(f"modality must be one of {MODALITIES}, not {self.modality!r}")
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or self.ray_workers < 0:

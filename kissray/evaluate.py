@@ -164,24 +164,26 @@ def _count_segments(counts: dict, film: FilmPrediction, spans: list[Span], label
 
 
 def evaluate(annotations: Annotations, model, split: str | None = "test", seed: int = 0,
-             params: SegmentParams = SegmentParams(), unlabelled: str = "ignore", progress=None) -> dict:
+             params: SegmentParams = SegmentParams(), unlabelled: str = "ignore", progress=None,
+             stills: str = "exact") -> dict:
     """Score the films of ``split`` (None: every film) with ``model`` in this process and evaluate."""
     films = split_films(annotations, seed)[split] if split else annotations.films
     missing = [label for label in annotations.labels if label not in model.labels]
-    predictions = predict_films(films, model, params, progress)
+    predictions = predict_films(films, model, params, progress, stills)
     labels = [label for label in model.labels if label in annotations.labels]
     report = evaluate_predictions(predictions, annotations, labels, params, unlabelled)
-    return {**report, "split": split or "all", "seed": seed, "labels_not_in_model": missing}
+    return {**report, "split": split or "all", "seed": seed, "labels_not_in_model": missing, "stills": stills}
 
 
-def predict_films(films: list[str], model, params: SegmentParams = SegmentParams(), progress=None) -> list[FilmPrediction]:
+def predict_films(films: list[str], model, params: SegmentParams = SegmentParams(), progress=None,
+                  stills: str = "exact") -> list[FilmPrediction]:
     """Each film scored by :func:`kissray.score.score_film` (the one scorer and result assembly)."""
     from kissray.score import score_film
 
     predictions = []
     for uri in films:
         result = score_film(uri, model, threshold=params.threshold, min_len=params.min_len,
-                            min_fraction=params.min_fraction)
+                            min_fraction=params.min_fraction, stills=stills)
         predictions.append(FilmPrediction(uri, result.probs, result.segments, result.n_clips))
         if progress is not None:
             progress(uri)

@@ -28,12 +28,12 @@ from typing import Iterator
 
 import numpy as np
 
+from kissray.defaults import DECODE_TIMEOUT_S, IMAGE_SIZE_PX, STILLS_MODES
 from kissray.errors import ERRORS_BY_NAME, DecodeError, DecodeTimeoutError, MediaError, MediaOpenError
 
-DEFAULT_SIZE = 224  # ResNet-18 input, pixels (square)
-STILLS_MODES = ("exact", "keyframe")  # SPEC 2: the frame a still is; "keyframe" trades exactness for speed
+DEFAULT_SIZE = IMAGE_SIZE_PX  # ResNet-18 input, pixels (square)
 MAX_CLIPS = 2**31 - 1  # clip indices are int32 columns
-DEFAULT_TIMEOUT_S = 60.0  # longest wait for one clip before the decoder is killed
+DEFAULT_TIMEOUT_S = DECODE_TIMEOUT_S  # longest wait for one clip before the decoder is killed
 OPEN_TIMEOUT_FACTOR = 4  # opening (indexing) a film may take this many clip timeouts
 MAX_IDLE_DECODERS = 2  # decoder children kept per process between requests
 MAX_REQUESTS_PER_DECODER = 50  # then the child is retired: whatever a library leaks cannot pile up

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from kissray.annotations import Annotations, clip_targets, split_films
-from kissray.defaults import BALANCED_RATE, TrainOptions
+from kissray.defaults import BALANCED_RATE, DECODE_TIMEOUT_S, TrainOptions
 from kissray.errors import DecodeError, MediaError, UsageError
 from kissray.evaluate import mean_ap, mean_f1, per_second_metrics
 from kissray.media import ClipReader
@@ -81,14 +81,14 @@ def start_model(labels: list[str], options: TrainOptions, init: str | None = Non
 
 
 def film_clips(uri: str, annotations: Annotations, labels: list[str], config: ModelConfig,
-               unlabelled: str, timeout_s: float = 60.0):
+               unlabelled: str, timeout_s: float = DECODE_TIMEOUT_S, stills: str = "exact"):
     """Yield ``(clip, target)`` for the labelled clips of one film (decoding only the span needed)."""
     spans = annotations.spans[uri]
     start, stop = 0, None
     if unlabelled == "ignore":
         start, stop = int(min(s.start_s for s in spans)), int(np.ceil(max(s.end_s for s in spans)))
     with ClipReader(uri, start, stop, frames_per_clip=config.frames_per_clip, size=config.image_size,
-                    timeout_s=timeout_s) as reader:
+                    timeout_s=timeout_s, stills=stills) as reader:
         idx, targets = clip_targets(spans, labels, reader.info.n_clips, unlabelled)
         row_of = {int(i): r for r, i in enumerate(idx)}
         try:
@@ -100,14 +100,14 @@ def film_clips(uri: str, annotations: Annotations, labels: list[str], config: Mo
 
 
 def load_clip_set(films: list[str], annotations: Annotations, model: KissModel, embed: bool,
-                  unlabelled: str, skipped: list[str], progress=None) -> ClipSet:
+                  unlabelled: str, skipped: list[str], progress=None, stills: str = "exact") -> ClipSet:
     """Decode the labelled clips of ``films``; with ``embed``, keep only their embeddings."""
     device = model.head.weight.device
     parts: dict[str, list] = {"targets": [], "features": [], "frames": [], "log_mel": []}
     for uri in films:
         try:
-            for batch in batched(film_clips(uri, annotations, model.labels, model.config, unlabelled),
-                                 EMBED_BATCH):
+            for batch in batched(film_clips(uri, annotations, model.labels, model.config, unlabelled,
+                                            stills=stills), EMBED_BATCH):
                 frames = np.stack([c.frames for c, _ in batch])
                 log_mel = np.stack([c.log_mel for c, _ in batch])
                 parts["targets"].append(np.stack([t for _, t in batch]))
@@ -133,17 +133,19 @@ def load_clip_set(films: list[str], annotations: Annotations, model: KissModel, 
 class _FilmEmbedder:
     """A Ray actor holding the model: one film in, its labelled clips' embeddings out."""
 
-    def __init__(self, model: KissModel, annotations: Annotations, unlabelled: str):
+    def __init__(self, model: KissModel, annotations: Annotations, unlabelled: str, stills: str = "exact"):
         torch.set_num_threads(1)  # one actor per CPU
         self.model, self.annotations, self.unlabelled = model.prepare("cpu"), annotations, unlabelled
+        self.stills = stills
 
     def embed(self, uri: str) -> tuple[ClipSet, list[str]]:
         skipped: list[str] = []
-        return load_clip_set([uri], self.annotations, self.model, True, self.unlabelled, skipped), skipped
+        return load_clip_set([uri], self.annotations, self.model, True, self.unlabelled, skipped,
+                             stills=self.stills), skipped
 
 
 def embed_on_ray(films: list[str], annotations: Annotations, model: KissModel, unlabelled: str,
-                 skipped: list[str], n_workers: int, progress=None) -> dict[str, ClipSet]:
+                 skipped: list[str], n_workers: int, progress=None, stills: str = "exact") -> dict[str, ClipSet]:
     """Embed ``films`` on a pool of Ray actors (a local Ray, or ``RAY_ADDRESS``); film -> ClipSet."""
     import ray
     from ray.util import ActorPool
@@ -153,7 +155,7 @@ def embed_on_ray(films: list[str], annotations: Annotations, model: KissModel, u
     with ray_connection():
         model_ref = ray.put(copy.deepcopy(model).cpu())
         worker = ray.remote(num_cpus=1)(_FilmEmbedder)
-        pool = ActorPool([worker.remote(model_ref, annotations, unlabelled)
+        pool = ActorPool([worker.remote(model_ref, annotations, unlabelled, stills)
                           for _ in range(max(1, min(n_workers, len(films))))])
         by_film = {}
         for uri, (clip_set, film_skipped) in zip(films, pool.map(lambda a, f: a.embed.remote(f), films)):
@@ -373,11 +375,11 @@ def load_split_sets(annotations: Annotations, splits: dict[str, list[str]], mode
               unit="film", disable=not show_progress) as bar:
         if head and options.ray_workers > 0:
             by_film = embed_on_ray(annotations.films, annotations, model, options.unlabelled, skipped,
-                                   options.ray_workers, progress=lambda _: bar.update())
+                                   options.ray_workers, progress=lambda _: bar.update(), stills=options.stills)
             return {name: merge_clip_sets([by_film[f] for f in films], len(model.labels))
                     for name, films in splits.items()}
         return {name: load_clip_set(films, annotations, model, head, options.unlabelled, skipped,
-                                    progress=lambda _: bar.update())
+                                    progress=lambda _: bar.update(), stills=options.stills)
                 for name, films in splits.items()}
 
 

@@ -319,3 +319,14 @@ def test_nothing_rewrites_a_title_written_ok(tmp_path, checkpoint):
     titles = read(tmp_path / "out", "titles")
     assert titles[["status", "n_scored"]].values.tolist() == [["ok", 3]]
     assert list(read(tmp_path / "out", "scores").p) == pytest.approx([0.25] * 3)
+
+
+def test_keyframe_stills_are_recorded_in_titles(tmp_path, film, checkpoint, model, ray_session):
+    """--stills keyframe reaches the decoder (scores equal score_film's keyframe mode) and the titles row."""
+    from kissray.pipeline import score_library
+
+    score_library([film], checkpoint, str(tmp_path), stills="keyframe", progress=False)
+    titles = read(tmp_path, "titles")
+    assert titles[["status", "stills"]].values.tolist() == [["ok", "keyframe"]]
+    expected = score_film(film, model, stills="keyframe").probs[:, 0]
+    np.testing.assert_allclose(read(tmp_path, "scores").sort_values("second").p, expected, atol=1e-5)

@@ -112,10 +112,9 @@ def _window_clips(window: dict, spec: DecodeSpec) -> Iterator:
     """The window's clips; a film that was not probed fills in ``window``'s length from its decoder."""
     spec.faults.check("decode", str(window["title_id"]))
     stop = int(window["stop"])
-    stills = {"stills": spec.stills} if spec.stills != "exact" else {}
     with ClipReader(str(window["uri"]), int(window["start"]), None if stop == WHOLE_FILM else stop,
                     frames_per_clip=spec.frames_per_clip, size=spec.size,
-                    timeout_s=spec.timeout_s, decode_threads=spec.decode_threads, **stills) as reader:
+                    timeout_s=spec.timeout_s, decode_threads=spec.decode_threads, stills=spec.stills) as reader:
         if stop == WHOLE_FILM:  # not probed: the film describes itself now
             info = reader.info
             window.update(stop=info.n_clips, n_clips=info.n_clips, duration_s=info.duration_s,

@@ -14,7 +14,7 @@ import json
 import sys
 
 from kissray.annotations import SPLITS, UNLABELLED_CHOICES, read_annotations
-from kissray.defaults import MIN_FRACTION, MIN_LEN_S, THRESHOLD
+from kissray.defaults import MIN_FRACTION, MIN_LEN_S, STILLS_MODES, THRESHOLD
 
 
 
@@ -31,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, default=THRESHOLD)
     p.add_argument("--min-len", type=int, default=MIN_LEN_S)
     p.add_argument("--min-fraction", type=float, default=MIN_FRACTION)
+    p.add_argument("--stills", choices=STILLS_MODES, default="exact", help="exact (default) or keyframe stills")
     p.set_defaults(func=run)
 
 
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     params = SegmentParams(args.threshold, args.min_len, args.min_fraction)
     with tqdm(desc="scoring", unit="film") as bar:
         report = evaluate(annotations, model, None if args.split == "all" else args.split, seed, params,
-                          unlabelled, progress=lambda _: bar.update())
+                          unlabelled, progress=lambda _: bar.update(), stills=args.stills)
     report["model"] = args.model
     text = json.dumps(report, indent=2)
     if args.out:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 
 from kissray.annotations import UNLABELLED_CHOICES, read_annotations
-from kissray.defaults import BALANCE_CHOICES, BALANCED_RATE, MODALITIES, MODES, SELECT_CHOICES, TrainOptions
+from kissray.defaults import (BALANCE_CHOICES, BALANCED_RATE, MODALITIES, MODES, SELECT_CHOICES, STILLS_MODES,
+                              TrainOptions)
 
 _DEFAULTS = TrainOptions()
 
@@ -44,6 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         f"(BCE positive weight n_neg/n_pos), sample (balanced sampling with replacement)")
     p.add_argument("--select-on", choices=SELECT_CHOICES, default=_DEFAULTS.select_on,
                    help="validation metric that picks the epoch kept; the other breaks ties (default ap)")
+    p.add_argument("--stills", choices=STILLS_MODES, default=_DEFAULTS.stills,
+                   help="exact (default) or keyframe stills; train as you will score")
     p.set_defaults(func=run)
 
 
@@ -54,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     options = TrainOptions(mode=args.mode, modality=args.modality, epochs=args.epochs, lr=args.lr,
                            batch_size=args.batch_size, seed=args.seed, unlabelled=args.unlabelled,
                            image_size=args.image_size, frames_per_clip=args.frames_per_clip, device=args.device,
-                           ray_workers=args.ray_workers, balance=args.balance, select_on=args.select_on)
+                           ray_workers=args.ray_workers, balance=args.balance, select_on=args.select_on,
+                           stills=args.stills)
     metrics = train(annotations, args.out, options, init=args.init)
     balance = metrics["balance"]
     print(f"wrote {args.out} (best epoch {metrics['best_epoch']} by {metrics['selected_on']} "

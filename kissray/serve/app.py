@@ -207,7 +207,7 @@ class Ingress:
         """Decode ``path`` on a worker thread (which shares ``slot`` until it has cleaned up), classify
         its clips in ``Classifier``, segment. Unusable film: 400; too big or too long: 413."""
         info = await self.model_info()
-        options = {"frames_per_clip": info["frames_per_clip"], "size": info["image_size"],
+        options = {"frames_per_clip": info["frames_per_clip"], "size": info["image_size"], "stills": self.config.stills,
                    "timeout_s": self.config.decode_timeout_s}
         decoder = FilmDecoder(path, options, self.limits, self.config.chunk_clips, IN_FLIGHT_CHUNKS,
                               on_exit=slot.share().release).start()

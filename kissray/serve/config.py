@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from kissray.defaults import STILLS_MODES
 from kissray.errors import UsageError
 from kissray.media import DEFAULT_TIMEOUT_S
 from kissray.serve.uris import canonical_uri
@@ -44,6 +45,7 @@ class ServeConfig:
     max_ongoing_requests: int = 64  # per Ingress replica, all routes; the proxy may queue ...
     max_queued_requests: int = 64  # ... this many more per caller, then answers 503 itself
     decode_timeout_s: float = DEFAULT_TIMEOUT_S  # longest wait for one clip from the decoder
+    stills: str = "exact"  # exact | keyframe (SPEC section 2), as in `kissray score --stills`
 
     def __post_init__(self):
         prefixes = self.allow_uri_prefixes
@@ -63,6 +65,8 @@ class ServeConfig:
                     if getattr(self, name) and not os.path.isabs(getattr(self, name))]
         if relative:  # replicas run in directories of Ray's choosing
             raise UsageError(f"{', '.join(relative)} must be absolute paths")
+        if self.stills not in STILLS_MODES:
+            raise UsageError(f"stills must be one of {', '.join(STILLS_MODES)}, not {self.stills!r}")
         for prefix in self.allow_uri_prefixes:
             canonical_uri(prefix)  # raises UsageError for unusable prefixes
 
