@@ -12,13 +12,13 @@ staged to a local temporary file once per film, and only when something is left 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 
 from kissray.defaults import ExcerptOptions
@@ -103,22 +103,28 @@ def _cut(seg, duration_s: float, pad_s: float, best_second: int) -> Cut:
 
 @dataclass(frozen=True)
 class FilmTiming:
-    """Where a film's frames lie: what input ``-ss`` needs to hit frame boundaries exactly."""
+    """Where a film's frames lie, on the decoder's timeline (the one scoring uses): what input
+    ``-ss`` needs to start on the frame the scores mean, VFR-safe (frame times, not a frame rate)."""
 
-    origin_s: float = 0.0  # first video frame, relative to the container start that ffmpeg's -ss counts from
-    fps: float = 0.0  # average frame rate; 0 when unknown (no snapping to frames)
+    origin_s: float = 0.0  # the film's t = 0 (its first frame), from the container start ffmpeg's -ss counts from
+    frames_s: np.ndarray = field(default_factory=lambda: np.zeros(0))  # presentation times from t = 0, sorted
 
     def frame_span(self, start_s: float, end_s: float) -> tuple[float, float]:
         """(seek_s, duration_s) covering exactly the frames shown during [start_s, end_s).
 
-        The first frame is the one on screen at ``start_s`` (the last with pts <= start_s); the
-        seek lands a tenth of a frame before it so float rounding can never skip it.
+        The first frame is the one on screen at ``start_s``: the last with pts <= start_s, the rule
+        of the stills (SPEC 2). The seek lands a tenth of that frame before it, so float rounding
+        can never skip it; the span ends where the first frame at or after ``end_s`` begins.
         """
-        if self.fps <= 0:
+        times = self.frames_s
+        if len(times) < 2:
             return self.origin_s + start_s, end_s - start_s
-        first = math.floor(start_s * self.fps + 1e-6)
-        stop = max(first + 1, math.ceil(end_s * self.fps - 1e-6))
-        return self.origin_s + max(0.0, (first - 0.1) / self.fps), (stop - first) / self.fps
+        first = max(0, int(np.searchsorted(times, start_s + 1e-6, side="right")) - 1)
+        stop = max(first + 1, int(np.searchsorted(times, end_s - 1e-6, side="left")))
+        frame_s = times[min(first + 1, len(times) - 1)] - times[first] if first + 1 < len(times) else \
+            times[first] - times[first - 1]
+        end = times[stop] if stop < len(times) else times[-1] + frame_s
+        return self.origin_s + max(0.0, times[first] - 0.1 * frame_s), end - times[first]
 
 
 def excerpt_args(film_path: str, cut: Cut, out_path: str, copy: bool = False,
@@ -138,17 +144,17 @@ def thumbnail_args(film_path: str, cut: Cut, out_path: str, timing: FilmTiming =
             out_path]
 
 
-def film_timing(film_path: str) -> FilmTiming:
-    """The :class:`FilmTiming` of a local film, read with PyAV."""
+def film_timing(film_path: str, uri: str) -> FilmTiming:
+    """The :class:`FilmTiming` of a local film, from the decoder's own frame index
+    (:func:`kissray.index.read_index`: the same t = 0 and frame times as scoring)."""
     import av
 
-    with av.open(film_path) as container:
-        video = container.streams.video[0]
-        fps = float(video.average_rate or video.guessed_rate or 0)
-        if video.start_time is None or container.start_time is None:
-            return FilmTiming(0.0, fps)
-        origin_s = float(video.start_time * video.time_base) - container.start_time / av.time_base
-        return FilmTiming(max(0.0, origin_s), fps)
+    from kissray.index import read_index
+
+    index = read_index(film_path, uri)
+    with av.open(film_path, metadata_errors="ignore") as container:
+        container_start_s = container.start_time / av.time_base if container.start_time is not None else 0.0
+    return FilmTiming(max(0.0, index.first_s - container_start_s), np.asarray(index.pts_s, np.float64))
 
 
 def cut_film(film: FilmCuts, dest: str, options: ExcerptOptions = ExcerptOptions()) -> tuple[list[str], list[str]]:
@@ -162,7 +168,7 @@ def cut_film(film: FilmCuts, dest: str, options: ExcerptOptions = ExcerptOptions
         return [], skipped
     written = []
     with local_path(film.uri) as film_path, tempfile.TemporaryDirectory(prefix="kissray-cut-") as tmp:
-        timing = film_timing(film_path)
+        timing = film_timing(film_path, film.uri)
         for cut, kind, uri in todo:
             part = os.path.join(tmp, os.path.basename(uri))
             if kind == "mp4":

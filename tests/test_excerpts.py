@@ -222,3 +222,28 @@ def test_titles_that_differ_only_in_punctuation_get_their_own_excerpts_and_edls(
     edls = export_segments(out, "edl", str(tmp_path / "edl"), fps=25)
     assert sorted(os.listdir(tmp_path / "edl")) == sorted(f"{file_name_for(t)}.edl" for t in ids)
     assert len(edls.written) == 3
+
+
+@pytest.mark.parametrize("kind", ["edit-list", "delayed-video"])
+def test_an_excerpt_starts_on_the_frame_the_scores_mean(kind, tmp_path, media_dir):
+    """Excerpts and scoring share one timeline (the decoder's frame index): the first frame of an
+    excerpt of [s, e) is the frame on screen at s in the decoder's stills, even in an MP4 cut
+    with an edit list (pre-roll frames the player never shows) or with video that starts late."""
+    from kissray.ffmpeg import run_ffmpeg
+    from kissray.media import iter_clips
+
+    src = make_film(media_dir / f"timeline-{kind}.mp4", duration_s=9, extra_args=("-bf", "2", "-g", "50"))
+    film = str(tmp_path / f"{kind}.mp4")
+    if kind == "edit-list":  # stream copy from 1.3 s: an edit list hides the GOP's first frames
+        run_ffmpeg(["-ss", "1.3", "-i", src, "-c", "copy", film])
+    else:  # the video track starts 0.52 s after the audio
+        run_ffmpeg(["-i", src, "-itsoffset", "0.52", "-i", src, "-map", "1:v", "-map", "0:a", "-c", "copy", film])
+    out = write_score_out(tmp_path / "out", [Title("t", film, 6.0, probs_with_peak(6, range(1, 4)))])
+    summary = write_excerpts(out, options=ExcerptOptions(pad_s=0, thumbnails=False), progress=False)
+    (excerpt,) = summary.written
+    start_s = float(excerpt.rsplit("-", 2)[1])  # <label>-<n>-<start>-<end>.mp4
+    _, _, first, _, _, _ = first_and_last_frames(excerpt.removeprefix("file://"))
+    (clip,) = iter_clips(film, int(start_s), int(start_s) + 1, size=16)  # its still: the frame at start + 0.5 s
+    still = clip.frames[0, 8, 8].astype(int)
+    centre = first[first.shape[0] // 2, first.shape[1] // 2].astype(int)
+    assert np.abs(centre - still).max() < 40, (kind, centre, still)
