@@ -278,8 +278,8 @@ def _clips(video: VideoTrack, container: _Container, path: str, start: int, stop
     audio = None
     if container.audio_stream is not None:
         try:
-            audio = AudioTrack(path, container.audio_stream, video.index.first_s,
-                               start * CLIP_SAMPLES + PATCH_OFFSET_SAMPLES)
+            origin_s = video.index.first_s + video.index.raw_offset_s(start)  # where the audio's clock is
+            audio = AudioTrack(path, container.audio_stream, origin_s, start * CLIP_SAMPLES + PATCH_OFFSET_SAMPLES)
         except Exception:  # the stream exists but cannot be opened: silence
             audio = None
     stills = video.stills(video.still_indices(np.arange(start, stop), frames_per_clip), start)

@@ -77,6 +77,18 @@ class FrameIndex:
         idx = np.searchsorted(key_s, times + 1e-6, side="right") - 1
         return self.key_positions[np.clip(idx, 0, len(key_s) - 1)]
 
+    def raw_offset_s(self, t_s: float) -> float:
+        """What the container's own timestamps add to the index's around timeline time ``t_s``
+        (0 unless a repair moved them there): other streams, placed by their own timestamps, are
+        read from ``first_s + raw_offset_s(t) + t`` (median over the frames nearby: robust to a stray pts)."""
+        j = int(np.searchsorted(self.pts_s, t_s))
+        near = self.order[max(0, j - REORDER_FRAMES):j + REORDER_FRAMES + 1]
+        raw = self.raw_pts[near]
+        known = raw != NOPTS
+        if not known.any():
+            return 0.0
+        return float(np.median(raw[known] - self.pts[near][known])) * float(self.time_base)
+
     def packet_of(self, raw_pts: int, raw_dts: int, pos: int) -> int | None:
         """The decode-order number of a demuxed packet, recognised by position and timestamps."""
         same = (self.raw_pts == raw_pts) & (self.raw_dts == raw_dts)

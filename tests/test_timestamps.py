@@ -92,6 +92,8 @@ def test_timestamps_that_restart(media_dir, tmp_path):
     assert info.n_clips == 12 and "1 timestamp discontinuity spliced out" in info.repairs
     clips = assert_colours(path, 12, colour_second=lambda i: i % 6)
     assert [tone(c) for c in clips] == [i % 6 in TONES for i in range(12)]  # the audio follows the splice
+    window = list(iter_clips(path, 7, 12, size=32))  # a window after the splice finds its audio too
+    assert [tone(c) for c in window] == [i % 6 in TONES for i in range(7, 12)]
 
 
 def tone(clip) -> bool:
