@@ -52,14 +52,18 @@ class FrameIndex:
     fps: float
     repairs: list[str] = field(default_factory=list)  # what was repaired, one line each
     truncated: bool = False  # the container lists more than could be read
+    hidden: np.ndarray | None = None  # bool[n], decode order: frames an edit list hides (decoded, never shown)
 
     def __post_init__(self):
         self.order = np.argsort(self.pts, kind="stable")
-        self.first_ticks = int(self.pts[self.order[0]])
+        shown = np.ones(len(self.pts), bool) if self.hidden is None or self.hidden.all() else ~self.hidden
+        # t = 0 is the first frame a player shows; frames an edit list hides before it keep
+        # negative times (they are decoded as references, never chosen as stills)
+        self.first_ticks = int(self.pts[shown].min())
         self.pts_s = (self.pts[self.order] - self.first_ticks) * float(self.time_base)  # presentation order
         self.duration_s = (self.end_ticks - self.first_ticks) * float(self.time_base)
         self.first_s = self.first_ticks * float(self.time_base)  # absolute time of the film's t = 0
-        self.key_positions = np.flatnonzero(self.keyframe[self.order])  # presentation positions of keyframes
+        self.key_positions = np.flatnonzero((self.keyframe & shown)[self.order])  # presentation positions of shown keyframes
         if not np.isfinite(self.duration_s) or self.duration_s > MAX_DURATION_S:
             raise ValueError(f"video timestamps span {self.duration_s:.3g} s, more than {MAX_DURATION_S:.0f} s")
 
@@ -119,7 +123,7 @@ def read_index(path: str, uri: str) -> FrameIndex:
     pts, dts, pos, durations = (np.array(c, np.int64) for c in columns[:4])
     truncated = truncated or declared_frames > len(pts)
     return build_index(pts, dts, pos, durations, np.array(columns[4], bool), Fraction(time_base), fps, uri,
-                       truncated)
+                       truncated, hidden=np.array(columns[5], bool))
 
 
 def only_first_video(container):
@@ -138,7 +142,7 @@ def _demux(container, stream) -> tuple[tuple[list, ...], bool]:
     broke off (one Python list per column: ~1 s for the 180,000 packets of a 2-hour film)."""
     import av
 
-    columns = pts, dts, pos, durations, keyframes = [], [], [], [], []
+    columns = pts, dts, pos, durations, keyframes, hidden = [], [], [], [], [], []
     try:
         for packet in container.demux(stream):
             if packet.size:
@@ -147,6 +151,7 @@ def _demux(container, stream) -> tuple[tuple[list, ...], bool]:
                 pos.append(-1 if packet.pos is None else packet.pos)
                 durations.append(packet.duration or 0)
                 keyframes.append(packet.is_keyframe)
+                hidden.append(bool(getattr(packet, "is_discard", False)))  # an edit list's pre-roll
     except av.FFmpegError:  # damaged data: the index is what could be read
         return columns, True
     return columns, False
@@ -161,19 +166,21 @@ def _declared_fps(stream) -> float | None:
 
 def build_index(raw_pts: np.ndarray, raw_dts: np.ndarray, pos: np.ndarray, durations: np.ndarray,
                 keyframe: np.ndarray, time_base: Fraction, fps: float | None, uri: str,
-                truncated: bool = False) -> FrameIndex:
+                truncated: bool = False, hidden: np.ndarray | None = None) -> FrameIndex:
     """Check and repair the packets' timestamps (module docstring) and build the index."""
     repairs: list[str] = []
     frame = _frame_ticks(raw_pts, time_base, fps)
     pts = _fill_missing(raw_pts, raw_dts, frame, repairs)
     pts = _splice_discontinuities(pts, frame, time_base, repairs)
     pts = _unique(pts, repairs)
-    last = int(np.argmax(pts))
+    shown = pts if hidden is None or hidden.all() else np.where(hidden, np.iinfo(np.int64).min, pts)
+    last = int(np.argmax(shown))  # the end of the last frame shown
     last_duration = int(durations[last]) if 0 < durations[last] <= 10 * frame else frame
     end = int(pts[last]) + last_duration
     fps = fps or (len(pts) / max((end - int(pts.min())) * float(time_base), 1e-9))
     try:
-        return FrameIndex(time_base, pts, keyframe, raw_pts, raw_dts, pos, end, fps, repairs, truncated)
+        return FrameIndex(time_base, pts, keyframe, raw_pts, raw_dts, pos, end, fps, repairs, truncated,
+                          None if hidden is None or not hidden.any() else hidden)
     except ValueError as e:
         raise MediaOpenError(uri, f"broken timestamps: {e}") from e
 

@@ -170,3 +170,16 @@ def test_absurd_span_is_refused_with_the_reason():
 def test_n_clips_fits_int32():
     assert n_clips_for(1e300) == MAX_CLIPS == 2**31 - 1
     assert n_clips_for(float("nan")) == 0 and n_clips_for(-5.0) == 0
+
+
+def test_an_edit_list_hides_its_pre_roll(media_dir, tmp_path):
+    """An MP4 stream-copied from 1.3 s keeps the GOP's earlier frames behind an edit list: the
+    film's t = 0 is the first frame a player shows (original 1.32 s), not the hidden keyframe."""
+    src = make_film(media_dir / "edit-list-source.mp4", duration_s=8.0, extra_args=("-bf", "2", "-g", "50"))
+    cut = str(tmp_path / "cut.mp4")
+    run_ffmpeg(["-ss", "1.3", "-i", src, "-c", "copy", cut])
+    info = probe(cut)
+    assert info.duration_s == pytest.approx(6.68, abs=0.05) and info.n_clips == 7
+    for clip in iter_clips(cut, size=16):  # clip i's still at i + 0.5 s shows original second i + 1.82
+        expected = colour_of_second(int(clip.index + 1.82))
+        assert np.abs(clip.frames[0, 8, 8].astype(int) - expected).max() < 40, clip.index
