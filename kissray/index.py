@@ -31,6 +31,8 @@ MAX_FRAME_GAP_S = 60.0  # no frame for this long (in decode order) is a timestam
 REORDER_FRAMES = 16  # B-frame reordering moves a pts at most this many frames from decode order
 MIN_FPS, MAX_FPS = 0.1, 1000.0  # frame rates a container may declare and be believed
 NOPTS = np.iinfo(np.int64).min  # a missing timestamp in the raw arrays
+TRUNCATION_MIN_S = 2.0  # video this much (and 10 %) shorter than the container declares: maybe cut short
+TAIL_PROBE_S, TAIL_PROBE_PACKETS = 10.0, 2000  # how far before the declared end, and how much, is read to check
 
 
 @dataclass
@@ -118,10 +120,11 @@ def read_index(path: str, uri: str) -> FrameIndex:
         if not columns[0]:
             raise MediaOpenError(uri, "no video packets")
         declared_frames = stream.frames or 0
+        declared_s = container.duration / 1e6 if container.duration else None
         fps = _declared_fps(stream)
         time_base = stream.time_base
     pts, dts, pos, durations = (np.array(c, np.int64) for c in columns[:4])
-    truncated = truncated or declared_frames > len(pts)
+    truncated = truncated or declared_frames > len(pts) or _cut_short(path, declared_s, pts, time_base)
     return build_index(pts, dts, pos, durations, np.array(columns[4], bool), Fraction(time_base), fps, uri,
                        truncated, hidden=np.array(columns[5], bool))
 
@@ -138,8 +141,8 @@ def only_first_video(container):
 
 
 def _demux(container, stream) -> tuple[tuple[list, ...], bool]:
-    """Lists of pts, dts, pos, duration, keyframe of the non-empty video packets; True if reading
-    broke off (one Python list per column: ~1 s for the 180,000 packets of a 2-hour film)."""
+    """Lists of pts, dts, pos, duration, keyframe, hidden of the non-empty video packets; True if
+    reading broke off (one Python list per column: ~1 s for the 180,000 packets of a 2-hour film)."""
     import av
 
     columns = pts, dts, pos, durations, keyframes, hidden = [], [], [], [], [], []
@@ -155,6 +158,38 @@ def _demux(container, stream) -> tuple[tuple[list, ...], bool]:
     except av.FFmpegError:  # damaged data: the index is what could be read
         return columns, True
     return columns, False
+
+
+def _cut_short(path: str, declared_s: float | None, pts: np.ndarray, time_base) -> bool:
+    """True when the container declares much more than its video has and no stream has data near
+    the declared end: a file cut short (e.g. an interrupted Matroska download, whose demuxer reports
+    no error). Video that ends before the audio is not cut short: the audio reaches the end."""
+    known = pts[pts != NOPTS]
+    if declared_s is None or not np.isfinite(declared_s) or not len(known):
+        return False
+    missing_s = declared_s - float((known.max() - known.min()) * time_base)
+    if missing_s <= max(TRUNCATION_MIN_S, 0.1 * declared_s):
+        return False
+    return _data_end_s(path, declared_s) < declared_s - missing_s / 2
+
+
+def _data_end_s(path: str, declared_s: float) -> float:
+    """Where the data of any stream ends (seconds from the container's start), read near the end."""
+    import av
+
+    end_s = 0.0
+    with av.open(path, metadata_errors="ignore") as container:
+        start_s = container.start_time / 1e6 if container.start_time else 0.0
+        try:
+            container.seek(int((start_s + max(0.0, declared_s - TAIL_PROBE_S)) * 1e6), any_frame=True)
+            for n, packet in enumerate(container.demux()):
+                if packet.pts is not None and packet.time_base:
+                    end_s = max(end_s, float((packet.pts + (packet.duration or 0)) * packet.time_base) - start_s)
+                if n >= TAIL_PROBE_PACKETS:
+                    break
+        except av.FFmpegError:
+            pass  # what was read is the evidence
+    return end_s
 
 
 def _declared_fps(stream) -> float | None:

@@ -183,3 +183,23 @@ def test_an_edit_list_hides_its_pre_roll(media_dir, tmp_path):
     for clip in iter_clips(cut, size=16):  # clip i's still at i + 0.5 s shows original second i + 1.82
         expected = colour_of_second(int(clip.index + 1.82))
         assert np.abs(clip.frames[0, 8, 8].astype(int) - expected).max() < 40, clip.index
+
+
+def test_a_matroska_file_cut_short_is_partial_and_a_short_video_track_is_not(media_dir, tmp_path):
+    """An interrupted Matroska download declares its whole duration but its data stops (the demuxer
+    reports no error): the missing seconds are reported. Video that simply ends before the audio is
+    a whole film of the video's length."""
+    full = make_film(media_dir / "cut-short-source.mkv", duration_s=20.0)
+    data = open(full, "rb").read()
+    (tmp_path / "cut.mkv").write_bytes(data[: len(data) * 6 // 10])
+    cut = probe(str(tmp_path / "cut.mkv"))
+    assert cut.duration_s == pytest.approx(20.0, abs=0.1) and cut.n_clips == 20
+    clips = []
+    with pytest.raises(Exception, match="truncated or damaged"):
+        for clip in iter_clips(str(tmp_path / "cut.mkv"), size=16):
+            clips.append(clip.index)
+    assert 0 < len(clips) < 20 and clips == list(range(len(clips)))
+    short_video = str(tmp_path / "short-video.mkv")
+    run_ffmpeg(["-i", full, "-t", "4", "-i", full, "-map", "1:v", "-map", "0:a", "-c", "copy", short_video])
+    info = probe(short_video)
+    assert info.n_clips == 4 and len(list(iter_clips(short_video, size=16))) == 4
