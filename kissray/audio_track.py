@@ -35,6 +35,7 @@ class AudioTrack:
         self._buf_start = first_sample  # timeline sample index of _buf[0]
         self.failed = False
         self._exhausted = False
+        self._decoded_any = False  # some audio came out of the decoder
         self._chunks = self._decode(first_sample)
         self._held: tuple[int | None, np.ndarray] | None = None  # a decoded chunk that starts after the last read
         self._shift = 0  # samples added to timestamps after discontinuities (kissray.index splices video alike)
@@ -96,9 +97,12 @@ class AudioTrack:
             except StopIteration:  # the audio ended: the rest is zeros, still has_audio
                 self._exhausted = True
                 break
-            except Exception:  # undecodable audio: the rest of the film is silence
-                self.failed = True
+            except Exception:  # damaged audio: the rest of the film is silence
+                # after audio decoded (a file cut short, a damaged tail) the audio stopped, as at
+                # its end; audio that never decoded is no audio (has_audio = false)
+                self._exhausted, self.failed = self._decoded_any, not self._decoded_any
                 break
+            self._decoded_any = True
             placed, used = self._place(at, end, b, samples)
             self._held = None if used else (at, samples)
             pending.append(placed)
