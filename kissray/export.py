@@ -108,20 +108,21 @@ class FilmClock:
 
 
 def probe_film_clock(uri: str) -> FilmClock:
-    """Frame rate and start timecode of the film at ``uri`` (any fsspec URI; reads the header only)."""
+    """Frame rate (from :func:`kissray.media.probe`, the decoder's own index) and start timecode
+    (the container's ``timecode`` tag) of the film at ``uri`` (any fsspec URI)."""
     import av
     import fsspec
 
+    from kissray.media import probe
+
+    rate = snap_rate(probe(uri).fps)  # raises MediaError for a film that cannot be opened
     try:
-        with fsspec.open(uri, "rb") as f, av.open(f) as container:
+        with fsspec.open(uri, "rb") as f, av.open(f, metadata_errors="ignore") as container:
             video = container.streams.video[0]
-            measured = video.average_rate or video.guessed_rate or video.base_rate
-            rate = snap_rate(measured)
             tag = video.metadata.get("timecode") or container.metadata.get("timecode")
-            start = timecode_to_frames(tag, rate) if tag else 0
     except (OSError, ValueError, IndexError, TypeError, av.error.FFmpegError) as e:
-        raise MediaOpenError(uri, f"cannot read the frame rate: {e}") from e
-    return FilmClock(rate, start)
+        raise MediaOpenError(uri, f"cannot read the container: {e}") from e
+    return FilmClock(rate, timecode_to_frames(tag, rate) if tag else 0)
 
 
 def edl_text(title_id: str, uri: str, segments: pd.DataFrame, clock: FilmClock, has_audio: bool = True) -> str:
