@@ -44,7 +44,7 @@ def start_app(checkpoint: str, args) -> str:
 
     from kissray.serve import ServeConfig, build_app
 
-    ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = ServeConfig(model=checkpoint, classifier_cpus=args.classifier_cpus, num_gpus=args.num_gpus,

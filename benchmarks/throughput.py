@@ -165,7 +165,7 @@ def start_ray(num_cpus: int) -> float:
     import ray
 
     start = time.perf_counter()
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
