@@ -339,14 +339,19 @@ def main() -> int:
         protocol.flush()
 
     for line in sys.stdin.buffer:
+        request = json.loads(line)
+
+        def fail(kind: str, reason: str) -> None:  # errors name the user's film, never a staged copy
+            send({"type": "error", "error": kind, "reason": reason.replace(request["path"], request["uri"])}, b"")
+
         try:
-            _serve(json.loads(line), send, indexes)
+            _serve(request, send, indexes)
         except BrokenPipeError:
             return 0
         except MediaError as e:
-            send({"type": "error", "error": type(e).__name__, "reason": e.reason}, b"")
+            fail(type(e).__name__, e.reason)
         except Exception as e:  # anything else is a decode failure of this film, never a traceback
-            send({"type": "error", "error": "DecodeError", "reason": f"{type(e).__name__}: {short_reason(e)}"}, b"")
+            fail("DecodeError", f"{type(e).__name__}: {short_reason(e)}")
     return 0
 
 

@@ -327,3 +327,16 @@ def test_keyframe_stills(film):
         np.testing.assert_array_equal(a.log_mel, b.log_mel)
     with pytest.raises(ValueError, match="stills must be one of"):
         list(iter_clips(film, stills="nearest"))
+
+
+def test_errors_name_the_users_uri_not_a_staged_copy():
+    """A remote film is staged to a temp file for the decoder; its error still names the URI."""
+    import fsspec
+
+    from kissray.errors import MediaOpenError
+    from kissray.media import probe
+
+    fsspec.filesystem("memory").pipe("/films/zero.mp4", b"")
+    with pytest.raises(MediaOpenError) as caught:
+        probe("memory://films/zero.mp4")
+    assert "memory://films/zero.mp4" in str(caught.value.reason) and "kissray-stage" not in str(caught.value)
