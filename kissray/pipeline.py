@@ -206,14 +206,13 @@ def run_library(job: LibraryJob, *, params: SegmentParams = SegmentParams(), win
                 batch_size: int = DEFAULT_BATCH_SIZE, max_actors: int | None = None,
                 num_gpus_per_actor: float | None = None, decode_timeout_s: float = DEFAULT_DECODE_TIMEOUT_S,
                 frames_per_clip: int | None = None, stills: str = "exact", progress: bool = True,
-                max_attempts: int = MAX_ATTEMPTS, faults: FaultPlan = NO_FAULTS,
-                num_actors: int | None = None) -> LibrarySummary:
+                max_attempts: int = MAX_ATTEMPTS, faults: FaultPlan = NO_FAULTS) -> LibrarySummary:
     """Run a prepared job on the current Ray; returns once every title has its ``titles`` row.
 
     ``window_s``: most seconds of a local film per decode task (films are cut into windows only
-    when there are fewer than 4 titles to do per CPU; a short film is cut into fewer, longer
-    windows, at least 30 s); ``max_actors`` (alias ``num_actors``): most classifier actors (GPU:
-    unbounded, CPU: one per 4 CPUs); ``num_gpus_per_actor``: default 1 when the cluster has or
+    when there are fewer than 4 titles to do per CPU, into about as many windows as the cluster
+    decodes at once, at least 30 s each); ``max_actors``: most classifier actors (GPU: unbounded,
+    CPU: one per 4 CPUs); ``num_gpus_per_actor``: default 1 when the cluster has or
     can add GPUs; ``frames_per_clip``: default the checkpoint's; ``stills``: exact | keyframe;
     ``decode_timeout_s``: a window whose decoder makes no progress this long fails;
     ``faults``: test-only fault injection.
@@ -225,7 +224,7 @@ def run_library(job: LibraryJob, *, params: SegmentParams = SegmentParams(), win
     summary = LibrarySummary(n_titles=len(job.titles), n_skipped=len(job.titles) - len(job.todo))
     job = replace(job, stills=stills)
     if job.todo:
-        pool = plan_pool(num_gpus_per_actor, max_actors or num_actors)
+        pool = plan_pool(num_gpus_per_actor, max_actors)
         if progress:
             print(f"kissray score: {len(job.todo)} title(s) to score; {pool.describe()}", file=sys.stderr)
         log.info("%s", pool.describe())

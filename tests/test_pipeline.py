@@ -62,7 +62,7 @@ def library(tmp_path_factory, media_dir, checkpoint, ray_session):
     films["missing"] = str(root / "films" / "missing.mp4")
     out = root / "out"
     summary = score_library([str(root / "films"), films["missing"]], checkpoint, str(out), params=PARAMS,
-                            window_s=WINDOW_S, batch_size=5, num_actors=2, decode_timeout_s=20, progress=False)
+                            window_s=WINDOW_S, batch_size=5, max_actors=2, decode_timeout_s=20, progress=False)
     return films, out, summary
 
 
