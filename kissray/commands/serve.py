@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from kissray.defaults import STILLS_MODES
+
 # option name -> ServeConfig field; unset options keep ServeConfig's defaults (one place for them)
 PASSED_AS_IS = ("replicas", "ingress_replicas", "max_batch_size", "num_gpus", "max_upload_mb", "max_film_s",
                 "request_timeout_s", "max_concurrent_decodes", "ingress_cpus", "stills")
@@ -51,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a request running longer is abandoned with 504 (default 3600)")
     p.add_argument("--upload-dir", default=None,
                    help="where uploads, staged URI objects and decoder scratch files go (default: system temp)")
-    p.add_argument("--stills", choices=("exact", "keyframe"), default=None,
+    p.add_argument("--stills", choices=STILLS_MODES, default=None,
                    help="exact: the frame at each still time (default); keyframe: the last keyframe before it")
     p.set_defaults(func=run)
 
