@@ -47,6 +47,31 @@ def make_film(path: str | Path, duration_s: float = 5.0, fps: str = "25", size=(
                       extra_args=extra_args, **kwargs)
 
 
+_S3_PORT = None  # the test S3 server's port: chosen (and the AWS variables set) before anything starts Ray
+
+
+def pytest_configure(config):
+    """Point every S3 client of this session (Ray workers and decoder children included: they
+    inherit the environment) at the test S3 server, started on first use by the ``s3`` fixture."""
+    global _S3_PORT
+    from s3_server import environment, free_port
+
+    _S3_PORT = free_port()
+    os.environ.update(environment(_S3_PORT))
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """moto's S3 server on 127.0.0.1 (a real S3 API: multipart uploads, listings, copy + delete),
+    with a ``films`` bucket; ``s3.bytes_down`` counts the bytes it has sent to clients."""
+    from s3_server import S3Server
+
+    server = S3Server(_S3_PORT).start()
+    server.make_bucket("films")
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def media_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("media")
