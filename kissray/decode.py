@@ -33,6 +33,7 @@ from kissray.audio_track import AudioTrack  # noqa: E402
 from kissray.errors import DecodeError, MediaError, MediaOpenError, TooShortError  # noqa: E402
 from kissray.index import MAX_DURATION_S, FrameIndex, index_from_times, read_index  # noqa: E402
 from kissray.media import STILLS_MODES, Clip, MediaInfo, n_clips_for  # noqa: E402
+from kissray.remote import Film, NotRangeReadable, RangeSource, local_file, open_container  # noqa: E402
 from kissray.stills import SparseStills, StillDecodeError, Unvouched  # noqa: E402
 
 CLIP_GROUP = 32  # clips decoded together: one batched log-mel FFT, one decord get_batch
@@ -57,11 +58,11 @@ def short_reason(error: BaseException) -> str:
     return text[:300]
 
 
-def _inspect_container(path: str, uri: str) -> _Container:
+def _inspect_container(path, uri: str) -> _Container:
     import av
 
     try:
-        with av.open(path, metadata_errors="ignore") as container:
+        with open_container(path, "index") as container:
             if not container.streams.video:
                 kind = "audio-only file" if container.streams.audio else "no video stream"
                 raise MediaOpenError(uri, f"not a video: {kind}")
@@ -77,14 +78,14 @@ def _inspect_container(path: str, uri: str) -> _Container:
         raise MediaOpenError(uri, f"not a readable media file ({short_reason(e)})") from e
 
 
-def _open_decord(path: str, size: int | None, threads: int):
+def _open_decord(path, size: int | None, threads: int):
     import decord
 
     resize = {"width": size, "height": size} if size else {}
-    return decord.VideoReader(path, ctx=decord.cpu(0), num_threads=threads, **resize)
+    return decord.VideoReader(local_file(path), ctx=decord.cpu(0), num_threads=threads, **resize)
 
 
-def _decord_index(path: str, uri: str, pyav_error: MediaOpenError) -> tuple[_Container, FrameIndex]:
+def _decord_index(path, uri: str, pyav_error: MediaOpenError) -> tuple[_Container, FrameIndex]:
     """When PyAV cannot read the container but decord can read the video: its index, under the
     same checks as the packets' (kissray.index), and no audio."""
     try:
@@ -102,29 +103,38 @@ def _decord_index(path: str, uri: str, pyav_error: MediaOpenError) -> tuple[_Con
 
 class IndexCache:
     """The last film's index, kept by a decoder child: the windows of one film go to one child
-    in turn, and reading the index demuxes the whole film."""
+    in turn, and reading the index demuxes the whole film. ``source``: the last remote film's
+    byte-range reader, reused (with its cached metadata) by the next window of the same film."""
 
     def __init__(self):
         self._key, self._value = None, None
+        self.source: RangeSource | None = None
 
-    def get(self, path: str, uri: str) -> tuple[_Container, FrameIndex, bool]:
-        """(container, index, decord_only) of the local film at ``path``."""
-        stat = os.stat(path)
-        key = (path, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    def get(self, path, uri: str) -> tuple[_Container, FrameIndex, bool]:
+        """(container, index, decord_only) of the film at ``path`` (a local path or a Film)."""
+        if isinstance(path, str):
+            stat = os.stat(path)
+            key = (path, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        else:
+            key = path.key
         if key != self._key:
             self._key, self._value = None, _read(path, uri)
             self._key = key
         return self._value
 
 
-def _read(path: str, uri: str) -> tuple[_Container, FrameIndex, bool]:
+def _read(path, uri: str) -> tuple[_Container, FrameIndex, bool]:
     try:
         container = _inspect_container(path, uri)
     except MediaOpenError as e:
         if "not a video" in e.reason:
             raise
         return (*_decord_index(path, uri, e), True)  # PyAV refused (e.g. a broken audio config)
-    return container, read_index(path, uri), False
+    try:
+        return container, read_index(path, uri), False
+    except NotRangeReadable as e:  # a remote film whose index is not in its metadata alone: read it whole
+        path.stage(str(e))
+        return _read(path, uri)
 
 
 class VideoTrack:
@@ -137,7 +147,7 @@ class VideoTrack:
     and counts it. A decode error libavcodec reports is that clip's gap, never a fallback.
     """
 
-    def __init__(self, path: str, uri: str, index: FrameIndex, size: int | None, threads: int = 0,
+    def __init__(self, path, uri: str, index: FrameIndex, size: int | None, threads: int = 0,
                  stills: str = "exact", decord_only: bool = False,
                  on_fallback: Callable[[str, str, int], None] | None = None):
         if stills not in STILLS_MODES:
@@ -222,11 +232,12 @@ class VideoTrack:
                 reader = _open_decord(self._path, self._size, 1)
 
 
-def decode_clips(path: str, uri: str, start: int = 0, stop: int | None = None, *,
+def decode_clips(path, uri: str, start: int = 0, stop: int | None = None, *,
                  frames_per_clip: int = 1, size: int = 224, threads: int = 0, stills: str = "exact",
                  indexes: IndexCache | None = None,
                  on_fallback: Callable[[str, str, int], None] | None = None) -> tuple[MediaInfo, Iterator[Clip]]:
-    """Open a local film; return its MediaInfo and an iterator over clips ``[start, stop)``.
+    """Open a film (a local path, or a :class:`kissray.remote.Film`); return its MediaInfo and an
+    iterator over clips ``[start, stop)``.
 
     The iterator yields a :class:`DecodeError` in place of a clip that cannot be decoded. A file
     whose container lists more than can be read (typically truncated) delivers the clips of the
@@ -271,7 +282,7 @@ def _then_truncated(clips: Iterator[Clip], uri: str, readable_clips: int, stop: 
                                f"{declared_s:.1f} s could be decoded")
 
 
-def _clips(video: VideoTrack, container: _Container, path: str, start: int, stop: int,
+def _clips(video: VideoTrack, container: _Container, path, start: int, stop: int,
            frames_per_clip: int) -> Iterator[Clip]:
     if stop <= start:
         return
@@ -286,9 +297,10 @@ def _clips(video: VideoTrack, container: _Container, path: str, start: int, stop
     try:
         for group in range(start, stop, CLIP_GROUP):
             group_stop = min(group + CLIP_GROUP, stop)
+            # stills first: a remote film's audio samples then come from the blocks the video read
+            group_stills = [next(stills) for _ in range(group, group_stop)]
             log_mels, has_audio = _group_log_mels(audio, group, group_stop)
-            for i in range(group, group_stop):
-                frames = next(stills)
+            for i, frames in zip(range(group, group_stop), group_stills):
                 if isinstance(frames, DecodeError):
                     yield frames  # a gap: the caller records it and goes on
                 else:
@@ -308,11 +320,22 @@ def _group_log_mels(audio: AudioTrack | None, start: int, stop: int) -> tuple[np
     return clip_log_mels(samples, start, stop - start, offset_samples=first), not audio.failed
 
 
-def _serve(request: dict, send: Callable[[dict, bytes], None], indexes: IndexCache) -> None:
+def _serve(request: dict, send: Callable[[dict, bytes], None], indexes: IndexCache, film: list) -> None:
+    """One request. ``film`` gets the :class:`Film` of a remote request (its local copy, if one
+    is staged, is named in errors as the user's URI)."""
     def fell_back(to: str, reason: str, n_clips: int) -> None:
         send({"type": "fallback", "to": to, "reason": reason, "clips": n_clips}, b"")
 
-    info, clips = decode_clips(request["path"], request["uri"], request["start"], request["stop"],
+    def staging(n_bytes: int) -> None:  # a heartbeat: a long copy is not a hung decoder
+        send({"type": "staging", "bytes": n_bytes}, b"")
+
+    path = request["path"]
+    if path is None:  # a remote film, read by ranges (or staged once per node)
+        path = Film(request["uri"], previous=indexes.source, on_progress=staging,
+                    on_stage=lambda why: fell_back("a staged copy", why, 0))
+        film.append(path)
+        indexes.source = path.source
+    info, clips = decode_clips(path, request["uri"], request["start"], request["stop"],
                                frames_per_clip=request["frames_per_clip"], size=request["size"],
                                threads=request["threads"], stills=request.get("stills", "exact"),
                                indexes=indexes, on_fallback=fell_back)
@@ -323,7 +346,7 @@ def _serve(request: dict, send: Callable[[dict, bytes], None], indexes: IndexCac
             continue
         payload = clip.frames.tobytes() + np.ascontiguousarray(clip.log_mel, np.float32).tobytes()
         send({"type": "clip", "index": clip.index, "has_audio": clip.has_audio}, payload)
-    send({"type": "end"}, b"")
+    send({"type": "end", "bytes_read": film[0].bytes_read if film else 0}, b"")
 
 
 def main() -> int:
@@ -340,18 +363,24 @@ def main() -> int:
 
     for line in sys.stdin.buffer:
         request = json.loads(line)
+        film: list[Film] = []
 
         def fail(kind: str, reason: str) -> None:  # errors name the user's film, never a staged copy
-            send({"type": "error", "error": kind, "reason": reason.replace(request["path"], request["uri"])}, b"")
+            for local in [request["path"]] + [f.path for f in film]:
+                reason = reason.replace(local, request["uri"]) if local else reason
+            send({"type": "error", "error": kind, "reason": reason}, b"")
 
         try:
-            _serve(request, send, indexes)
+            _serve(request, send, indexes, film)
         except BrokenPipeError:
             return 0
         except MediaError as e:
             fail(type(e).__name__, e.reason)
         except Exception as e:  # anything else is a decode failure of this film, never a traceback
             fail("DecodeError", f"{type(e).__name__}: {short_reason(e)}")
+        finally:
+            for f in film:
+                f.close()
     return 0
 
 

@@ -25,6 +25,7 @@ from fractions import Fraction
 import numpy as np
 
 from kissray.errors import MediaOpenError
+from kissray.remote import open_container
 
 MAX_DURATION_S = 7 * 24 * 3600.0  # longer than any film: a timeline beyond this is broken metadata
 MAX_FRAME_GAP_S = 60.0  # no frame for this long (in decode order) is a timestamp discontinuity
@@ -104,12 +105,14 @@ class FrameIndex:
         return int(hits[0]) if len(hits) == 1 else None
 
 
-def read_index(path: str, uri: str) -> FrameIndex:
-    """Demux the first video stream of a local film (no decoding) and build its checked index."""
+def read_index(path, uri: str) -> FrameIndex:
+    """Demux the first video stream of a film (no decoding) and build its checked index.
+    ``path``: a local file, or a :class:`kissray.remote.Film` (a remote MP4's packets are listed
+    from its ``moov`` with the media data blanked, then the first ones checked against their bytes)."""
     import av
 
     try:
-        container = av.open(path, metadata_errors="ignore")
+        container = open_container(path, "index")
     except av.FFmpegError as e:
         raise MediaOpenError(uri, f"not a readable media file ({e})") from e
     with container:
@@ -123,6 +126,8 @@ def read_index(path: str, uri: str) -> FrameIndex:
         declared_s = container.duration / 1e6 if container.duration else None
         fps = _declared_fps(stream)
         time_base = stream.time_base
+    if getattr(path, "source", None) is not None:
+        _check_blanked(path, columns)
     pts, dts, pos, durations = (np.array(c, np.int64) for c in columns[:4])
     truncated = truncated or declared_frames > len(pts) or _cut_short(path, declared_s, pts, time_base)
     return build_index(pts, dts, pos, durations, np.array(columns[4], bool), Fraction(time_base), fps, uri,
@@ -140,14 +145,16 @@ def only_first_video(container):
     return video
 
 
-def _demux(container, stream) -> tuple[tuple[list, ...], bool]:
-    """Lists of pts, dts, pos, duration, keyframe, hidden of the non-empty video packets; True if
-    reading broke off (one Python list per column: ~1 s for the 180,000 packets of a 2-hour film)."""
+def _demux(container, stream, limit: int | None = None) -> tuple[tuple[list, ...], bool]:
+    """Lists of pts, dts, pos, duration, keyframe, hidden of the non-empty video packets (the first
+    ``limit``); True if reading broke off (one list per column: ~1 s for a 2-hour film's 180,000 packets)."""
     import av
 
     columns = pts, dts, pos, durations, keyframes, hidden = [], [], [], [], [], []
     try:
         for packet in container.demux(stream):
+            if limit is not None and len(pts) >= limit:
+                break
             if packet.size:
                 pts.append(NOPTS if packet.pts is None else packet.pts)
                 dts.append(NOPTS if packet.dts is None else packet.dts)
@@ -160,7 +167,22 @@ def _demux(container, stream) -> tuple[tuple[list, ...], bool]:
     return columns, False
 
 
-def _cut_short(path: str, declared_s: float | None, pts: np.ndarray, time_base) -> bool:
+def _check_blanked(film, columns: tuple[list, ...]) -> None:
+    """Compare the first packets listed with the media data blanked with the same packets demuxed
+    with their bytes: a demuxer that parses the data (not only ``moov``) lists other packets, and
+    then the film must be read whole (raises :class:`kissray.remote.NotRangeReadable`)."""
+    import av
+
+    from kissray.remote import CHECKED_PACKETS, NotRangeReadable
+
+    listed = list(zip(*(column[:CHECKED_PACKETS] for column in columns[:5])))
+    with open_container(film, "ranges") as container:
+        real, _ = _demux(container, only_first_video(container), limit=len(listed))
+    if list(zip(*real[:5])) != listed:
+        raise NotRangeReadable("the packets listed without the media data are not the packets in it")
+
+
+def _cut_short(path, declared_s: float | None, pts: np.ndarray, time_base) -> bool:
     """True when the container declares much more than its video has and no stream has data near
     the declared end: a file cut short (e.g. an interrupted Matroska download, whose demuxer reports
     no error). Video that ends before the audio is not cut short: the audio reaches the end."""
@@ -173,12 +195,12 @@ def _cut_short(path: str, declared_s: float | None, pts: np.ndarray, time_base) 
     return _data_end_s(path, declared_s) < declared_s - missing_s / 2
 
 
-def _data_end_s(path: str, declared_s: float) -> float:
+def _data_end_s(path, declared_s: float) -> float:
     """Where the data of any stream ends (seconds from the container's start), read near the end."""
     import av
 
     end_s = 0.0
-    with av.open(path, metadata_errors="ignore") as container:
+    with open_container(path, "index") as container:
         start_s = container.start_time / 1e6 if container.start_time else 0.0
         try:
             container.seek(int((start_s + max(0.0, declared_s - TAIL_PROBE_S)) * 1e6), any_frame=True)

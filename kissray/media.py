@@ -30,6 +30,7 @@ import numpy as np
 
 from kissray.defaults import DECODE_TIMEOUT_S, IMAGE_SIZE_PX, STILLS_MODES
 from kissray.errors import ERRORS_BY_NAME, DecodeError, DecodeTimeoutError, MediaError, MediaOpenError
+from kissray.remote import is_remote
 from kissray.uris import is_local_fs
 
 DEFAULT_SIZE = IMAGE_SIZE_PX  # ResNet-18 input, pixels (square)
@@ -171,6 +172,7 @@ class ClipReader:
         self.timeout_s = float(timeout_s)
         self.info: MediaInfo | None = None
         self.n_delivered = 0
+        self.bytes_read = 0  # bytes of a remote film fetched by range reads (0 for local films)
         self.gaps: list[str] = []  # reasons for clips skipped because they could not be decoded
         self._stack = contextlib.ExitStack()
         self._child: _DecoderProcess | None = None
@@ -178,10 +180,14 @@ class ClipReader:
 
     def __enter__(self) -> "ClipReader":
         try:
-            path = self._stack.enter_context(local_path(self.uri))
-            self._child = DECODERS.start(self.uri, {**self.request, "path": path, "uri": self.uri})
+            if is_remote(self.uri):  # the child reads it by ranges (or stages it once per node)
+                path, pool = None, REMOTE_DECODERS
+            else:
+                path, pool = self._stack.enter_context(local_path(self.uri)), DECODERS
+            self._pool = pool
+            self._child = pool.start(self.uri, {**self.request, "path": path, "uri": self.uri})
             self._stack.callback(self._release)
-            header, _ = self._child.receive(self.timeout_s * OPEN_TIMEOUT_FACTOR, opening=True)
+            header, _ = self._next(self.timeout_s * OPEN_TIMEOUT_FACTOR, opening=True)
             self.info = MediaInfo(**header["info"])
             if self.info.repairs:
                 log.warning("%s: timestamps repaired from the packets: %s", self.uri, self.info.repairs)
@@ -200,26 +206,35 @@ class ClipReader:
         if not clean and self.info is not None and self.request["stop"] is not None \
                 and self.request["stop"] <= self.request["start"]:
             try:
-                clean = self._child.receive(self.timeout_s)[0]["type"] == "end"
+                header = self._next(self.timeout_s)[0]
+                clean, self.bytes_read = header["type"] == "end", header.get("bytes_read", 0)
             except MediaError:
                 clean = False
-        DECODERS.release(self._child, clean)
+        self._pool.release(self._child, clean)
+
+    def _next(self, timeout_s: float, opening: bool = False) -> tuple[dict, bytes]:
+        """The child's next message that is not a note: notes are logged (fallbacks, naming the
+        film) or restart the clock (a remote film being staged)."""
+        while True:
+            header, payload = self._child.receive(timeout_s, opening)
+            if header["type"] == "staging":
+                continue
+            if header["type"] != "fallback":
+                return header, payload
+            self.fallbacks += header["to"] == "decord"  # the sparse decoder could not vouch for a still
+            what = f"{header['clips']} clip(s) decoded by" if header["clips"] else "reading"
+            log.warning("%s: %s %s instead (%s)", self.uri, what, header["to"], header["reason"])
 
     def __iter__(self) -> Iterator[Clip]:
         k, size = self.request["frames_per_clip"], self.request["size"]
         frame_bytes = k * size * size * 3
         while True:
-            header, payload = self._child.receive(self.timeout_s)
+            header, payload = self._next(self.timeout_s)
             if header["type"] == "gap":  # one undecodable clip: go on, report at the end
                 self.gaps.append(header["reason"])
                 continue
-            if header["type"] == "fallback":  # the sparse decoder could not vouch for a still
-                self.fallbacks += header["to"] == "decord"
-                log.warning("%s: %d clip(s) decoded by %s instead (%s)", self.uri, header["clips"], header["to"],
-                            header["reason"])
-                continue
             if header["type"] == "end":
-                self._ended = True
+                self._ended, self.bytes_read = True, header.get("bytes_read", 0)
                 if self.gaps:
                     raise DecodeError(self.uri, f"{len(self.gaps)} clip(s) could not be decoded "
                                                 f"(first: {self.gaps[0]})")
@@ -238,8 +253,10 @@ class DecoderPool:
     mid-request is killed. Children exit by themselves when this process goes (stdin closes).
     """
 
-    def __init__(self, max_idle: int = MAX_IDLE_DECODERS, max_requests: int = MAX_REQUESTS_PER_DECODER):
+    def __init__(self, max_idle: int = MAX_IDLE_DECODERS, max_requests: int = MAX_REQUESTS_PER_DECODER,
+                 env=None):
         self.max_idle, self.max_requests = max_idle, max_requests
+        self.env = env or decoder_env
         self._idle: list[_DecoderProcess] = []
         self._lock = threading.Lock()
 
@@ -248,7 +265,7 @@ class DecoderPool:
         while True:
             with self._lock:
                 idle = self._idle.pop() if self._idle else None
-            child = idle or _DecoderProcess()
+            child = idle or _DecoderProcess(self.env())
             try:
                 child.send_request(uri, request)
                 return child
@@ -274,9 +291,11 @@ class DecoderPool:
             child.close()
 
 
-# What the decoder child may see of its parent's environment: Python, the loader, locale, temp dir,
-# thread pools and the ffmpeg binary. Nothing else: it reads only a local file, so it needs no
-# cloud credentials or API keys, and a library exploited by a crafted film finds none.
+# What a decoder child of a local file may see of its parent's environment: Python, the loader,
+# locale, temp dir, thread pools and the ffmpeg binary. Nothing else: it reads only a local file,
+# so it needs no cloud credentials or API keys, and a library exploited by a crafted film finds none
+# (Serve's uploads and the URIs it stages itself are local files). A child that reads a remote film
+# itself (REMOTE_DECODERS) has the parent's whole environment: it reaches the store as the parent does.
 DECODER_ENV_KEYS = ("PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "LD_LIBRARY_PATH", "VIRTUAL_ENV",
                     "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                     "NUMEXPR_NUM_THREADS", "KISSRAY_FFMPEG", "IMAGEIO_FFMPEG_EXE")
@@ -289,15 +308,20 @@ def decoder_env(environ=os.environ) -> dict[str, str]:
     return {**env, "PYTHONUNBUFFERED": "1"}
 
 
+def remote_decoder_env(environ=os.environ) -> dict[str, str]:
+    """The environment of a child that reads remote films itself: all of ``environ``."""
+    return {**environ, "PYTHONUNBUFFERED": "1"}
+
+
 class _DecoderProcess:
     """One ``python -m kissray.decode`` child, speaking the framed protocol of :mod:`kissray.decode`."""
 
-    def __init__(self):
+    def __init__(self, env: dict[str, str]):
         self.uri, self.requests = "", 0
         self._buf = bytearray()
         self._stderr = tempfile.TemporaryFile()
         self._proc = subprocess.Popen([sys.executable, "-m", "kissray.decode"], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, stderr=self._stderr, env=decoder_env(), bufsize=0)
+                                      stdout=subprocess.PIPE, stderr=self._stderr, env=env, bufsize=0)
 
     def alive(self) -> bool:
         return self._proc.poll() is None
@@ -364,5 +388,7 @@ class _DecoderProcess:
         return f"{why}: {lines[-1][:200]}" if lines else why
 
 
-DECODERS = DecoderPool()  # this process's decoder children
+DECODERS = DecoderPool()  # this process's decoder children of local files
+REMOTE_DECODERS = DecoderPool(env=remote_decoder_env)  # and of remote films (they read the store)
 atexit.register(DECODERS.close)
+atexit.register(REMOTE_DECODERS.close)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from kissray.index import NOPTS, FrameIndex, only_first_video
+from kissray.remote import open_container
 
 SEEK_ATTEMPTS = 3  # keyframes tried, latest first, before demuxing a window from the film's start
 MAX_PENDING_STILLS = 64  # stills decoded past a missing one before it is declared missing
@@ -41,7 +42,7 @@ class SparseStills:
     (what any forward reader does; the retry when the sparse decoder cannot vouch for a still).
     """
 
-    def __init__(self, path: str, index: FrameIndex, wanted: np.ndarray, size: int | None, threads: int,
+    def __init__(self, path, index: FrameIndex, wanted: np.ndarray, size: int | None, threads: int,
                  dense: bool = False):
         self._path, self._index, self._size, self._threads = path, index, size, threads
         self._wanted_pts = set(index.pts[index.order[np.unique(wanted)]].tolist())
@@ -139,7 +140,7 @@ class SparseStills:
         import av
 
         self.close()
-        self._container = av.open(self._path, metadata_errors="ignore")
+        self._container = open_container(self._path, "blocks")
         stream = only_first_video(self._container)
         stream.thread_type, stream.thread_count = "AUTO", self._threads
         return stream

@@ -21,6 +21,7 @@ from kissray.batch.faults import NO_FAULTS, FaultPlan
 from kissray.batch.tables import ResultStore, TitleRecord, scores_table, segments_table
 from kissray.errors import one_line
 from kissray.media import ClipReader, probe
+from kissray.remote import is_remote
 from kissray.score import SegmentParams, assemble_film
 from kissray.uris import is_local
 
@@ -54,14 +55,15 @@ class DecodeSpec:
 def probe_windows(title: dict, spec: DecodeSpec) -> list[dict]:
     """The windows ``[start, stop)`` of one film, or a single failed window when it cannot be opened.
 
-    A remote film (s3://, gs://, ...) is one window, not probed here: each decoder stages its
-    whole film to local disk, so splitting it would download it once per window. So is every film
-    when ``spec.split`` is off (a library with enough titles to keep every decoder busy): the probe
+    A remote film (s3://, gs://, ...) is windowed like a local one: each window reads only its
+    byte ranges (:mod:`kissray.remote`), or a copy staged once per node. A film in a process's
+    memory (``memory://``) is one window: no other process can read it. So is every film when
+    ``spec.split`` is off (a library with enough titles to keep every decoder busy): the probe
     would cost a decoder start-up per title and buy no parallelism (benchmarks/NOTES.md).
     """
     base = {"title_id": title["title_id"], "uri": title["uri"], "n_clips": 0, "duration_s": math.nan,
             "has_audio": False}
-    if not spec.split or not is_local(title["uri"]):
+    if not spec.split or not (is_local(title["uri"]) or is_remote(title["uri"])):
         return [{**base, "start": 0, "stop": WHOLE_FILM, "n_windows": 1, "error": ""}]
     try:
         spec.faults.check("probe", title["title_id"])

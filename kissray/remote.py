@@ -1,0 +1,311 @@
+"""Remote films read by byte ranges, without copying them: the decoder child's side of object storage.
+
+An ISO media file (MP4, MOV, M4V, 3GP) is a list of boxes: ``moov`` holds the index of every
+sample (its time, size, byte offset, keyframe flag) and ``mdat`` the samples themselves. So:
+
+- the frame index (:mod:`kissray.index`) is read with the media data *blanked*: reads that fall
+  inside ``mdat`` return zeros without touching the store, everything else is fetched. FFmpeg's own
+  MP4 demuxer then lists every packet (edit lists, composition offsets, keyframes) from ``moov``
+  alone; the first packets are checked against their real bytes before the index is believed;
+- a window's stills and audio read only their byte ranges, through one block cache per film
+  (``BLOCK_BYTES`` blocks, least recently used dropped; metadata fetched once and kept). Audio
+  reads that are not in a cached block fetch just what was asked: audio samples are interleaved
+  with video, and pulling whole blocks for them would read the video twice.
+
+Other containers (Matroska, MPEG-TS, AVI, ...) list their frames only in the data, so they are
+staged once per node instead (:mod:`kissray.stage_cache`). ``bytes_read`` counts what was fetched.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import contextlib
+import io
+import math
+import os
+import struct
+import threading
+
+BLOCK_BYTES = 4 << 20  # one ranged GET: large enough to amortise a request's latency
+MAX_CACHED_BLOCKS = 16  # per film and process: 64 MiB, a window's reordering and audio lead
+MAX_RECENT_RANGES = 32  # exact ranges kept (FFmpeg's reads of one film: 32 KiB each)
+ISO_BOX_TYPES = {b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot", b"uuid", b"styp", b"sidx", b"moof"}
+MAX_TOP_LEVEL_BOXES = 4096  # more (a fragmented file of tiny fragments): not worth ranged reads
+CHECKED_PACKETS = 48  # packets of the blanked index compared with their real bytes
+
+
+class NotRangeReadable(Exception):
+    """This object cannot be read by ranges (not an ISO media file, or no usable box layout)."""
+
+
+def iso_boxes(fetch, size: int) -> list[tuple[bytes, int, int, int]]:
+    """(type, start, payload start, end) of the top-level boxes, from their 8- or 16-byte headers."""
+    boxes, pos = [], 0
+    while pos + 8 <= size:
+        head = fetch(pos, min(size, pos + 16))
+        length, kind = struct.unpack(">I4s", head[:8])
+        header = 8
+        if length == 1 and len(head) >= 16:
+            length, header = struct.unpack(">Q", head[8:16])[0], 16
+        elif length == 0:
+            length = size - pos
+        if (kind not in ISO_BOX_TYPES and not (boxes and kind.isalnum())) or length < header:
+            raise NotRangeReadable(f"no ISO media box at byte {pos}")
+        boxes.append((kind, pos, pos + header, min(size, pos + length)))
+        if len(boxes) > MAX_TOP_LEVEL_BOXES:
+            raise NotRangeReadable(f"more than {MAX_TOP_LEVEL_BOXES} top-level boxes")
+        pos += length
+    if not any(box[0] == b"moov" for box in boxes):
+        raise NotRangeReadable("no moov box")
+    return boxes
+
+
+class RangeSource:
+    """One remote object read by byte ranges, shared by the containers a decoder opens on it.
+
+    The object is cut into regions: media data (mdat payloads) and metadata (everything else).
+    A metadata region is fetched whole on first use and kept (``moov``: a few MiB at most, read
+    by every container opened on the film). Media data is read in ``block_bytes`` blocks (an LRU
+    of ``MAX_CACHED_BLOCKS``), never past its region, or for ``ranges`` reads not in a cached
+    block, exactly the bytes asked for.
+    """
+
+    def __init__(self, uri: str, block_bytes: int | None = None):
+        import fsspec
+
+        self.uri = uri
+        self.block_bytes = int(block_bytes or os.environ.get("KISSRAY_RANGE_BLOCK_BYTES") or BLOCK_BYTES)
+        self._fs, self._path = fsspec.core.url_to_fs(uri)
+        info = self._fs.info(self._path)
+        self.size, self.version = int(info["size"]), object_version(info)
+        self.bytes_read = 0
+        self.requests = 0
+        self._lock = threading.Lock()
+        self._blocks: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+        self._metadata: dict[int, bytes] = {}  # region start -> its bytes
+        self._recent: collections.OrderedDict[int, bytes] = collections.OrderedDict()  # exact ranges
+        boxes = iso_boxes(self._fetch, self.size)
+        self.regions = _regions([(payload, end) for kind, _, payload, end in boxes if kind == b"mdat"], self.size)
+
+    def open(self, purpose: str) -> "RangeFile":
+        """A file object for PyAV: ``index`` (media data blanked), ``blocks`` (media data in whole
+        blocks: a window's video), ``ranges`` (exact ranges where not cached: audio, checks)."""
+        return RangeFile(self, purpose)
+
+    def read(self, pos: int, n: int, purpose: str) -> bytes:
+        if pos >= self.size or n <= 0:
+            return b""
+        start, end, media = self.regions[bisect.bisect_right(self.regions, (pos, math.inf)) - 1]
+        end = min(end, pos + n)
+        if not media:
+            return self._metadata_region(start, self.regions_end(start))[pos - start:end - start]
+        if purpose == "index":
+            return bytes(end - pos)
+        if purpose == "ranges" and not self._cached(pos, end, start):
+            return self._from_ranges(pos, end)
+        return self._from_blocks(pos, end, start)
+
+    def regions_end(self, start: int) -> int:
+        return next(e for s, e, _ in self.regions if s == start)
+
+    def _metadata_region(self, start: int, end: int) -> bytes:
+        data = self._metadata.get(start)
+        if data is None:
+            data = self._metadata[start] = self._fetch(start, end)
+        return data
+
+    def _from_blocks(self, pos: int, end: int, region_start: int) -> bytes:
+        size, parts = self.block_bytes, []
+        region_end = self.regions_end(region_start)
+        for block in range(pos // size, (end - 1) // size + 1):
+            base = max(block * size, region_start)
+            data = self._block(block, base, min((block + 1) * size, region_end))
+            parts.append(data[max(pos, base) - base:end - base])
+        return b"".join(parts)
+
+    def _block(self, block: int, start: int, end: int) -> bytes:
+        key = (block, start)
+        with self._lock:
+            data = self._blocks.get(key)
+            if data is not None:
+                self._blocks.move_to_end(key)
+                return data
+        data = self._recent_range(start, end)
+        if data is None:
+            data = self._fetch(start, end)
+        with self._lock:
+            self._blocks[key] = data
+            while len(self._blocks) > MAX_CACHED_BLOCKS:
+                self._blocks.popitem(last=False)
+        return data
+
+    def _from_ranges(self, pos: int, end: int) -> bytes:
+        """Exactly [pos, end), from one of the last ``MAX_RECENT_RANGES`` fetched if it holds it
+        (a demuxer seeks back into what it just read)."""
+        data = self._recent_range(pos, end)
+        if data is not None:
+            return data
+        data = self._fetch(pos, end)
+        with self._lock:
+            self._recent[pos] = data
+            while len(self._recent) > MAX_RECENT_RANGES:
+                self._recent.popitem(last=False)
+        return data
+
+    def _recent_range(self, pos: int, end: int) -> bytes | None:
+        with self._lock:
+            for start, data in reversed(self._recent.items()):
+                if start <= pos and end <= start + len(data):
+                    return data[pos - start:end - start]
+        return None
+
+    def _cached(self, pos: int, end: int, region_start: int) -> bool:
+        size = self.block_bytes
+        with self._lock:
+            return all((block, max(block * size, region_start)) in self._blocks
+                       for block in range(pos // size, (end - 1) // size + 1))
+
+    def _fetch(self, start: int, end: int) -> bytes:
+        data = self._fs.cat_file(self._path, start=start, end=end)
+        with self._lock:
+            self.bytes_read += len(data)
+            self.requests += 1
+        return data
+
+
+def _regions(media: list[tuple[int, int]], size: int) -> list[tuple[int, int, bool]]:
+    """(start, end, is_media) regions covering [0, size), sorted."""
+    regions, pos = [], 0
+    for start, end in sorted(media):
+        if pos < start:
+            regions.append((pos, start, False))
+        if start < end:
+            regions.append((start, min(end, size), True))
+        pos = max(pos, end)
+    if pos < size:
+        regions.append((pos, size, False))
+    return regions
+
+
+class RangeFile(io.RawIOBase):
+    """A seekable, read-only file over a :class:`RangeSource` (what ``av.open`` is given)."""
+
+    def __init__(self, source: RangeSource, purpose: str):
+        super().__init__()
+        self._source, self._purpose, self._pos = source, purpose, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._source.size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        data = self._source.read(self._pos, len(buffer), self._purpose)
+        buffer[:len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+def is_remote(uri: str) -> bool:
+    """True for URIs a decoder child reads itself: not local, and not a filesystem that lives
+    inside one process (``memory://``: the parent stages those)."""
+    from kissray.uris import is_local
+
+    return not is_local(uri) and not str(uri).startswith("memory:")
+
+
+class Film:
+    """What the decoder child reads for one request: a local file, a remote object read by ranges,
+    or, for a remote container that cannot be read by ranges, its copy staged once per node.
+
+    ``previous``: the last request's :class:`RangeSource`, reused (with its cached metadata) when it
+    is the same object, unchanged. ``on_progress(bytes)`` is called while a copy is being staged,
+    ``on_stage(why)`` when a copy is staged.
+    """
+
+    def __init__(self, uri: str, path: str | None = None, *, previous: RangeSource | None = None,
+                 on_progress=None, on_stage=None):
+        from kissray.errors import MediaOpenError
+
+        self.uri, self.path, self.source = uri, path, None
+        self._on_progress, self._on_stage = on_progress, on_stage or (lambda why: None)
+        self._stack = contextlib.ExitStack()
+        if path is not None:
+            stat = os.stat(path)
+            self.key = ("local", path, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+            return
+        try:
+            self.source = _same_or_new(uri, previous)
+        except NotRangeReadable as e:
+            self.stage(f"not readable by byte ranges: {e}")
+        except FileNotFoundError as e:
+            raise MediaOpenError(uri, "no such file") from e
+        except OSError as e:
+            raise MediaOpenError(uri, f"cannot read: {e}") from e
+        source = self.source
+        self.key = ("remote", uri) + ((source.size, source.version) if source else (self.path,))
+
+    def local_path(self) -> str:
+        """A local file (decord needs one): the film itself, or its copy staged on this node."""
+        if self.path is None:
+            self.stage("decord needs a local file")
+        return self.path
+
+    def stage(self, why: str) -> None:
+        """Read the staged copy from now on (the ranges were not usable, or decord needs a file)."""
+        from kissray.stage_cache import staged_copy
+
+        self._on_stage(why)
+        self.path = self._stack.enter_context(staged_copy(self.uri, on_progress=self._on_progress))
+        self.source = None
+
+    @property
+    def bytes_read(self) -> int:
+        return self.source.bytes_read if self.source is not None else 0
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+def _same_or_new(uri: str, previous: RangeSource | None) -> RangeSource:
+    if previous is not None and previous.uri == uri:
+        info = previous._fs.info(previous._path)
+        if int(info["size"]) == previous.size and object_version(info) == previous.version:
+            return previous
+    return RangeSource(uri)
+
+
+def object_version(info: dict) -> str:
+    """What changes when the object does (fsspec ``info``): ETag, else modification time."""
+    for key in ("ETag", "etag", "md5Hash", "mtime", "LastModified", "last_modified"):
+        if info.get(key):
+            return str(info[key])
+    return ""
+
+
+def open_container(source, purpose: str):
+    """``av.open`` of ``source`` (a local path or a :class:`Film`) for ``purpose`` (index | blocks |
+    ranges: see :meth:`RangeSource.open`). Indexing a film by ranges turns FFmpeg's parsers off: with the media data blanked they
+    would re-derive keyframe flags from zeros; the container's own flags are then checked
+    against the real packets (:func:`kissray.index.read_index`)."""
+    import av
+
+    if isinstance(source, str) or source.source is None:
+        return av.open(source if isinstance(source, str) else source.path, metadata_errors="ignore")
+    options = {"fflags": "+noparse"} if purpose == "index" else {}
+    return av.open(source.source.open(purpose), metadata_errors="ignore", container_options=options)
+
+
+def local_file(source) -> str:
+    """``source`` (a local path or a :class:`Film`) as a local file."""
+    return source if isinstance(source, str) else source.local_path()
