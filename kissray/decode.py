@@ -329,11 +329,14 @@ def _serve(request: dict, send: Callable[[dict, bytes], None], indexes: IndexCac
     def staging(n_bytes: int) -> None:  # a heartbeat: a long copy is not a hung decoder
         send({"type": "staging", "bytes": n_bytes}, b"")
 
-    path = request["path"]
+    path, read_before = request["path"], 0
     if path is None:  # a remote film, read by ranges (or staged once per node)
+        read_before = indexes.source.bytes_read if indexes.source is not None else 0
         path = Film(request["uri"], previous=indexes.source, on_progress=staging,
                     on_stage=lambda why: fell_back("a staged copy", why, 0))
         film.append(path)
+        if path.source is not indexes.source:
+            read_before = 0
         indexes.source = path.source
     info, clips = decode_clips(path, request["uri"], request["start"], request["stop"],
                                frames_per_clip=request["frames_per_clip"], size=request["size"],
@@ -346,7 +349,7 @@ def _serve(request: dict, send: Callable[[dict, bytes], None], indexes: IndexCac
             continue
         payload = clip.frames.tobytes() + np.ascontiguousarray(clip.log_mel, np.float32).tobytes()
         send({"type": "clip", "index": clip.index, "has_audio": clip.has_audio}, payload)
-    send({"type": "end", "bytes_read": film[0].bytes_read if film else 0}, b"")
+    send({"type": "end", "bytes_read": film[0].bytes_read - read_before if film else 0}, b"")
 
 
 def main() -> int:

@@ -28,11 +28,12 @@ import struct
 import threading
 
 BLOCK_BYTES = 4 << 20  # one ranged GET: large enough to amortise a request's latency
-MAX_CACHED_BLOCKS = 16  # per film and process: 64 MiB, a window's reordering and audio lead
+CACHE_BYTES = 64 << 20  # media blocks kept per film and process: a 32-clip group of 16 Mbit/s video,
+# so that the group's audio (read after its stills) comes from the blocks its video read
 MAX_RECENT_RANGES = 32  # exact ranges kept (FFmpeg's reads of one film: 32 KiB each)
 ISO_BOX_TYPES = {b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot", b"uuid", b"styp", b"sidx", b"moof"}
 MAX_TOP_LEVEL_BOXES = 4096  # more (a fragmented file of tiny fragments): not worth ranged reads
-CHECKED_PACKETS = 48  # packets of the blanked index compared with their real bytes
+CHECKED_PACKETS = 8  # packets of the blanked index compared with their real bytes (the first keyframe on)
 
 
 class NotRangeReadable(Exception):
@@ -67,7 +68,7 @@ class RangeSource:
     The object is cut into regions: media data (mdat payloads) and metadata (everything else).
     A metadata region is fetched whole on first use and kept (``moov``: a few MiB at most, read
     by every container opened on the film). Media data is read in ``block_bytes`` blocks (an LRU
-    of ``MAX_CACHED_BLOCKS``), never past its region, or for ``ranges`` reads not in a cached
+    of ``CACHE_BYTES``), never past its region, or for ``ranges`` reads not in a cached
     block, exactly the bytes asked for.
     """
 
@@ -136,7 +137,7 @@ class RangeSource:
             data = self._fetch(start, end)
         with self._lock:
             self._blocks[key] = data
-            while len(self._blocks) > MAX_CACHED_BLOCKS:
+            while len(self._blocks) > max(2, CACHE_BYTES // self.block_bytes):
                 self._blocks.popitem(last=False)
         return data
 
@@ -302,7 +303,9 @@ def open_container(source, purpose: str):
 
     if isinstance(source, str) or source.source is None:
         return av.open(source if isinstance(source, str) else source.path, metadata_errors="ignore")
-    options = {"fflags": "+noparse"} if purpose == "index" else {}
+    # the index's open learns the streams (its probing reads blanked data, free); the others
+    # need not probe the media data again: one packet per stream instead of FFmpeg's default 5 MB
+    options = {"fflags": "+noparse"} if purpose == "index" else {"probesize": "32", "analyzeduration": "0"}
     return av.open(source.source.open(purpose), metadata_errors="ignore", container_options=options)
 
 

@@ -1,0 +1,144 @@
+"""Remote films read by byte ranges (kissray.remote) against a real S3 server (moto, tests/s3_server.py).
+
+Every remote film must decode to exactly the clips of its local copy; an MP4 is read in windows
+that together fetch about the film's size (counted by the server's relay, not by kissray).
+"""
+
+from __future__ import annotations
+
+import math
+
+import fsspec
+import numpy as np
+import pytest
+
+from conftest import make_film
+from kissray.errors import MediaError
+from kissray.ffmpeg import run_ffmpeg
+from kissray.media import REMOTE_DECODERS, ClipReader, iter_clips, probe
+
+SMALL_BLOCK_BYTES = 256 << 10  # test films are a few MB: blocks this size keep rounding visible but small
+
+
+def upload(local: str, key: str) -> str:
+    fsspec.filesystem("s3").put_file(local, f"films/{key}")
+    return f"s3://films/{key}"
+
+
+def assert_same_clips(remote: list, local: list) -> None:
+    assert [c.index for c in remote] == [c.index for c in local]
+    for a, b in zip(remote, local):
+        np.testing.assert_array_equal(a.frames, b.frames)
+        np.testing.assert_array_equal(a.log_mel, b.log_mel)
+        assert a.has_audio == b.has_audio
+
+
+@pytest.fixture(scope="module")
+def layouts(media_dir):
+    """MP4s of several layouts, each with the reason it is here."""
+    base = make_film(media_dir / "remote-base.mp4", duration_s=6.0, extra_args=("-bf", "2", "-g", "12"))
+    films = {"moov at the end, B-frames": base,
+             "moov first (faststart)": make_film(media_dir / "remote-faststart.mp4", duration_s=6.0,
+                                                 extra_args=("-movflags", "+faststart")),
+             "no audio": make_film(media_dir / "remote-silent.mp4", duration_s=4.0, audio=False),
+             "QuickTime .mov": make_film(media_dir / "remote.mov", duration_s=4.0)}
+    cut = str(media_dir / "remote-edit-list.mp4")  # stream copy from 1.3 s: an edit list hides the pre-roll
+    run_ffmpeg(["-ss", "1.3", "-i", make_film(media_dir / "remote-edit-src.mp4", duration_s=8.0,
+                                               extra_args=("-bf", "2", "-g", "50")), "-c", "copy", cut])
+    films["edit list"] = cut
+    return films
+
+
+@pytest.mark.parametrize("layout", ["moov at the end, B-frames", "moov first (faststart)", "no audio",
+                                    "QuickTime .mov", "edit list"])
+def test_remote_mp4_decodes_exactly_like_its_local_copy_reading_its_size_once(s3, layouts, layout):
+    local = layouts[layout]
+    uri = upload(local, f"layouts/{layout.replace(' ', '_')}{local[-4:]}")
+    with ClipReader(uri, size=32) as reader:
+        remote = list(reader)
+    assert reader.info == probe(local)
+    assert_same_clips(remote, list(iter_clips(local, size=32)))
+    size = fsspec.filesystem("s3").size(uri)
+    assert size <= reader.bytes_read <= 1.05 * size + 4096, (reader.bytes_read, size)
+
+
+def test_a_two_window_film_reads_about_its_own_size(s3, tmp_path, monkeypatch):
+    """The batch job's way: a probe, then two windows in decoders of their own (as on two nodes).
+    Together they fetch ~1x the film (bytes counted at the server), and their clips are the film's.
+    Beyond the film's bytes each of the three reads the moov (40 kB here) and checks the index
+    against the first 8 packets' bytes (0.36 MB here: noise makes big keyframes), and a window
+    starts at the keyframe before it: 1.18x for this 12 MB film, a few per mille of a real one."""
+    from kissray.batch.stages import DecodeSpec, decode_window, probe_windows
+
+    local = str(tmp_path / "long.mp4")  # 60 s of noise at ~1.5 Mbit/s: ~11 MB, mostly media data
+    run_ffmpeg(["-f", "lavfi", "-i", "testsrc2=size=320x180:rate=25,noise=alls=30:allf=t", "-f", "lavfi",
+                "-i", "sine=frequency=440:sample_rate=44100", "-t", "60", "-c:v", "libx264", "-preset",
+                "ultrafast", "-b:v", "1500k", "-g", "50", "-c:a", "aac", "-pix_fmt", "yuv420p", local])
+    uri = upload(local, "long.mp4")
+    size = fsspec.filesystem("s3").size(uri)
+    monkeypatch.setenv("KISSRAY_RANGE_BLOCK_BYTES", str(SMALL_BLOCK_BYTES))
+    REMOTE_DECODERS.close()  # children started from here on see the block size
+    spec = DecodeSpec(frames_per_clip=1, size=32, window_s=600, timeout_s=60, decode_slots=2)
+    before = s3.bytes_down
+    windows = probe_windows({"title_id": "long", "uri": uri}, spec)
+    assert [(w["start"], w["stop"], w["error"]) for w in windows] == [(0, 30, ""), (30, 60, "")]
+    seconds = []
+    for window in windows:
+        REMOTE_DECODERS.close()  # a fresh decoder per window: nothing cached from the one before
+        for batch in decode_window({k: np.asarray([v]) for k, v in window.items()}, spec):
+            seconds += [int(s) for s, t in zip(batch["second"], batch["trailer"]) if not t]
+            assert set(batch["error"]) == {""}
+    fetched = s3.bytes_down - before
+    assert seconds == list(range(60))
+    assert fetched <= 1.25 * size, f"{fetched} bytes fetched for a {size}-byte film ({fetched / size:.2f}x)"
+    assert fetched >= size
+
+
+def test_a_window_in_the_middle_reads_only_its_part(s3, tmp_path, monkeypatch):
+    local = make_film(tmp_path / "mid.mp4", duration_s=40.0, size=(160, 120),
+                      extra_args=("-g", "25", "-b:v", "800k", "-x264-params", "keyint=25:min-keyint=25"))
+    uri = upload(local, "mid.mp4")
+    size = fsspec.filesystem("s3").size(uri)
+    monkeypatch.setenv("KISSRAY_RANGE_BLOCK_BYTES", str(64 << 10))
+    REMOTE_DECODERS.close()
+    with ClipReader(uri, 20, 30, size=32) as reader:
+        remote = list(reader)
+    assert_same_clips(remote, list(iter_clips(local, 20, 30, size=32)))
+    assert reader.bytes_read < 0.5 * size, (reader.bytes_read, size)
+
+
+def test_a_remote_film_cut_short_is_read_like_the_local_one(s3, layouts, tmp_path):
+    data = open(layouts["moov first (faststart)"], "rb").read()
+    local = tmp_path / "cut.mp4"
+    local.write_bytes(data[: len(data) * 7 // 10])
+    uri = upload(str(local), "cut.mp4")
+
+    def outcome(film):
+        clips, error = [], None
+        try:
+            with ClipReader(film, size=32) as reader:
+                clips = [c.index for c in reader]
+        except MediaError as e:
+            error = type(e).__name__
+        return clips, error
+
+    assert outcome(uri) == outcome(str(local))
+
+
+def test_a_missing_remote_film_is_a_clear_error_naming_it(s3):
+    with pytest.raises(MediaError) as caught:
+        probe("s3://films/nowhere/none.mp4")
+    assert "s3://films/nowhere/none.mp4" in str(caught.value) and "no such file" in str(caught.value)
+
+
+def test_windows_of_the_same_film_in_one_decoder_share_its_metadata(s3, layouts):
+    """The next window in the same decoder child reuses the film's reader: only media is fetched again."""
+    uri = upload(layouts["moov at the end, B-frames"], "reuse.mp4")
+    REMOTE_DECODERS.close()
+    with ClipReader(uri, 0, 3, size=32) as first:
+        list(first)
+    with ClipReader(uri, 3, 6, size=32) as second:
+        list(second)
+    size = fsspec.filesystem("s3").size(uri)
+    assert first.bytes_read + second.bytes_read <= 1.05 * size + 4096
+    assert not math.isnan(first.info.duration_s)
