@@ -49,6 +49,16 @@ def layouts(media_dir):
     return films
 
 
+@pytest.fixture(scope="module")
+def noisy(media_dir) -> str:
+    """60 s of noise at ~1.5 Mbit/s with a tone: ~12 MB, nearly all media data (solid colours are too small)."""
+    local = str(media_dir / "remote-noisy.mp4")
+    run_ffmpeg(["-f", "lavfi", "-i", "testsrc2=size=320x180:rate=25,noise=alls=30:allf=t", "-f", "lavfi",
+                "-i", "sine=frequency=440:sample_rate=44100", "-t", "60", "-c:v", "libx264", "-preset",
+                "ultrafast", "-b:v", "1500k", "-g", "50", "-c:a", "aac", "-pix_fmt", "yuv420p", local])
+    return local
+
+
 @pytest.mark.parametrize("layout", ["moov at the end, B-frames", "moov first (faststart)", "no audio",
                                     "QuickTime .mov", "edit list"])
 def test_remote_mp4_decodes_exactly_like_its_local_copy_reading_its_size_once(s3, layouts, layout):
@@ -62,7 +72,7 @@ def test_remote_mp4_decodes_exactly_like_its_local_copy_reading_its_size_once(s3
     assert size <= reader.bytes_read <= 1.05 * size + 4096, (reader.bytes_read, size)
 
 
-def test_a_two_window_film_reads_about_its_own_size(s3, tmp_path, monkeypatch):
+def test_a_two_window_film_reads_about_its_own_size(s3, noisy, monkeypatch):
     """The batch job's way: a probe, then two windows in decoders of their own (as on two nodes).
     Together they fetch ~1x the film (bytes counted at the server), and their clips are the film's.
     Beyond the film's bytes each of the three reads the moov (40 kB here) and checks the index
@@ -70,10 +80,7 @@ def test_a_two_window_film_reads_about_its_own_size(s3, tmp_path, monkeypatch):
     starts at the keyframe before it: 1.18x for this 12 MB film, a few per mille of a real one."""
     from kissray.batch.stages import DecodeSpec, decode_window, probe_windows
 
-    local = str(tmp_path / "long.mp4")  # 60 s of noise at ~1.5 Mbit/s: ~11 MB, mostly media data
-    run_ffmpeg(["-f", "lavfi", "-i", "testsrc2=size=320x180:rate=25,noise=alls=30:allf=t", "-f", "lavfi",
-                "-i", "sine=frequency=440:sample_rate=44100", "-t", "60", "-c:v", "libx264", "-preset",
-                "ultrafast", "-b:v", "1500k", "-g", "50", "-c:a", "aac", "-pix_fmt", "yuv420p", local])
+    local = noisy
     uri = upload(local, "long.mp4")
     size = fsspec.filesystem("s3").size(uri)
     monkeypatch.setenv("KISSRAY_RANGE_BLOCK_BYTES", str(SMALL_BLOCK_BYTES))
@@ -94,9 +101,8 @@ def test_a_two_window_film_reads_about_its_own_size(s3, tmp_path, monkeypatch):
     assert fetched >= size
 
 
-def test_a_window_in_the_middle_reads_only_its_part(s3, tmp_path, monkeypatch):
-    local = make_film(tmp_path / "mid.mp4", duration_s=40.0, size=(160, 120),
-                      extra_args=("-g", "25", "-b:v", "800k", "-x264-params", "keyint=25:min-keyint=25"))
+def test_a_window_in_the_middle_reads_only_its_part(s3, noisy, monkeypatch):
+    local = noisy
     uri = upload(local, "mid.mp4")
     size = fsspec.filesystem("s3").size(uri)
     monkeypatch.setenv("KISSRAY_RANGE_BLOCK_BYTES", str(64 << 10))
@@ -104,7 +110,7 @@ def test_a_window_in_the_middle_reads_only_its_part(s3, tmp_path, monkeypatch):
     with ClipReader(uri, 20, 30, size=32) as reader:
         remote = list(reader)
     assert_same_clips(remote, list(iter_clips(local, 20, 30, size=32)))
-    assert reader.bytes_read < 0.5 * size, (reader.bytes_read, size)
+    assert reader.bytes_read < 0.3 * size, (reader.bytes_read, size)  # 10 s of 60 (0.17x), its GOP, the checks
 
 
 def test_a_remote_film_cut_short_is_read_like_the_local_one(s3, layouts, tmp_path):
