@@ -42,6 +42,7 @@ WAIT_PROGRESS_S = 1.0  # how often it reports that download's bytes to on_progre
 MAX_EVICTED_RETRIES = 3  # an entry evicted between its download and its use is fetched again this often
 SPACE_LOCK = ".space.lock"
 KEY_CHARS = 64  # sha256, hex
+_KEY = re.compile(f"[0-9a-f]{{{KEY_CHARS}}}")
 VERSION_FIELDS = ("ETag", "etag", "VersionId", "version_id", "generation", "md5Hash",
                   "mtime", "LastModified", "last_modified", "updated", "created")  # fs.info() keys, by filesystem
 _EXTENSION = re.compile(r"\.[A-Za-z0-9]{1,15}")
@@ -223,13 +224,15 @@ def _acquire(entry: _Entry, source: _Source, max_bytes: int | None, on_progress:
 
 def _wait_shared(entry: _Entry, on_progress: ProgressCallback) -> int:
     """Wait for a shared lock on the entry (held back only by a download or eviction in progress),
-    reporting the bytes of the other process's download every WAIT_PROGRESS_S."""
-    next_report = time.monotonic() + WAIT_PROGRESS_S
+    reporting the bytes of the other process's download every WAIT_PROGRESS_S (never fewer than
+    reported before: its ``.part`` may already be renamed, or replaced by a new download's)."""
+    next_report, copied = time.monotonic() + WAIT_PROGRESS_S, 0
     while (lock := _try_lock(entry.lock, fcntl.LOCK_SH)) is None:
         time.sleep(WAIT_POLL_S)
         if time.monotonic() >= next_report:
             next_report += WAIT_PROGRESS_S
-            on_progress(_file_bytes(entry.part))
+            copied = max(copied, _file_bytes(entry.part) or _file_bytes(entry.path))
+            on_progress(copied)
     return lock
 
 
@@ -294,7 +297,8 @@ def _download(entry: _Entry, source: _Source, lock: int, max_bytes: int | None,
         copied = _copy(source, out, limit, max_bytes, on_progress)
     if source.size is not None and copied != source.size:
         raise MediaOpenError(source.uri, f"changed while being staged: {copied} bytes read of {source.size}")
-    _local_io(source.uri, os.replace, entry.part, entry.path)
+    with _space_lock(entry.directory):  # a rename during another's scan could hide the file from it
+        _local_io(source.uri, os.replace, entry.part, entry.path)
 
 
 def _copy(source: _Source, out, limit: int, max_bytes: int | None, on_progress: ProgressCallback) -> int:
@@ -351,18 +355,14 @@ def _scan(directory: str) -> list[_Stored]:
     with contextlib.suppress(FileNotFoundError), os.scandir(directory) as files:
         for file in files:
             key, extension = file.name[:KEY_CHARS], file.name[KEY_CHARS:]
-            if len(key) < KEY_CHARS or extension == ".lock" or not _is_hex(key):
+            if not _KEY.fullmatch(key) or extension == ".lock":
                 continue
             with contextlib.suppress(FileNotFoundError):
                 stat = file.stat()
-                reserved = _reserved_bytes(file.path[:-len(extension)] + ".lock") if extension == ".part" else 0
+                reserved = _reserved_bytes(os.path.join(directory, key + ".lock")) if extension == ".part" else 0
                 stored.append(_Stored(key, file.path, stat.st_size, max(stat.st_size, reserved), stat.st_mtime,
                                       extension != ".part"))
     return stored
-
-
-def _is_hex(text: str) -> bool:
-    return all(c in "0123456789abcdef" for c in text)
 
 
 def _reserved_bytes(lock_path: str) -> int:
@@ -388,7 +388,7 @@ def _make_room(entry: _Entry, source: _Source) -> int:
         if _evict(entry.directory, stored):
             used -= stored.reserved_bytes
     if used + size > limit:
-        raise _over_limit(source.uri, size, limit, f"{used} bytes are held by films in use on this node")
+        raise _over_limit(source.uri, size, limit, f"{used} bytes are held by films in use or being staged on this node")
     return limit
 
 
@@ -415,6 +415,6 @@ def _remove_stale_parts(directory: str) -> None:
 
 
 def _over_limit(uri: str, n_bytes: int, limit: int, why: str) -> MediaOpenError:
-    default = "" if os.environ.get(LIMIT_VARIABLE) else "; unset, it is half the staging disk's free space"
+    default = "" if os.environ.get(LIMIT_VARIABLE) else f"; {LIMIT_VARIABLE} is unset: half the disk's free space"
     return MediaOpenError(uri, f"needs {n_bytes} bytes of local staging, over the {LIMIT_VARIABLE} limit "
                                f"of {limit} bytes ({why}{default})")

@@ -149,7 +149,7 @@ def test_an_entry_in_use_is_never_evicted(tmp_path, monkeypatch):
             with pytest.raises(MediaOpenError) as caught:  # a and c in use: no room for d
                 with staged_copy(d, directory=str(tmp_path)):
                     pass
-    assert "2000 bytes are held by films in use" in str(caught.value)
+    assert "2000 bytes are held by films in use or being staged" in str(caught.value)
     assert os.path.exists(a_path) and os.path.exists(c_path)
 
 
