@@ -388,7 +388,8 @@ def _make_room(entry: _Entry, source: _Source) -> int:
         if _evict(entry.directory, stored):
             used -= stored.reserved_bytes
     if used + size > limit:
-        raise _over_limit(source.uri, size, limit, f"{used} bytes are held by films in use or being staged on this node")
+        in_use = f"{used} bytes are held by films in use or being staged on this node"
+        raise _over_limit(source.uri, size, limit, in_use)
     return limit
 
 
