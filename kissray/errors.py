@@ -23,6 +23,10 @@ class MediaOpenError(MediaError):
     """The file is missing, empty, not a media container, or has no video stream."""
 
 
+class MediaTooLargeError(MediaOpenError):
+    """The object is larger than the caller's byte limit (checked before and while staging)."""
+
+
 class TooShortError(MediaError):
     """The film is shorter than half a second, so it has no clip."""
 
@@ -59,5 +63,5 @@ def one_line(error: BaseException) -> str:
 
 ERRORS_BY_NAME = {
     cls.__name__: cls
-    for cls in (MediaError, MediaOpenError, TooShortError, DecodeError, DecodeTimeoutError)
+    for cls in (MediaError, MediaOpenError, MediaTooLargeError, TooShortError, DecodeError, DecodeTimeoutError)
 }

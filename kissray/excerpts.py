@@ -6,7 +6,8 @@ confident second. Cuts are frame-accurate re-encodes (H.264 + AAC) by default, o
 from the keyframe at or before the start with ``copy=True``. ffmpeg always gets argument lists.
 Outputs are written to a temporary name and renamed, so an interrupted run never leaves a file
 that a rerun would take as done; existing outputs are skipped. Films on remote fsspec URIs are
-staged to a local temporary file once per film, and only when something is left to cut.
+staged into the node's cache (:func:`kissray.stage_cache.staged_copy`), only when something is left
+to cut: a copy a score run on this node already made is reused.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ import pandas as pd
 from kissray.defaults import ExcerptOptions
 from kissray.errors import UsageError, one_line
 from kissray.ffmpeg import run_ffmpeg
-from kissray.media import local_path
 from kissray.names import file_name_for
 from kissray.outputs import EXCERPTS_DIR, ScoreOutputs, read_outputs
+from kissray.stage_cache import staged_copy
 from kissray.uris import is_local_fs, join_uri
 
 THUMBNAIL_MAX_WIDTH = 320  # pixels; thumbnails are for the report and for browsing
@@ -167,7 +168,7 @@ def cut_film(film: FilmCuts, dest: str, options: ExcerptOptions = ExcerptOptions
     if not todo:
         return [], skipped
     written = []
-    with local_path(film.uri) as film_path, tempfile.TemporaryDirectory(prefix="kissray-cut-") as tmp:
+    with staged_copy(film.uri) as film_path, tempfile.TemporaryDirectory(prefix="kissray-cut-") as tmp:
         timing = film_timing(film_path, film.uri)
         for cut, kind, uri in todo:
             part = os.path.join(tmp, os.path.basename(uri))
