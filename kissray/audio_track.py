@@ -131,6 +131,8 @@ class AudioTrack:
             self._shift, at = self._shift + end - at, end
         if at - end > PTS_JITTER_SAMPLES and at >= b:  # starts after this read: silence up to b
             return np.zeros(max(0, b - end), np.float32), False
+        if not self._placed and at + len(samples) <= end:  # before the first sample wanted: the seek's pre-roll
+            return samples[:0], True
         self._placed = True
         if abs(at - end) <= PTS_JITTER_SAMPLES:
             return samples, True

@@ -29,7 +29,8 @@ from typing import Iterator
 import numpy as np
 
 from kissray.defaults import DECODE_TIMEOUT_S, IMAGE_SIZE_PX, STILLS_MODES
-from kissray.errors import ERRORS_BY_NAME, DecodeError, DecodeTimeoutError, MediaError, MediaOpenError
+from kissray.errors import (ERRORS_BY_NAME, DecodeError, DecodeTimeoutError, MediaError, MediaOpenError,  # noqa: F401
+                            MediaTooLargeError)
 from kissray.remote import is_remote
 from kissray.uris import is_local_fs
 
@@ -86,10 +87,6 @@ def iter_clips(uri: str, start: int = 0, stop: int | None = None, *, frames_per_
     with ClipReader(uri, start, stop, frames_per_clip=frames_per_clip, size=size, stills=stills,
                     timeout_s=timeout_s) as reader:
         yield from reader
-
-
-class MediaTooLargeError(MediaOpenError):
-    """The object is larger than the caller's byte limit (checked before and while staging)."""
 
 
 @contextlib.contextmanager

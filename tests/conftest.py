@@ -7,6 +7,8 @@ seconds listed in ``tone_seconds``, so RGB order and audio/video alignment can b
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +60,12 @@ def pytest_configure(config):
 
     _S3_PORT = free_port()
     os.environ.update(environment(_S3_PORT))
+    # remote films staged by this session land in a folder of its own, removed at the end
+    os.environ["KISSRAY_STAGE_DIR"] = tempfile.mkdtemp(prefix="kissray-test-stage-")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(os.environ.get("KISSRAY_STAGE_DIR", ""), ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

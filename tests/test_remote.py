@@ -148,3 +148,30 @@ def test_windows_of_the_same_film_in_one_decoder_share_its_metadata(s3, layouts)
     size = fsspec.filesystem("s3").size(uri)
     assert first.bytes_read + second.bytes_read <= 1.05 * size + 4096
     assert not math.isnan(first.info.duration_s)
+
+
+@pytest.mark.parametrize("suffix", [".mkv", ".ts"])
+def test_containers_without_an_index_are_staged_once_per_node(s3, media_dir, suffix):
+    """Matroska and MPEG-TS list their frames only in the data: the first window stages the film
+    (kissray.stage_cache), the next window (another decoder, same node) reuses the copy."""
+    local = make_film(media_dir / f"remote-staged{suffix}", duration_s=6.0)
+    uri = upload(local, f"staged/film{suffix}")
+    size = fsspec.filesystem("s3").size(uri)
+    before = s3.bytes_down
+    remote = []
+    for start, stop in ((0, 3), (3, None)):
+        REMOTE_DECODERS.close()
+        with ClipReader(uri, start, stop, size=32) as reader:
+            remote += list(reader)
+    assert_same_clips(remote, list(iter_clips(local, size=32)))
+    assert size <= s3.bytes_down - before <= 1.1 * size + 64 * 1024
+
+
+def test_a_remote_file_that_is_not_a_film_fails_naming_its_uri(s3, tmp_path):
+    garbage = tmp_path / "zero.mp4"
+    garbage.write_bytes(b"\0" * 4096)
+    uri = upload(str(garbage), "broken/zero.mp4")
+    with pytest.raises(MediaError) as caught:
+        probe(uri)
+    assert uri in str(caught.value) and "not a readable media file" in str(caught.value)
+    assert "kissray-stage" not in str(caught.value) and str(tmp_path) not in str(caught.value)
