@@ -27,7 +27,7 @@ import os
 import struct
 import threading
 
-BLOCK_BYTES = 4 << 20  # one ranged GET: large enough to amortise a request's latency
+BLOCK_BYTES = 1 << 20  # one ranged GET of video: ~3 s of 3 Mbit/s film; a window reads at most two more
 CACHE_BYTES = 64 << 20  # media blocks kept per film and process: a 32-clip group of 16 Mbit/s video,
 # so that the group's audio (read after its stills) comes from the blocks its video read
 MAX_RECENT_RANGES = 32  # exact ranges kept (FFmpeg's reads of one film: 32 KiB each)
@@ -194,7 +194,7 @@ class RangeFile(io.RawIOBase):
 
     def __init__(self, source: RangeSource, purpose: str):
         super().__init__()
-        self._source, self._purpose, self._pos = source, purpose, 0
+        self._source, self.purpose, self._pos = source, purpose, 0
 
     def readable(self) -> bool:
         return True
@@ -211,7 +211,7 @@ class RangeFile(io.RawIOBase):
         return self._pos
 
     def readinto(self, buffer) -> int:
-        data = self._source.read(self._pos, len(buffer), self._purpose)
+        data = self._source.read(self._pos, len(buffer), self.purpose)
         buffer[:len(data)] = data
         self._pos += len(data)
         return len(data)
@@ -306,7 +306,10 @@ def open_container(source, purpose: str):
     # the index's open learns the streams (its probing reads blanked data, free); the others
     # need not probe the media data again: one packet per stream instead of FFmpeg's default 5 MB
     options = {"fflags": "+noparse"} if purpose == "index" else {"probesize": "32", "analyzeduration": "0"}
-    return av.open(source.source.open(purpose), metadata_errors="ignore", container_options=options)
+    file = source.source.open("ranges" if purpose == "blocks" else purpose)  # opening reads a packet or two
+    container = av.open(file, metadata_errors="ignore", container_options=options)
+    file.purpose = purpose
+    return container
 
 
 def local_file(source) -> str:
