@@ -5,13 +5,19 @@ sends). For one film, each way of reading it reports bytes fetched from the serv
 local disk used for staged copies, time to the first clip and wall time:
 
   download only     ``fs.get_file`` of the object: the floor of moving its bytes (no decoding)
+  ranged GETs only  the object read by 1 MiB ranged GETs one after another, nothing decoded: the
+                    floor of reading it by ranges from this server (moto's cost per ranged GET grows
+                    with the object's size, ~130 ms for 235 MB here; S3's does not)
   staged, 1 window  what kissray did before: the decode task copies the whole film to local disk
                     (``media.local_path``), then one decoder reads all of it
   ranges, N windows a probe, then N windows each in a fresh decoder (as on N nodes), reading only
                     their byte ranges (``kissray.remote``); run one after another here (2 cores)
-  ranges, 1 window  one decoder reading the whole film by ranges
+  ranges, 1 window  one decoder reading the whole film by ranges (and again without read-ahead)
 
-  python benchmarks/remote.py [--minutes 10] [--windows 4] [--json benchmarks/results/remote.json]
+Every response waits ``--latency-ms`` (default 30) before its first byte, as a cloud store's
+time to first byte does; moto on 127.0.0.1 answers in about a millisecond.
+
+  python benchmarks/remote.py [--minutes 10] [--windows 4] [--latency-ms 30] [--json benchmarks/results/remote.json]
 """
 
 from __future__ import annotations
@@ -92,6 +98,16 @@ def decode(uri: str, windows: list[tuple[int, int]], size: int, stage: bool) -> 
     return first
 
 
+def ranged_gets(key: str, size: int) -> None:
+    import fsspec
+
+    from kissray.remote import BLOCK_BYTES
+
+    fs = fsspec.filesystem("s3")
+    for start in range(0, size, BLOCK_BYTES):
+        fs.cat_file(key, start=start, end=min(size, start + BLOCK_BYTES))
+
+
 class _nothing:
     def __init__(self, value):
         self.value = value
@@ -109,6 +125,7 @@ def main() -> None:
     parser.add_argument("--frame-size", default="640x360")
     parser.add_argument("--bitrate", default="3M")
     parser.add_argument("--windows", type=int, default=4)
+    parser.add_argument("--latency-ms", type=float, default=30.0, help="time to first byte of every response")
     parser.add_argument("--size", type=int, default=224, help="still size, pixels (the default checkpoint's)")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "kissray-bench-remote"))
     parser.add_argument("--json")
@@ -121,7 +138,7 @@ def main() -> None:
     os.environ.update(environment(port))
     stage_dir = tempfile.mkdtemp(prefix="kissray-bench-stage-")
     os.environ["KISSRAY_STAGE_DIR"] = stage_dir
-    server = S3Server(port).start()
+    server = S3Server(port, args.latency_ms / 1000).start()
     try:
         import fsspec
 
@@ -137,21 +154,28 @@ def main() -> None:
                         lambda: fsspec.filesystem("s3").get_file("films/long.mp4", os.path.join(stage_dir, "copy"))
                         or None)]
         os.unlink(os.path.join(stage_dir, "copy"))
+        rows.append(measure("ranged GETs only", server, stage_dir, lambda: ranged_gets("films/long.mp4", size)))
         rows.append(measure("staged, 1 window", server, stage_dir, lambda: decode(uri, [(0, None)], args.size, True)))
         rows.append(measure(f"ranges, {len(windows)} windows", server, stage_dir,
                             lambda: (probe(uri), decode(uri, windows, args.size, False))[1]))
         rows.append(measure("ranges, 1 window", server, stage_dir, lambda: decode(uri, [(0, None)], args.size, False)))
+        os.environ["KISSRAY_RANGE_READ_AHEAD"] = "0"  # decoder children started from now on
+        rows.append(measure("ranges, 1, no read-ahead", server, stage_dir,
+                            lambda: decode(uri, [(0, None)], args.size, False)))
+        del os.environ["KISSRAY_RANGE_READ_AHEAD"]
         for row in rows:
             row["x_film_size"] = round(row["bytes_fetched"] / size, 3)
-        print(f"\nfilm: {args.minutes:g} min {args.frame_size} {args.bitrate}, {size / 1e6:.1f} MB, {n_clips} clips")
-        print(f"{'mode':<20} {'fetched MB':>10} {'x size':>7} {'disk MB':>8} {'1st clip s':>10} {'wall s':>7}")
+        print(f"\nfilm: {args.minutes:g} min {args.frame_size} {args.bitrate}, {size / 1e6:.1f} MB, {n_clips} clips, "
+              f"{args.latency_ms:g} ms to first byte, {args.size}-px stills")
+        print(f"{'mode':<26} {'fetched MB':>10} {'x size':>7} {'disk MB':>8} {'1st clip s':>10} {'wall s':>7}")
         for r in rows:
             first = "-" if r["first_clip_s"] is None else f"{r['first_clip_s']:.1f}"
-            print(f"{r['mode']:<20} {r['bytes_fetched'] / 1e6:>10.1f} {r['x_film_size']:>7.3f} "
+            print(f"{r['mode']:<26} {r['bytes_fetched'] / 1e6:>10.1f} {r['x_film_size']:>7.3f} "
                   f"{r['local_disk_peak'] / 1e6:>8.1f} {first:>10} {r['wall_s']:>7.1f}")
         if args.json:
             write_json({"film": {"minutes": args.minutes, "frame_size": args.frame_size,
                                             "bitrate": args.bitrate, "bytes": size, "clips": n_clips},
+                        "latency_ms": args.latency_ms,
                         "still_px": args.size, "rows": rows}, args.json)
     finally:
         server.stop()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import concurrent.futures
 import contextlib
 import io
 import math
@@ -27,7 +28,8 @@ import os
 import struct
 import threading
 
-BLOCK_BYTES = 1 << 20  # one ranged GET of video: ~3 s of 3 Mbit/s film; a window reads at most two more
+BLOCK_BYTES = 1 << 20  # one ranged GET of video: ~3 s of 3 Mbit/s film
+READ_AHEAD_BLOCKS = 2  # fetched in the background ahead of the decoder (a window's end reads this many more)
 CACHE_BYTES = 64 << 20  # media blocks kept per film and process: a 32-clip group of 16 Mbit/s video,
 # so that the group's audio (read after its stills) comes from the blocks its video read
 MAX_RECENT_RANGES = 32  # exact ranges kept (FFmpeg's reads of one film: 32 KiB each)
@@ -77,6 +79,7 @@ class RangeSource:
 
         self.uri = uri
         self.block_bytes = int(block_bytes or os.environ.get("KISSRAY_RANGE_BLOCK_BYTES") or BLOCK_BYTES)
+        self.read_ahead = int(os.environ.get("KISSRAY_RANGE_READ_AHEAD", READ_AHEAD_BLOCKS))  # blocks
         self._fs, self._path = fsspec.core.url_to_fs(uri)
         info = self._fs.info(self._path)
         self.size, self.version = int(info["size"]), object_version(info)
@@ -86,6 +89,8 @@ class RangeSource:
         self._blocks: collections.OrderedDict[int, bytes] = collections.OrderedDict()
         self._metadata: dict[int, bytes] = {}  # region start -> its bytes
         self._recent: collections.OrderedDict[int, bytes] = collections.OrderedDict()  # exact ranges
+        self._pending: dict[tuple[int, int], concurrent.futures.Future] = {}  # read-ahead in flight
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         boxes = iso_boxes(self._fetch, self.size)
         self.regions = _regions([(payload, end) for kind, _, payload, end in boxes if kind == b"mdat"], self.size)
 
@@ -117,29 +122,50 @@ class RangeSource:
         return data
 
     def _from_blocks(self, pos: int, end: int, region_start: int) -> bytes:
-        size, parts = self.block_bytes, []
-        region_end = self.regions_end(region_start)
-        for block in range(pos // size, (end - 1) // size + 1):
-            base = max(block * size, region_start)
-            data = self._block(block, base, min((block + 1) * size, region_end))
+        parts, region_end = [], self.regions_end(region_start)
+        for block in range(pos // self.block_bytes, (end - 1) // self.block_bytes + 1):
+            base, data = self._block(block, region_start, region_end)
             parts.append(data[max(pos, base) - base:end - base])
+        self._read_ahead(block, region_start, region_end)
         return b"".join(parts)
 
-    def _block(self, block: int, start: int, end: int) -> bytes:
+    def _span(self, block: int, region_start: int, region_end: int) -> tuple[int, int]:
+        """The bytes of ``block`` inside its region."""
+        return max(block * self.block_bytes, region_start), min((block + 1) * self.block_bytes, region_end)
+
+    def _block(self, block: int, region_start: int, region_end: int) -> tuple[int, bytes]:
+        """(its first byte, its bytes): from the cache, a read-ahead in flight, or fetched now."""
+        start, end = self._span(block, region_start, region_end)
         key = (block, start)
         with self._lock:
             data = self._blocks.get(key)
             if data is not None:
                 self._blocks.move_to_end(key)
-                return data
-        data = self._recent_range(start, end)
-        if data is None:
-            data = self._fetch(start, end)
+                return start, data
+            pending = self._pending.pop(key, None)
+        if pending is not None:
+            data = pending.result()
+        else:
+            data = self._recent_range(start, end) or self._fetch(start, end)
         with self._lock:
             self._blocks[key] = data
             while len(self._blocks) > max(2, CACHE_BYTES // self.block_bytes):
                 self._blocks.popitem(last=False)
-        return data
+        return start, data
+
+    def _read_ahead(self, block: int, region_start: int, region_end: int) -> None:
+        """Fetch the next ``read_ahead`` blocks in the background: the decoder reads forward,
+        and a ranged GET's latency is then spent while it decodes."""
+        for ahead in range(block + 1, block + 1 + self.read_ahead):
+            start, end = self._span(ahead, region_start, region_end)
+            if start >= end:
+                return
+            with self._lock:
+                if (ahead, start) in self._blocks or (ahead, start) in self._pending:
+                    continue
+                if self._executor is None:
+                    self._executor = concurrent.futures.ThreadPoolExecutor(self.read_ahead, "kissray-read-ahead")
+                self._pending[(ahead, start)] = self._executor.submit(self._fetch, start, end)
 
     def _from_ranges(self, pos: int, end: int) -> bytes:
         """Exactly [pos, end), from one of the last ``MAX_RECENT_RANGES`` fetched if it holds it
@@ -162,13 +188,16 @@ class RangeSource:
         return None
 
     def _cached(self, pos: int, end: int, region_start: int) -> bool:
+        """Whether [pos, end) is in cached blocks (or blocks being read ahead: they are waited for)."""
         size = self.block_bytes
         with self._lock:
-            return all((block, max(block * size, region_start)) in self._blocks
+            return all((key := (block, max(block * size, region_start))) in self._blocks or key in self._pending
                        for block in range(pos // size, (end - 1) // size + 1))
 
     def _fetch(self, start: int, end: int) -> bytes:
         data = self._fs.cat_file(self._path, start=start, end=end)
+        if len(data) != min(end, self.size) - start:  # a store that ignores ranges, or an object that changed
+            raise NotRangeReadable(f"asked for bytes {start}-{end}, got {len(data)} bytes")
         with self._lock:
             self.bytes_read += len(data)
             self.requests += 1

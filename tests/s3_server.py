@@ -32,11 +32,13 @@ def environment(port: int) -> dict[str, str]:
 
 
 class _Relay(threading.Thread):
-    """Accepts on ``port`` and pipes each connection to ``upstream``, counting bytes sent back."""
+    """Accepts on ``port`` and pipes each connection to ``upstream``, counting bytes sent back.
+    ``latency_s``: each response waits this long before its first byte (a cloud store's
+    time to first byte; moto on 127.0.0.1 answers in about a millisecond)."""
 
-    def __init__(self, port: int, upstream: int):
+    def __init__(self, port: int, upstream: int, latency_s: float = 0.0):
         super().__init__(daemon=True)
-        self.upstream = upstream
+        self.upstream, self.latency_s = upstream, latency_s
         self.bytes_down = 0
         self.connections = 0
         self._lock = threading.Lock()
@@ -55,15 +57,21 @@ class _Relay(threading.Thread):
             except OSError:
                 client.close()
                 continue
-            threading.Thread(target=self._pipe, args=(client, server, False), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(server, client, True), daemon=True).start()
+            asked = threading.Event()  # a request went up and its response has not started yet
+            threading.Thread(target=self._pipe, args=(client, server, False, asked), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, True, asked), daemon=True).start()
 
-    def _pipe(self, src: socket.socket, dst: socket.socket, count: bool) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, down: bool, asked: threading.Event) -> None:
         try:
             while chunk := src.recv(1 << 16):
-                if count:
+                if down:
+                    if asked.is_set() and self.latency_s:
+                        time.sleep(self.latency_s)
+                    asked.clear()
                     with self._lock:
                         self.bytes_down += len(chunk)
+                else:
+                    asked.set()
                 dst.sendall(chunk)
         except OSError:
             pass
@@ -81,8 +89,8 @@ class _Relay(threading.Thread):
 class S3Server:
     """moto's S3 server (a child process) on 127.0.0.1 behind a counting relay on ``port``."""
 
-    def __init__(self, port: int):
-        self.port = port
+    def __init__(self, port: int, latency_s: float = 0.0):
+        self.port, self.latency_s = port, latency_s
         self.endpoint = f"http://127.0.0.1:{port}"
         self._proc: subprocess.Popen | None = None
         self._relay: _Relay | None = None
@@ -101,7 +109,7 @@ class S3Server:
                     self.stop()
                     raise RuntimeError("moto's S3 server did not start")
                 time.sleep(0.1)
-        self._relay = _Relay(self.port, backend)
+        self._relay = _Relay(self.port, backend, self.latency_s)
         self._relay.start()
         return self
 
