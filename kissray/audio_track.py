@@ -11,7 +11,7 @@ import numpy as np
 
 from kissray.audio import SAMPLE_RATE_HZ
 from kissray.index import MAX_FRAME_GAP_S
-from kissray.remote import open_container
+from kissray.remote import Film, open_container
 
 AUDIO_SEEK_MARGIN_S = 1.0  # seek this far before the first sample needed, then decode forward
 AUDIO_FRAMES_PER_RUN = 64  # audio frames (~1.5 s of AAC at 44.1 kHz) resampled in one call
@@ -26,9 +26,7 @@ class AudioTrack:
     film does not have are zeros. If decoding fails, ``failed`` is set and the rest is silence.
     """
 
-    def __init__(self, path, stream_index: int, origin_s: float, first_sample: int):  # path: str | Film
-        import av
-
+    def __init__(self, path: str | Film, stream_index: int, origin_s: float, first_sample: int):
         self._container = open_container(path, "ranges")
         self._stream = self._container.streams[stream_index]
         self._origin_s = origin_s  # absolute time of the film's t = 0

@@ -58,7 +58,7 @@ def short_reason(error: BaseException) -> str:
     return text[:300]
 
 
-def _inspect_container(path, uri: str) -> _Container:
+def _inspect_container(path: str | Film, uri: str) -> _Container:
     import av
 
     try:
@@ -78,14 +78,14 @@ def _inspect_container(path, uri: str) -> _Container:
         raise MediaOpenError(uri, f"not a readable media file ({short_reason(e)})") from e
 
 
-def _open_decord(path, size: int | None, threads: int):
+def _open_decord(path: str | Film, size: int | None, threads: int):
     import decord
 
     resize = {"width": size, "height": size} if size else {}
     return decord.VideoReader(local_file(path), ctx=decord.cpu(0), num_threads=threads, **resize)
 
 
-def _decord_index(path, uri: str, pyav_error: MediaOpenError) -> tuple[_Container, FrameIndex]:
+def _decord_index(path: str | Film, uri: str, pyav_error: MediaOpenError) -> tuple[_Container, FrameIndex]:
     """When PyAV cannot read the container but decord can read the video: its index, under the
     same checks as the packets' (kissray.index), and no audio."""
     try:
@@ -110,7 +110,7 @@ class IndexCache:
         self._key, self._value = None, None
         self.source: RangeSource | None = None
 
-    def get(self, path, uri: str) -> tuple[_Container, FrameIndex, bool]:
+    def get(self, path: str | Film, uri: str) -> tuple[_Container, FrameIndex, bool]:
         """(container, index, decord_only) of the film at ``path`` (a local path or a Film)."""
         if isinstance(path, str):
             stat = os.stat(path)
@@ -123,7 +123,7 @@ class IndexCache:
         return self._value
 
 
-def _read(path, uri: str) -> tuple[_Container, FrameIndex, bool]:
+def _read(path: str | Film, uri: str) -> tuple[_Container, FrameIndex, bool]:
     try:
         container = _inspect_container(path, uri)
     except MediaOpenError as e:
@@ -147,7 +147,7 @@ class VideoTrack:
     and counts it. A decode error libavcodec reports is that clip's gap, never a fallback.
     """
 
-    def __init__(self, path, uri: str, index: FrameIndex, size: int | None, threads: int = 0,
+    def __init__(self, path: str | Film, uri: str, index: FrameIndex, size: int | None, threads: int = 0,
                  stills: str = "exact", decord_only: bool = False,
                  on_fallback: Callable[[str, str, int], None] | None = None):
         if stills not in STILLS_MODES:
@@ -232,7 +232,7 @@ class VideoTrack:
                 reader = _open_decord(self._path, self._size, 1)
 
 
-def decode_clips(path, uri: str, start: int = 0, stop: int | None = None, *,
+def decode_clips(path: str | Film, uri: str, start: int = 0, stop: int | None = None, *,
                  frames_per_clip: int = 1, size: int = 224, threads: int = 0, stills: str = "exact",
                  indexes: IndexCache | None = None,
                  on_fallback: Callable[[str, str, int], None] | None = None) -> tuple[MediaInfo, Iterator[Clip]]:
@@ -282,7 +282,7 @@ def _then_truncated(clips: Iterator[Clip], uri: str, readable_clips: int, stop: 
                                f"{declared_s:.1f} s could be decoded")
 
 
-def _clips(video: VideoTrack, container: _Container, path, start: int, stop: int,
+def _clips(video: VideoTrack, container: _Container, path: str | Film, start: int, stop: int,
            frames_per_clip: int) -> Iterator[Clip]:
     if stop <= start:
         return

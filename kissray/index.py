@@ -25,7 +25,7 @@ from fractions import Fraction
 import numpy as np
 
 from kissray.errors import MediaOpenError
-from kissray.remote import open_container
+from kissray.remote import Film, open_container
 
 MAX_DURATION_S = 7 * 24 * 3600.0  # longer than any film: a timeline beyond this is broken metadata
 MAX_FRAME_GAP_S = 60.0  # no frame for this long (in decode order) is a timestamp discontinuity
@@ -105,7 +105,7 @@ class FrameIndex:
         return int(hits[0]) if len(hits) == 1 else None
 
 
-def read_index(path, uri: str) -> FrameIndex:
+def read_index(path: str | Film, uri: str) -> FrameIndex:
     """Demux the first video stream of a film (no decoding) and build its checked index.
     ``path``: a local file, or a :class:`kissray.remote.Film` (a remote MP4's packets are listed
     from its ``moov`` with the media data blanked, then the first ones checked against their bytes)."""
@@ -167,12 +167,10 @@ def _demux(container, stream, limit: int | None = None) -> tuple[tuple[list, ...
     return columns, False
 
 
-def _check_blanked(film, columns: tuple[list, ...]) -> None:
+def _check_blanked(film: Film, columns: tuple[list, ...]) -> None:
     """Compare the first packets listed with the media data blanked with the same packets demuxed
     with their bytes: a demuxer that parses the data (not only ``moov``) lists other packets, and
     then the film must be read whole (raises :class:`kissray.remote.NotRangeReadable`)."""
-    import av
-
     from kissray.remote import CHECKED_PACKETS, NotRangeReadable
 
     listed = list(zip(*(column[:CHECKED_PACKETS] for column in columns[:5])))
@@ -182,7 +180,7 @@ def _check_blanked(film, columns: tuple[list, ...]) -> None:
         raise NotRangeReadable("the packets listed without the media data are not the packets in it")
 
 
-def _cut_short(path, declared_s: float | None, pts: np.ndarray, time_base) -> bool:
+def _cut_short(path: str | Film, declared_s: float | None, pts: np.ndarray, time_base) -> bool:
     """True when the container declares much more than its video has and no stream has data near
     the declared end: a file cut short (e.g. an interrupted Matroska download, whose demuxer reports
     no error). Video that ends before the audio is not cut short: the audio reaches the end."""
@@ -195,7 +193,7 @@ def _cut_short(path, declared_s: float | None, pts: np.ndarray, time_base) -> bo
     return _data_end_s(path, declared_s) < declared_s - missing_s / 2
 
 
-def _data_end_s(path, declared_s: float) -> float:
+def _data_end_s(path: str | Film, declared_s: float) -> float:
     """Where the data of any stream ends (seconds from the container's start), read near the end."""
     import av
 

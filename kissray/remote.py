@@ -33,6 +33,7 @@ READ_AHEAD_BLOCKS = 2  # fetched in the background ahead of the decoder (a windo
 CACHE_BYTES = 64 << 20  # media blocks kept per film and process: a 32-clip group of 16 Mbit/s video,
 # so that the group's audio (read after its stills) comes from the blocks its video read
 MAX_RECENT_RANGES = 32  # exact ranges kept (FFmpeg's reads of one film: 32 KiB each)
+HEAD_BYTES = 64 << 10  # read with each top-level box header (the next header, or a whole small moov)
 ISO_BOX_TYPES = {b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot", b"uuid", b"styp", b"sidx", b"moof"}
 MAX_TOP_LEVEL_BOXES = 4096  # more (a fragmented file of tiny fragments): not worth ranged reads
 CHECKED_PACKETS = 8  # packets of the blanked index compared with their real bytes (the first keyframe on)
@@ -90,8 +91,9 @@ class RangeSource:
         self._metadata: dict[int, bytes] = {}  # region start -> its bytes
         self._recent: collections.OrderedDict[int, bytes] = collections.OrderedDict()  # exact ranges
         self._pending: dict[tuple[int, int], concurrent.futures.Future] = {}  # read-ahead in flight
+        self._sequential = (-1, 0)  # (end, size) of the last exact-range fetch
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        boxes = iso_boxes(self._fetch, self.size)
+        boxes = iso_boxes(self._head, self.size)
         self.regions = _regions([(payload, end) for kind, _, payload, end in boxes if kind == b"mdat"], self.size)
 
     def open(self, purpose: str) -> "RangeFile":
@@ -109,16 +111,28 @@ class RangeSource:
         if purpose == "index":
             return bytes(end - pos)
         if purpose == "ranges" and not self._cached(pos, end, start):
-            return self._from_ranges(pos, end)
+            return self._from_ranges(pos, end, self.regions_end(start))
         return self._from_blocks(pos, end, start)
 
     def regions_end(self, start: int) -> int:
         return next(e for s, e, _ in self.regions if s == start)
 
+    def _head(self, start: int, end: int) -> bytes:
+        """A box header: the first alone (is this an ISO file at all?), the others with the
+        HEAD_BYTES after them (the next header, a small moov) in one GET."""
+        if start == 0:
+            return self._fetch(start, end)
+        data = self._recent_range(start, end)
+        if data is None:
+            first = 0 if start < HEAD_BYTES else start  # the file's head in one piece (ftyp + moov of a faststart file)
+            self._remember(first, self._fetch(first, min(self.size, start + max(end - start, HEAD_BYTES))))
+            data = self._recent_range(start, end)
+        return data
+
     def _metadata_region(self, start: int, end: int) -> bytes:
         data = self._metadata.get(start)
         if data is None:
-            data = self._metadata[start] = self._fetch(start, end)
+            data = self._metadata[start] = self._recent_range(start, end) or self._fetch(start, end)
         return data
 
     def _from_blocks(self, pos: int, end: int, region_start: int) -> bytes:
@@ -145,8 +159,10 @@ class RangeSource:
             pending = self._pending.pop(key, None)
         if pending is not None:
             data = pending.result()
-        else:
-            data = self._recent_range(start, end) or self._fetch(start, end)
+        else:  # what a recent exact read already holds of it is not fetched again
+            data = self._recent_prefix(start, end)
+            if len(data) < end - start:
+                data += self._fetch(start + len(data), end)
         with self._lock:
             self._blocks[key] = data
             while len(self._blocks) > max(2, CACHE_BYTES // self.block_bytes):
@@ -167,18 +183,35 @@ class RangeSource:
                     self._executor = concurrent.futures.ThreadPoolExecutor(self.read_ahead, "kissray-read-ahead")
                 self._pending[(ahead, start)] = self._executor.submit(self._fetch, start, end)
 
-    def _from_ranges(self, pos: int, end: int) -> bytes:
-        """Exactly [pos, end), from one of the last ``MAX_RECENT_RANGES`` fetched if it holds it
-        (a demuxer seeks back into what it just read)."""
+    def _from_ranges(self, pos: int, end: int, region_end: int) -> bytes:
+        """[pos, end), from one of the last ``MAX_RECENT_RANGES`` fetched if it holds it (a demuxer
+        seeks back into what it just read). Else fetched: exactly, or, when this read continues
+        the last one, twice as much as that one (up to a block): a reader going forward needs
+        fewer requests, one jumping from sample to sample (audio between video) reads no more."""
         data = self._recent_range(pos, end)
         if data is not None:
             return data
-        data = self._fetch(pos, end)
+        last_end, last_n = self._sequential
+        n = min(self.block_bytes, 2 * last_n) if pos == last_end else end - pos
+        fetch_end = min(region_end, max(end, pos + n))
+        self._sequential = (fetch_end, fetch_end - pos)
+        self._remember(pos, self._fetch(pos, fetch_end))
+        return self._recent_range(pos, end)
+
+    def _remember(self, pos: int, data: bytes) -> None:
         with self._lock:
             self._recent[pos] = data
             while len(self._recent) > MAX_RECENT_RANGES:
                 self._recent.popitem(last=False)
-        return data
+
+    def _recent_prefix(self, pos: int, end: int) -> bytes:
+        """The longest start of [pos, end) held by one recent exact read (b"" when none)."""
+        best = b""
+        with self._lock:
+            for start, data in self._recent.items():
+                if start <= pos < start + len(data):
+                    best = max(best, data[pos - start:end - start], key=len)
+        return best
 
     def _recent_range(self, pos: int, end: int) -> bytes | None:
         with self._lock:

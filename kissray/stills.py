@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from kissray.index import NOPTS, FrameIndex, only_first_video
-from kissray.remote import open_container
+from kissray.remote import Film, open_container
 
 SEEK_ATTEMPTS = 3  # keyframes tried, latest first, before demuxing a window from the film's start
 MAX_PENDING_STILLS = 64  # stills decoded past a missing one before it is declared missing
@@ -42,7 +42,7 @@ class SparseStills:
     (what any forward reader does; the retry when the sparse decoder cannot vouch for a still).
     """
 
-    def __init__(self, path, index: FrameIndex, wanted: np.ndarray, size: int | None, threads: int,
+    def __init__(self, path: str | Film, index: FrameIndex, wanted: np.ndarray, size: int | None, threads: int,
                  dense: bool = False):
         self._path, self._index, self._size, self._threads = path, index, size, threads
         self._wanted_pts = set(index.pts[index.order[np.unique(wanted)]].tolist())
@@ -137,8 +137,6 @@ class SparseStills:
                 yield frame.pts, frame.reformat(format="rgb24", interpolation="BILINEAR", **sizes).to_ndarray()
 
     def _open(self):
-        import av
-
         self.close()
         self._container = open_container(self._path, "blocks")
         stream = only_first_video(self._container)
