@@ -1,0 +1,291 @@
+"""Films, checkpoints and outputs on object storage, end to end against a real S3 server (moto's).
+
+Every command runs the way a user runs it (``kissray ...`` in this process, or as a child that
+is SIGKILLed), with films on ``s3://``, checkpoints on ``s3://`` and ``--out s3://``. The test
+looks at the bucket through its own S3 clients, never through kissray's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import make_film
+from kissray.cli import main as cli_main
+from kissray.names import file_name_for
+from kissray.score import SegmentParams, score_film
+
+TABLES = ("scores", "segments", "titles")
+# threshold 0: every scored second is positive, so each scored stretch of >= 3 s is one segment
+PARAMS = SegmentParams(threshold=0.0, min_len=3, min_fraction=0.6)
+SCORE_ARGS = ["--window-s", "4", "--batch-size", "4", "--threshold", "0", "--min-len", "3", "--min-fraction", "0.6",
+              "--decode-timeout-s", "30", "--no-progress"]
+GOOD = {"five": 5, "silent": 4}  # title_id -> n_clips
+BROKEN = {"empty": "failed", "half": "partial"}
+
+
+def observer():
+    """The test's own view of the bucket: no listing cache, so it never sees a stale listing."""
+    import s3fs
+
+    return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+
+
+def s3_client(s3):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=s3.endpoint)
+
+
+def upload(local: str | Path, uri: str) -> str:
+    observer().put(str(local), uri.removeprefix("s3://"), recursive=Path(local).is_dir())
+    return uri
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def write_films(root: Path, media_dir: Path) -> dict[str, Path]:
+    """Two good films, a zero-byte .mp4 and a film cut in half (title_id -> local file)."""
+    root.mkdir(parents=True, exist_ok=True)
+    films = {"five": Path(make_film(root / "five.mp4", 5, extra_args=("-bf", "2", "-g", "12"))),
+             "silent": Path(make_film(root / "silent.mkv", 4, audio=False))}
+    (root / "empty.mp4").write_bytes(b"")
+    whole = make_film(media_dir / "s3-faststart.mp4", 12, extra_args=("-movflags", "+faststart"))
+    data = Path(whole).read_bytes()
+    (root / "half.mp4").write_bytes(data[: len(data) // 2])
+    films["empty"], films["half"] = root / "empty.mp4", root / "half.mp4"
+    return films
+
+
+def read(out: str, table: str) -> pd.DataFrame:
+    return pd.read_parquet(f"{out}/{table}")
+
+
+def object_stamps(s3, out: str, title_id: str) -> dict[str, tuple]:
+    """(ETag, LastModified, number of versions) of a title's three files."""
+    client = s3_client(s3)
+    bucket, _, prefix = out.removeprefix("s3://").partition("/")
+    stamps = {}
+    for table in TABLES:
+        key = f"{prefix}/{table}/{file_name_for(title_id)}.parquet"
+        head = client.head_object(Bucket=bucket, Key=key)
+        versions = client.list_object_versions(Bucket=bucket, Prefix=key).get("Versions", [])
+        stamps[table] = (head["ETag"], head["LastModified"], len([v for v in versions if v["Key"] == key]))
+    return stamps
+
+
+def visible_files(out: str) -> dict[str, list[str]]:
+    """Per table, the files a dataset reader considers (names not starting with '.' or '_')."""
+    fs = observer()
+    found = {}
+    for table in TABLES:
+        paths = fs.find(f"{out.removeprefix('s3://')}/{table}")
+        found[table] = sorted(p for p in paths if not Path(p).name.startswith((".", "_")))
+    return found
+
+
+@pytest.fixture(scope="module")
+def library(s3, tmp_path_factory, media_dir, checkpoint):
+    """The films on S3 (and their local copies) and the checkpoint on S3."""
+    root = tmp_path_factory.mktemp("s3-library")
+    local = write_films(root / "films", media_dir)
+    prefix = f"s3://films/{unique('lib')}"
+    uris = {t: upload(path, f"{prefix}/{path.name}") for t, path in local.items()}
+    model_uri = upload(checkpoint, f"{prefix}-ck")
+    return {"local": local, "uris": uris, "prefix": prefix, "model": model_uri, "root": root}
+
+
+def score(inputs: list[str], model: str, out: str, ray_session) -> tuple[int, str, str]:
+    """``kissray score INPUTS --model MODEL --out OUT`` on the session's Ray: (exit code, stdout, stderr)."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    address = ray_session.get_runtime_context().gcs_address
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = cli_main(["score", *inputs, "--model", model, "--out", out, "--address", address, *SCORE_ARGS])
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
+@pytest.fixture(scope="module")
+def results(s3):
+    """A bucket for outputs, versioned: every write of an object is one more version of it."""
+    bucket = s3.make_bucket("results")
+    s3_client(s3).put_bucket_versioning(Bucket="results", VersioningConfiguration={"Status": "Enabled"})
+    return bucket
+
+
+@pytest.fixture(scope="module")
+def scored(library, results, ray_session):
+    """``kissray score s3://films/lib/ --model s3://... --out s3://results/...``: (out, code, stdout, stderr)."""
+    out = f"{results}/{unique('out')}"
+    return (out, *score([f"{library['prefix']}/"], library["model"], out, ray_session))
+
+
+def test_score_s3_library_into_s3_out(scored, library):
+    out, code, stdout, stderr = scored
+    assert code == 3, stderr
+    assert "4 titles: 2 ok, 1 partial, 1 failed, 0 skipped" in stdout
+    titles = read(out, "titles").set_index("title_id")
+    assert sorted(titles.index) == sorted(library["uris"])
+    assert titles.status.to_dict() == {**dict.fromkeys(GOOD, "ok"), **BROKEN}
+    assert titles.uri.to_dict() == library["uris"]
+    assert (titles.model == library["model"]).all()
+    assert titles.n_clips[list(GOOD)].to_dict() == GOOD and titles.n_clips["half"] == 12
+    assert (titles.n_scored[list(GOOD)] == titles.n_clips[list(GOOD)]).all()
+    assert 0 < titles.n_scored["half"] < 12 and titles.n_scored["empty"] == 0
+    assert titles.has_audio.to_dict() == {"five": True, "silent": False, "empty": False, "half": True}
+    assert titles.error[list(GOOD)].isna().all()
+    for title_id in BROKEN:
+        assert f"failed: {title_id}: " in stderr or f"partial: {title_id}: " in stderr
+    for table in TABLES:  # one file per title, nothing else a reader would see
+        assert [Path(p).name for p in visible_files(out)[table]] == sorted(
+            f"{file_name_for(t)}.parquet" for t in library["uris"])
+
+
+def test_errors_name_the_s3_uri_not_a_staging_path(scored, library):
+    out, _, _, stderr = scored
+    titles = read(out, "titles").set_index("title_id")
+    print(titles.error.to_dict())
+    assert library["uris"]["empty"] in titles.error["empty"]
+    for title_id in BROKEN:
+        error = titles.error[title_id]
+        assert "\n" not in error and "/tmp" not in error and "kissray-" not in error, error
+
+
+def test_s3_scores_equal_score_film_on_the_local_copy(scored, library, model):
+    out, _, _, _ = scored
+    scores, segments = read(out, "scores"), read(out, "segments")
+    titles = read(out, "titles").set_index("title_id")
+    assert not scores.duplicated(["title_id", "label", "second"]).any()
+    assert scores[scores.title_id == "empty"].empty and segments[segments.title_id == "empty"].empty
+    for title_id in [*GOOD, "half"]:
+        reference = score_film(str(library["local"][title_id]), model, timeout_s=30, threshold=0.0, min_len=3, min_fraction=0.6)
+        assert (reference.status, reference.n_scored) == (titles.status[title_id], titles.n_scored[title_id])
+        mine = scores[scores.title_id == title_id].sort_values("second")
+        assert list(mine.second) == list(np.flatnonzero(np.isfinite(reference.probs[:, 0])))
+        np.testing.assert_allclose(mine.p.to_numpy(), reference.probs[mine.second.to_numpy(), 0], atol=1e-5)
+        spans = segments[segments.title_id == title_id].sort_values("segment")
+        assert list(zip(spans.start_s, spans.end_s)) == [(s.start_s, s.end_s) for s in reference.segments]
+    # threshold 0: each film's scored seconds (3 s at least) are one segment
+    half = {"half": float(titles.n_scored["half"])} if titles.n_scored["half"] >= 3 else {}
+    assert segments.set_index("title_id").end_s.to_dict() == {"five": 5.0, "silent": 4.0, **half}
+
+
+def test_rerun_on_s3_skips_ok_titles_without_rewriting_them(scored, library, ray_session, s3):
+    """Two reruns from this process: the first adds a film, the second must see it ok (what other
+    processes wrote since this one last listed OUT counts too)."""
+    out = scored[0]
+    extra = upload(make_film(library["root"] / "extra.mp4", 3), f"s3://films/{unique('extra')}/extra.mp4")
+    inputs = [f"{library['prefix']}/", extra]
+    before = read(out, "titles").set_index("title_id")
+    stamps = {t: object_stamps(s3, out, t) for t in library["uris"]}
+    assert all(n == 1 for t in stamps for _, _, n in stamps[t].values())  # each file written once
+    code, stdout, stderr = score(inputs, library["model"], out, ray_session)
+    assert code == 3, stderr
+    assert "5 titles: 1 ok, 1 partial, 1 failed, 2 skipped" in stdout
+    stamps["extra"] = object_stamps(s3, out, "extra")
+    code, stdout, stderr = score(inputs, library["model"], out, ray_session)
+    assert code == 3, stderr
+    assert "5 titles: 0 ok, 1 partial, 1 failed, 3 skipped" in stdout
+    after = read(out, "titles").set_index("title_id")
+    assert sorted(after.index) == sorted([*before.index, "extra"]) and after.status["extra"] == "ok"
+    for title_id in [*GOOD, "extra"]:  # not rewritten: the same object, one version, same time
+        assert object_stamps(s3, out, title_id) == stamps[title_id]
+        assert all(n == 1 for _, _, n in stamps[title_id].values())
+        if title_id in before.index:
+            assert after.scored_at[title_id] == before.scored_at[title_id]
+    for title_id in BROKEN:  # retried twice: a third version of the title's commit record
+        assert after.scored_at[title_id] > before.scored_at[title_id]
+        assert object_stamps(s3, out, title_id)["titles"][2] == 3
+        assert after.status[title_id] == before.status[title_id]
+    for table in ("scores", "segments"):
+        frame = read(out, table)
+        key = ["title_id", "label", "second" if table == "scores" else "segment"]
+        assert not frame.duplicated(key).any()
+    assert len(read(out, "scores")) == int(after.n_scored.sum())
+
+
+N_KILLED_RUN = 8  # titles of the run that is killed
+
+
+def wait_for(condition, proc, timeout_s: float = 240.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def assert_every_object_is_complete_parquet(out: str) -> None:
+    """What readers see is whole: every object under the tables (temporary ones included) is a
+    complete Parquet file, and no upload is left half-done."""
+    import pyarrow.parquet as pq
+
+    fs = observer()
+    for table in TABLES:
+        for path in fs.find(f"{out.removeprefix('s3://')}/{table}"):
+            with fs.open(path, "rb") as f:
+                assert pq.ParquetFile(f).metadata.num_rows >= 0, path
+        frame = read(out, table)  # what pandas sees: the dataset, temporaries left out
+        assert list(frame.columns)[:2] == ["title_id", "label" if table != "titles" else "uri"]
+
+
+@pytest.mark.slow
+def test_killed_run_on_s3_leaves_only_whole_files_and_a_rerun_finishes(library, results, tmp_path, ray_session, s3):
+    prefix = f"s3://films/{unique('killed')}"
+    for i in range(N_KILLED_RUN):
+        upload(make_film(tmp_path / f"film{i}.mp4", 3 + i % 2), f"{prefix}/film{i}.mp4")
+    out = f"{results}/{unique('killed')}"
+    fs = observer()
+    lock = f"{out.removeprefix('s3://')}/_kissray.lock"
+    titles_dir = f"{out.removeprefix('s3://')}/titles"
+    # batches of 2 clips on one actor: titles finish one by one, so the kill lands between two of them
+    cmd = [sys.executable, "-m", "kissray.cli", "score", f"{prefix}/", "--model", library["model"], "--out", out,
+           "--address", "local", "--window-s", "2", "--actors", "1", "--batch-size", "2", "--no-progress"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "RAY_ADDRESS": ""}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        assert wait_for(lambda: fs.exists(lock), proc), "the run never took OUT's lock"
+        # a second run on the same OUT while the first is alive: a usage error naming the holder
+        code, _, stderr = score([f"{prefix}/"], library["model"], out, ray_session)
+        assert code == 2 and "in use by another run" in stderr and f"pid {proc.pid}," in stderr, stderr
+        assert wait_for(lambda: any(p.endswith(".parquet") and "/.tmp-" not in p for p in fs.find(titles_dir)),
+                        proc), "no title finished"
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the group is gone if the run died by itself
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finished = set(read(out, "titles").title_id)
+    assert 1 <= len(finished) < N_KILLED_RUN, "kill the run mid-way"
+    assert_every_object_is_complete_parquet(out)
+    bucket, _, key = out.removeprefix("s3://").partition("/")
+    assert not s3_client(s3).list_multipart_uploads(Bucket=bucket, Prefix=key).get("Uploads")
+    assert json.loads(fs.cat(lock))["pid"] == proc.pid  # the dead run's lock is still there...
+    before = read(out, "scores")
+    code, stdout, stderr = score([f"{prefix}/"], library["model"], out, ray_session)  # ...and taken over
+    assert code == 0, stderr
+    assert (f"{N_KILLED_RUN} titles: {N_KILLED_RUN - len(finished)} ok, 0 partial, 0 failed, "
+            f"{len(finished)} skipped") in stdout
+    assert not fs.exists(lock)
+    assert_every_object_is_complete_parquet(out)
+    titles, scores = read(out, "titles"), read(out, "scores")
+    assert sorted(titles.title_id) == sorted(f"film{i}" for i in range(N_KILLED_RUN))
+    assert (titles.status == "ok").all()
+    assert not scores.duplicated(["title_id", "label", "second"]).any()
+    assert len(scores) == int(titles.n_scored.sum()) == sum(3 + i % 2 for i in range(N_KILLED_RUN))
+    kept = scores[scores.title_id.isin(finished)].sort_values(["title_id", "second"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(kept, before[before.title_id.isin(finished)]
+                                  .sort_values(["title_id", "second"]).reset_index(drop=True))
