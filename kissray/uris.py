@@ -26,3 +26,17 @@ def is_local(uri: str) -> bool:
 def join_uri(base: str, *parts: str) -> str:
     """``base/part/...`` for local paths and fsspec URIs alike."""
     return "/".join([str(base).rstrip("/"), *[str(p).strip("/") for p in parts]])
+
+
+def write_text(uri: str, text: str) -> None:
+    """Write ``text`` (UTF-8) to the file ``uri``, making its folder first where folders exist."""
+    import posixpath
+
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(str(uri))
+    parent = posixpath.dirname(path)  # fsspec paths use "/" on every platform
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(path, "w", encoding="utf-8", newline="") as f:
+        f.write(text)

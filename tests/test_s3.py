@@ -7,10 +7,12 @@ looks at the bucket through its own S3 clients, never through kissray's.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -289,3 +291,142 @@ def test_killed_run_on_s3_leaves_only_whole_files_and_a_rerun_finishes(library, 
     kept = scores[scores.title_id.isin(finished)].sort_values(["title_id", "second"]).reset_index(drop=True)
     pd.testing.assert_frame_equal(kept, before[before.title_id.isin(finished)]
                                   .sort_values(["title_id", "second"]).reset_index(drop=True))
+
+
+def tone_corpus(root: Path, prefix: str) -> tuple[str, str]:
+    """Four 4 s films whose ``kiss`` seconds carry the tone, split train/train/val/test by the CSV;
+    the same annotations for the local films and for their copies under ``prefix`` on S3."""
+    rows_local, rows_s3 = [], []
+    for i, split in enumerate(("train", "train", "val", "test")):
+        tone = [s for s in range(4) if (s + i) % 2 == 0]
+        path = make_film(root / f"film{i}.mp4", 4, tone_seconds=tone)
+        uri = upload(path, f"{prefix}/film{i}.mp4")
+        for s in range(4):
+            label = "kiss" if s in tone else "none"
+            rows_local.append(f"{path},{s},{s + 1},{label},{split}")
+            rows_s3.append(f"{uri},{s},{s + 1},{label},{split}")
+    header = "uri,start_s,end_s,label,split\n"
+    (root / "ann.csv").write_text(header + "\n".join(rows_local) + "\n")
+    (root / "ann-s3.csv").write_text(header + "\n".join(rows_s3) + "\n")
+    return str(root / "ann.csv"), upload(root / "ann-s3.csv", f"{prefix}/ann.csv")
+
+
+def without(report: dict, *keys: str) -> dict:
+    return {k: v for k, v in report.items() if k not in keys}
+
+
+@pytest.mark.slow
+def test_init_train_eval_with_everything_on_s3(results, tmp_path, capsys):
+    """The same training and evaluation from S3 (annotations, films, checkpoints, report) as from
+    local copies: identical weights and metrics."""
+    prefix = f"{results}/{unique('train')}"
+    local_ann, s3_ann = tone_corpus(tmp_path, f"{prefix}/films")
+    fs = observer()
+    assert cli_main(["init", "--out", f"{prefix}/init", "--image-size", "64", "--seed", "3"]) == 0
+    assert sorted(Path(p).name for p in fs.ls(f"{prefix.removeprefix('s3://')}/init")) == [
+        "config.json", "model.safetensors"]
+    fs.get(f"{prefix.removeprefix('s3://')}/init", str(tmp_path / "init"), recursive=True)
+    train_args = ["--epochs", "2", "--lr", "0.01", "--batch-size", "8", "--seed", "2"]
+    assert cli_main(["train", "--annotations", s3_ann, "--init", f"{prefix}/init", "--out", f"{prefix}/trained",
+                     *train_args]) == 0
+    assert cli_main(["train", "--annotations", local_ann, "--init", str(tmp_path / "init"),
+                     "--out", str(tmp_path / "trained"), *train_args]) == 0
+    trained = fs.cat(f"{prefix.removeprefix('s3://')}/trained/model.safetensors")
+    assert trained == (tmp_path / "trained" / "model.safetensors").read_bytes()
+    metrics = json.loads(fs.cat(f"{prefix.removeprefix('s3://')}/trained/metrics.json"))
+    local_metrics = json.loads((tmp_path / "trained" / "metrics.json").read_text())
+    assert metrics["annotations"] == s3_ann and metrics["init"] == f"{prefix}/init"
+    assert metrics["splits"]["test"] == [f"{prefix}/films/film3.mp4"] and metrics["skipped_films"] == []
+    for key in ("final", "n_clips", "n_positive", "balance", "best_epoch"):
+        assert metrics[key] == local_metrics[key], key
+    capsys.readouterr()
+    eval_args = ["--split", "all", "--min-len", "1"]
+    assert cli_main(["eval", "--annotations", s3_ann, "--model", f"{prefix}/trained", "--out",
+                     f"{prefix}/eval.json", *eval_args]) == 0
+    assert f"wrote {prefix}/eval.json" in capsys.readouterr().out
+    assert cli_main(["eval", "--annotations", local_ann, "--model", str(tmp_path / "trained"), "--out",
+                     str(tmp_path / "eval.json"), *eval_args]) == 0
+    report = json.loads(fs.cat(f"{prefix.removeprefix('s3://')}/eval.json"))
+    local_report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["model"] == f"{prefix}/trained" and report["seed"] == 2
+    assert report["films"] == [f"{prefix}/films/film{i}.mp4" for i in range(4)]
+    assert without(report, "model", "films", "annotations") == without(local_report, "model", "films", "annotations")
+
+
+def files_under(root: str) -> dict[str, bytes]:
+    """{path relative to root: bytes} of every file under a local folder or an s3:// prefix."""
+    if root.startswith("s3://"):
+        fs, base = observer(), root.removeprefix("s3://").rstrip("/")
+        return {p[len(base) + 1:]: fs.cat(p) for p in fs.find(base)}
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def local_out(scored, tmp_path_factory) -> str:
+    """The same score output, downloaded to a local folder (its film URIs still on S3)."""
+    out, local = scored[0], tmp_path_factory.mktemp("s3-out-copy") / "out"
+    for table in TABLES:
+        observer().get(f"{out.removeprefix('s3://')}/{table}", str(local / table), recursive=True)
+    return str(local)
+
+
+@pytest.fixture(scope="module")
+def excerpted(scored, local_out, tmp_path_factory):
+    """``kissray excerpts`` from the S3 OUT into S3 (its default, OUT/excerpts) and into a local
+    folder, and from the local copy of OUT: {where: exit code}."""
+    out = scored[0]
+    elsewhere = str(tmp_path_factory.mktemp("s3-excerpts") / "cuts")
+    codes = {out: cli_main(["excerpts", "--scores", out, "--pad", "0.5"]),
+             elsewhere: cli_main(["excerpts", "--scores", out, "--pad", "0.5", "--out", elsewhere]),
+             local_out: cli_main(["excerpts", "--scores", local_out, "--pad", "0.5"])}
+    return {"s3": f"{out}/excerpts", "elsewhere": elsewhere, "local": f"{local_out}/excerpts", "codes": codes}
+
+
+def test_excerpts_from_an_s3_out_are_the_local_outs(excerpted, scored, capsys):
+    assert set(excerpted["codes"].values()) == {0}
+    segments = read(scored[0], "segments")
+    expected = sorted(f"{file_name_for(s.title_id)}/kiss-{s.segment}-{s.start_s:g}-{s.end_s:g}.{ext}"
+                      for s in segments.itertuples() for ext in ("mp4", "jpg"))
+    local = files_under(excerpted["local"])
+    assert sorted(local) == expected and len(expected) >= 4
+    assert files_under(excerpted["s3"]) == local  # the same bytes
+    assert files_under(excerpted["elsewhere"]) == local
+    capsys.readouterr()
+    assert cli_main(["excerpts", "--scores", scored[0], "--pad", "0.5"]) == 0  # all there already
+    assert f"0 files written, {len(expected)} already there, 0 films failed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json", "edl"])
+def test_export_from_an_s3_out_is_the_local_outs(fmt, scored, local_out, capsys):
+    out = scored[0]
+    assert cli_main(["export", "--scores", out, "--format", fmt]) == 0
+    assert cli_main(["export", "--scores", local_out, "--format", fmt]) == 0
+    if fmt == "edl":  # one file per title with segments, in OUT/edl
+        remote, local = files_under(f"{out}/edl"), files_under(f"{local_out}/edl")
+        assert sorted(remote) == sorted(f"{file_name_for(t)}.edl" for t in set(read(out, "segments").title_id))
+        assert remote == local
+    else:
+        remote = observer().cat(f"{out.removeprefix('s3://')}/segments.{fmt}")
+        assert remote == Path(local_out, f"segments.{fmt}").read_bytes()
+        assert remote.count(b"s3://films/") == len(read(out, "segments"))  # one row per segment, its film's URI
+
+
+def test_report_from_an_s3_out_is_the_local_outs(excerpted, scored, local_out, tmp_path):
+    out = scored[0]
+    assert cli_main(["report", "--scores", out]) == 0  # OUT/report.html, next to OUT/excerpts
+    assert cli_main(["report", "--scores", local_out]) == 0
+    remote = observer().cat(f"{out.removeprefix('s3://')}/report.html").decode()
+    local = Path(local_out, "report.html").read_text()
+    assert remote.count('href="excerpts/five/kiss-0-0-5.mp4"') == 1  # relative links: served from the
+    assert remote.count('src="excerpts/five/kiss-0-0-5.jpg"') == 1  # bucket or synced, the page works
+
+    def same(page: str, out_dir: str) -> str:
+        return re.sub(r"generated [0-9-]+ [0-9:]+ UTC", "generated", page.replace(out_dir, "OUT"))
+
+    assert same(remote, out) == same(local, local_out)
+    # elsewhere than next to OUT: links to the excerpts by their URI; thumbnails inlined on request
+    page = tmp_path / "report.html"
+    assert cli_main(["report", "--scores", out, "--out", str(page), "--embed-thumbnails"]) == 0
+    assert f'href="{out}/excerpts/five/kiss-0-0-5.mp4"' in page.read_text()
+    thumbnail = observer().cat(f"{out.removeprefix('s3://')}/excerpts/five/kiss-0-0-5.jpg")
+    assert f'src="data:image/jpeg;base64,{base64.b64encode(thumbnail).decode()}"' in page.read_text()
