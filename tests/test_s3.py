@@ -430,3 +430,45 @@ def test_report_from_an_s3_out_is_the_local_outs(excerpted, scored, local_out, t
     assert f'href="{out}/excerpts/five/kiss-0-0-5.mp4"' in page.read_text()
     thumbnail = observer().cat(f"{out.removeprefix('s3://')}/excerpts/five/kiss-0-0-5.jpg")
     assert f'src="data:image/jpeg;base64,{base64.b64encode(thumbnail).decode()}"' in page.read_text()
+
+
+OTHER_PROCESS = """
+import sys, time
+from kissray.batch.lock import OutLock
+from kissray.batch.tables import ResultStore, TitleRecord, scores_table, segments_table
+import numpy as np
+out, model = sys.argv[1:]
+store = ResultStore(out)
+record = TitleRecord("b", "s3://films/b.mp4", "ok", None, 2.0, 2, 2, True, model)
+store.write_title(record, scores_table("b", ["kiss"], np.full((2, 1), 0.5, np.float32)), segments_table("b", []))
+with OutLock(store.fs, store.root, out):
+    print("holding", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_long_lived_process_sees_what_other_processes_wrote(results, checkpoint):
+    """s3fs caches listings per process, forever: a driver (or a notebook that scored before)
+    must still see titles committed, and a lock taken, by other processes since it last listed."""
+    from kissray.batch.tables import ResultStore, TitleRecord, scores_table, segments_table
+    from kissray.errors import UsageError
+    from kissray.pipeline import out_lock
+
+    out = f"{results}/{unique('shared')}"
+    store = ResultStore(out)
+    store.prepare()
+    record = TitleRecord("a", "s3://films/a.mp4", "ok", None, 2.0, 2, 2, True, checkpoint)
+    store.write_title(record, scores_table("a", ["kiss"], np.full((2, 1), 0.5, np.float32)), segments_table("a", []))
+    assert store.finished_titles(checkpoint) == {"a"} and store.title_row("b") is None
+    store.fs.ls(store.root)  # this process has listed OUT, its titles/ and their files
+    other = subprocess.Popen([sys.executable, "-c", OTHER_PROCESS, out, checkpoint], stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "holding"
+        with pytest.raises(UsageError, match=rf"in use by another run \(host .*, pid {other.pid},"):
+            with out_lock(out):
+                pass
+        assert store.finished_titles(checkpoint) == {"a", "b"}
+        assert store.title_row("b")["status"] == "ok"
+    finally:
+        other.kill()
+        other.wait()
