@@ -472,3 +472,18 @@ def test_a_long_lived_process_sees_what_other_processes_wrote(results, checkpoin
     finally:
         other.kill()
         other.wait()
+
+
+def test_inputs_on_s3_globs_folders_and_manifests_with_relative_entries(library):
+    """A manifest on S3 names films relative to its own folder, like a local one."""
+    from kissray.inputs import Title, expand_inputs
+
+    prefix, uris = library["prefix"], library["uris"]
+    fs = observer()
+    fs.pipe(f"{prefix.removeprefix('s3://')}/lists/tonight.txt", f"# tonight\n../five.mp4\n{uris['half']}\n".encode())
+    fs.pipe(f"{prefix.removeprefix('s3://')}/lists/ids.csv", b"uri,title_id\n../silent.mkv,tt-001\n")
+    assert expand_inputs([f"{prefix}/lists/tonight.txt", f"{prefix}/lists/ids.csv"]) == [
+        Title("five", uris["five"]), Title("half", uris["half"]), Title("tt-001", uris["silent"])]
+    assert expand_inputs([f"{prefix}/*.mp4"]) == [Title(t, uris[t]) for t in ("empty", "five", "half")]
+    assert sorted(expand_inputs([f"{prefix}/"]), key=lambda t: t.title_id) == [
+        Title(t, uris[t]) for t in sorted(uris)]
