@@ -487,3 +487,18 @@ def test_inputs_on_s3_globs_folders_and_manifests_with_relative_entries(library)
     assert expand_inputs([f"{prefix}/*.mp4"]) == [Title(t, uris[t]) for t in ("empty", "five", "half")]
     assert sorted(expand_inputs([f"{prefix}/"]), key=lambda t: t.title_id) == [
         Title(t, uris[t]) for t in sorted(uris)]
+
+
+def test_a_missing_bucket_is_an_error_never_created(library, results, s3, capsys):
+    """A typo in a bucket name must not create a bucket (fsspec's makedirs would)."""
+    buckets = {b["Name"] for b in s3_client(s3).list_buckets()["Buckets"]}
+    code = cli_main(["score", library["uris"]["five"], "--model", library["model"], "--out", "s3://no-such-bucket/out",
+                     "--no-progress"])
+    assert code == 2
+    assert "no bucket s3://no-such-bucket (or no access to it)" in capsys.readouterr().err
+    assert cli_main(["init", "--out", "s3://no-such-bucket/ck", "--image-size", "64"]) == 1
+    assert "no bucket s3://no-such-bucket" in capsys.readouterr().err
+    code = cli_main(["score", library["uris"]["five"], "--model", f"{library['prefix']}/no-ck", "--out",
+                     f"{results}/{unique('unused')}", "--no-progress"])
+    assert code == 2 and "not a kissray checkpoint" in capsys.readouterr().err
+    assert {b["Name"] for b in s3_client(s3).list_buckets()["Buckets"]} == buckets

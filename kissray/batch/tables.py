@@ -20,6 +20,7 @@ import pyarrow as pa
 from kissray.errors import UsageError
 from kissray.names import file_name_for
 from kissray.score import Segment
+from kissray.uris import make_dirs
 
 TABLES = ("scores", "segments", "titles")
 TEMP_PREFIX = ".tmp-"  # leading dot: ignored by pyarrow / pandas dataset readers
@@ -112,7 +113,7 @@ class ResultStore:
 
     def make_folders(self) -> None:
         for table in TABLES:
-            self.fs.makedirs(self._dir(table), exist_ok=True)
+            make_dirs(self.fs, self._dir(table))
 
     def finished_titles(self, model: str) -> set[str]:
         """Ids of titles already ``ok`` with this model (a rerun skips them)."""
