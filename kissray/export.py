@@ -22,7 +22,7 @@ from kissray.defaults import EXPORT_FORMATS
 from kissray.errors import KissrayError, MediaOpenError, UsageError
 from kissray.names import file_name_for
 from kissray.outputs import ScoreOutputs, read_outputs
-from kissray.uris import join_uri
+from kissray.uris import join_uri, write_text
 
 FORMATS = EXPORT_FORMATS
 RECORD_START_TC = "01:00:00:00"  # where an NLE sequence conventionally starts
@@ -206,11 +206,4 @@ def _write_text(target: str, text: str) -> None:
     if target == "-":
         sys.stdout.write(text)
         return
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(target)
-    parent = os.path.dirname(path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "w", newline="") as f:
-        f.write(text)
+    write_text(target, text)

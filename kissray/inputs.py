@@ -2,7 +2,7 @@
 
 A manifest is a ``.txt`` file (one URI a line; blank lines and ``#`` comments skipped) or a
 ``.csv`` / ``.parquet`` table with a ``uri`` column and an optional ``title_id`` column.
-Relative paths inside a local manifest are relative to the manifest's folder. Directories are
+Relative paths inside a manifest are relative to the manifest's folder, local or remote. Directories are
 searched recursively for files with a video extension (:data:`kissray.media.VIDEO_EXTENSIONS`).
 A path that names no existing file is kept as a title: it gets a ``failed`` row, not a crash.
 """
@@ -10,6 +10,7 @@ A path that names no existing file is kept as a title: it gets a ``failed`` row,
 from __future__ import annotations
 
 import os
+import posixpath
 from dataclasses import dataclass
 
 from kissray.errors import UsageError
@@ -158,13 +159,19 @@ def _uri(fs, path: str, item: str, local: bool) -> str:
     return fs.unstrip_protocol(path)
 
 
-def _manifest_base(uri: str) -> str | None:
-    """The folder relative manifest entries are resolved against (local manifests only)."""
+def _manifest_base(uri: str) -> str:
+    """The folder relative manifest entries are resolved against: the manifest's own, local or
+    remote (``s3://bucket/lists/tonight.txt`` -> ``s3://bucket/lists``)."""
     fs, path = _url_to_fs(uri)
-    return os.path.dirname(os.path.abspath(path)) if is_local_fs(fs) else None
+    if is_local_fs(fs):
+        return os.path.dirname(os.path.abspath(path))
+    return fs.unstrip_protocol(posixpath.dirname(path.rstrip("/")))
 
 
-def _resolve(entry: str, base: str | None) -> str:
-    if "://" in entry or os.path.isabs(entry) or base is None:
+def _resolve(entry: str, base: str) -> str:
+    if "://" in entry or os.path.isabs(entry):
         return entry
+    if "://" in base:  # a relative entry of a remote manifest: on the manifest's filesystem
+        protocol, _, folder = base.partition("://")
+        return f"{protocol}://{posixpath.normpath(posixpath.join(folder, entry))}"
     return os.path.join(base, entry)

@@ -18,6 +18,7 @@ from torch import nn
 
 from kissray.defaults import FRAMES_PER_CLIP, IMAGE_SIZE_PX, MODALITIES
 from kissray.errors import CheckpointError
+from kissray.uris import make_dirs
 
 RESNET_DIM = 512  # ResNet-18 pooled feature size
 VGGISH_DIM = 128  # VGGish embedding size
@@ -199,7 +200,7 @@ def save_model(model: KissModel, uri: str, extra_files: dict[str, bytes] | None 
     from safetensors.torch import save
 
     fs, root = fsspec.core.url_to_fs(str(uri))
-    fs.makedirs(root, exist_ok=True)
+    make_dirs(fs, root)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     files = {CONFIG_FILE: json.dumps(asdict(model.config), indent=2).encode(), WEIGHTS_FILE: save(tensors)}
     for name, data in {**files, **(extra_files or {})}.items():

@@ -41,7 +41,7 @@ from kissray.errors import CheckpointError, JobError, one_line
 from kissray.inputs import Title, expand_inputs
 from kissray.model import CONFIG_FILE, WEIGHTS_FILE, ModelConfig
 from kissray.score import DEFAULT_BATCH_SIZE, SegmentParams
-from kissray.uris import is_local
+from kissray.uris import is_local, make_dirs
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def out_lock(out: str) -> OutLock:
     """The lock of one output directory: a second live run on it is a usage error."""
     store = ResultStore(out)
     try:
-        store.fs.makedirs(store.root, exist_ok=True)
+        make_dirs(store.fs, store.root)
     except OSError as e:
         from kissray.errors import UsageError
 

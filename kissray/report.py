@@ -17,6 +17,7 @@ import base64
 import datetime as dt
 import html
 import os
+import posixpath
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -26,7 +27,7 @@ import pandas as pd
 from kissray.excerpts import excerpt_stem
 from kissray.names import file_name_for
 from kissray.outputs import EXCERPTS_DIR, STATUSES, ScoreOutputs, read_outputs
-from kissray.uris import is_local_fs, join_uri
+from kissray.uris import is_local_fs, join_uri, write_text
 
 PAGE_SIZE = 100  # titles per page of the index
 TIMELINE_WIDTH, TIMELINE_HEIGHT = 800, 120  # SVG user units
@@ -40,7 +41,7 @@ class Media:
     """Where the report finds excerpts: their folder and the files in it (relative names)."""
 
     folder: str  # excerpts folder (local path or fsspec URI)
-    href_base: str  # the folder as written in links: relative to the page when both are local
+    href_base: str  # the folder as written in links: relative to the page when it can be (same disk or bucket)
     files: frozenset[str]  # "<title folder>/<name>" of every file present
     embed_thumbnails: bool = False
 
@@ -70,12 +71,23 @@ def find_media(excerpts_dir: str, report_uri: str, embed_thumbnails: bool = Fals
     if fs.isdir(root):
         prefix = root.rstrip("/") + "/"
         files = frozenset(p[len(prefix):] for p in fs.find(root) if p.startswith(prefix))
+    href_base = _relative_href(fs, root, report_uri) or str(excerpts_dir).rstrip("/")
+    return Media(str(excerpts_dir), "" if href_base == "." else href_base, files, embed_thumbnails)
+
+
+def _relative_href(fs, root: str, report_uri: str) -> str | None:
+    """The excerpts folder ``root`` relative to the page, when a browser can follow that link:
+    both on this machine, or both in one bucket (the page served from it, or both downloaded).
+    None otherwise (then links are absolute URIs)."""
+    import fsspec
+
     report_fs, report_path = fsspec.core.url_to_fs(report_uri)
     if is_local_fs(fs) and is_local_fs(report_fs):
-        href_base = os.path.relpath(root, os.path.dirname(os.path.abspath(report_path))).replace(os.sep, "/")
-    else:
-        href_base = str(excerpts_dir).rstrip("/")
-    return Media(str(excerpts_dir), "" if href_base == "." else href_base, files, embed_thumbnails)
+        return os.path.relpath(root, os.path.dirname(os.path.abspath(report_path))).replace(os.sep, "/")
+    root, page_dir = root.strip("/"), posixpath.dirname(report_path.strip("/"))
+    if type(fs) is not type(report_fs) or root.split("/")[0] != page_dir.split("/")[0]:
+        return None
+    return posixpath.relpath(root, page_dir)
 
 
 def write_report(scores_dir: str, out: str | None = None, *, excerpts_dir: str | None = None,
@@ -84,14 +96,7 @@ def write_report(scores_dir: str, out: str | None = None, *, excerpts_dir: str |
     outputs = read_outputs(scores_dir, with_scores=True)
     out = out or join_uri(outputs.out_dir, "report.html")
     media = find_media(excerpts_dir or join_uri(outputs.out_dir, EXCERPTS_DIR), out, embed_thumbnails)
-    page = render_report(outputs, media)
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(out)
-    if os.path.dirname(path):
-        fs.makedirs(os.path.dirname(path), exist_ok=True)
-    with fs.open(path, "w", encoding="utf-8") as f:
-        f.write(page)
+    write_text(out, render_report(outputs, media))
     return out
 
 

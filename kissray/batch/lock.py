@@ -89,6 +89,7 @@ class OutLock:
             f.write(json.dumps({**self.holder, "heartbeat": time.time()}))
 
     def _read(self) -> dict | None:
+        self.fs.invalidate_cache(self.path)  # another run's lock, written since this process listed OUT?
         try:
             with self.fs.open(self.path, "r") as f:
                 return json.loads(f.read())

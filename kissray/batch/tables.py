@@ -9,6 +9,7 @@ rerun would skip. Readers (pandas / pyarrow datasets) ignore the hidden temporar
 
 from __future__ import annotations
 
+import posixpath
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -19,6 +20,7 @@ import pyarrow as pa
 from kissray.errors import UsageError
 from kissray.names import file_name_for
 from kissray.score import Segment
+from kissray.uris import make_dirs
 
 TABLES = ("scores", "segments", "titles")
 TEMP_PREFIX = ".tmp-"  # leading dot: ignored by pyarrow / pandas dataset readers
@@ -106,12 +108,12 @@ class ResultStore:
         except (OSError, PermissionError, ValueError) as e:
             raise UsageError(f"output {self.out} is not writable: {e}") from e
         for table in TABLES:
-            for path in self.fs.glob(f"{self._dir(table)}/{TEMP_PREFIX}*"):
+            for path in self._list(table, f"{TEMP_PREFIX}*"):
                 self._remove_quietly(path)
 
     def make_folders(self) -> None:
         for table in TABLES:
-            self.fs.makedirs(self._dir(table), exist_ok=True)
+            make_dirs(self.fs, self._dir(table))
 
     def finished_titles(self, model: str) -> set[str]:
         """Ids of titles already ``ok`` with this model (a rerun skips them)."""
@@ -127,7 +129,7 @@ class ResultStore:
         import pyarrow.dataset as pds
 
         schema = {"scores": SCORES_SCHEMA, "segments": SEGMENTS_SCHEMA, "titles": TITLES_SCHEMA}[name]
-        files = [p for p in self.fs.glob(f"{self._dir(name)}/*.parquet")]
+        files = [p for p in self._list(name, "*.parquet") if not posixpath.basename(p).startswith(TEMP_PREFIX)]
         if not files:
             return None
         return pds.dataset(files, schema=schema, filesystem=self.fs, format="parquet").to_table()
@@ -137,6 +139,7 @@ class ResultStore:
         import pyarrow.parquet as pq
 
         path = f"{self._dir('titles')}/{file_name_for(title_id)}.parquet"
+        self.fs.invalidate_cache(path)  # committed by another process since this one listed titles/?
         try:
             with self.fs.open(path, "rb") as f:
                 rows = pq.read_table(f).to_pylist()
@@ -175,6 +178,13 @@ class ResultStore:
             self.fs.rm(path)
         except (OSError, FileNotFoundError):
             pass
+
+    def _list(self, table_name: str, pattern: str) -> list[str]:
+        """The table's files matching ``pattern`` now. fsspec filesystems cache listings per
+        process (s3fs without expiry), and other processes write here too (the writer actor,
+        other runs): the cached listing of the folder is dropped first."""
+        self.fs.invalidate_cache(self._dir(table_name))
+        return self.fs.glob(f"{self._dir(table_name)}/{pattern}")
 
     def _dir(self, table_name: str) -> str:
         return f"{self.root}/{table_name}"

@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--split", choices=(*SPLITS, "all"), default="test", help="films to evaluate (default test)")
     p.add_argument("--seed", type=int, default=None, help="split seed (default: the training seed, else 0)")
-    p.add_argument("--out", default=None, help="write the report as JSON here (default: print it)")
+    p.add_argument("--out", default=None, help="write the report as JSON to this file (any fsspec URI; default: print it)")
     p.add_argument("--unlabelled", choices=UNLABELLED_CHOICES, default=None,
                    help="seconds in no annotated span (default: as in training, else ignore)")
     p.add_argument("--threshold", type=float, default=THRESHOLD)
@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from kissray.model import load_model
     from kissray.score import SegmentParams
     from kissray.train import read_metrics
+    from kissray.uris import write_text
 
     annotations = read_annotations(args.annotations)
     trained = read_metrics(args.model) or {}
@@ -55,8 +56,7 @@ def run(args: argparse.Namespace) -> int:
     report["model"] = args.model
     text = json.dumps(report, indent=2)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+        write_text(args.out, text + "\n")
         print(f"wrote {args.out}")
     else:
         print(text)
