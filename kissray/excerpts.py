@@ -28,7 +28,7 @@ from kissray.ffmpeg import run_ffmpeg
 from kissray.names import file_name_for
 from kissray.outputs import EXCERPTS_DIR, ScoreOutputs, read_outputs
 from kissray.stage_cache import staged_copy
-from kissray.uris import is_local_fs, join_uri
+from kissray.uris import is_local_fs, join_uri, make_dirs
 
 THUMBNAIL_MAX_WIDTH = 320  # pixels; thumbnails are for the report and for browsing
 REENCODE_ARGS = ("-c:v", "libx264", "-preset", "veryfast", "-crf", "18", "-pix_fmt", "yuv420p",
@@ -205,7 +205,7 @@ def _publish(local_file: str, uri: str) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         shutil.move(local_file, path)
     else:
-        fs.makedirs(os.path.dirname(path), exist_ok=True)
+        make_dirs(fs, os.path.dirname(path))  # never creates a bucket (a typo in its name)
         fs.put_file(local_file, path)
 
 

@@ -408,7 +408,7 @@ def excerpted(scored, local_out, tmp_path_factory):
 
 
 @pytest.mark.slow  # the score run of ``scored`` (~30 s)
-def test_excerpts_from_an_s3_out_are_the_local_outs(excerpted, scored, capsys):
+def test_excerpts_from_an_s3_out_are_the_local_outs(excerpted, scored, s3, capsys):
     assert set(excerpted["codes"].values()) == {0}
     segments = read(scored[0], "segments")
     expected = sorted(f"{file_name_for(s.title_id)}/kiss-{s.segment}-{s.start_s:g}-{s.end_s:g}.{ext}"
@@ -420,6 +420,9 @@ def test_excerpts_from_an_s3_out_are_the_local_outs(excerpted, scored, capsys):
     capsys.readouterr()
     assert cli_main(["excerpts", "--scores", scored[0], "--pad", "0.5"]) == 0  # all there already
     assert f"0 files written, {len(expected)} already there, 0 films failed" in capsys.readouterr().out
+    code = cli_main(["excerpts", "--scores", scored[0], "--pad", "0.5", "--out", "s3://no-such-cuts-bucket/cuts"])
+    assert code != 0 and "no bucket s3://no-such-cuts-bucket" in capsys.readouterr().err
+    assert not any(b["Name"] == "no-such-cuts-bucket" for b in s3_client(s3).list_buckets()["Buckets"])
 
 
 @pytest.mark.slow  # the score run of ``scored`` (~30 s)
