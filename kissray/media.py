@@ -32,7 +32,6 @@ from kissray.defaults import DECODE_TIMEOUT_S, IMAGE_SIZE_PX, STILLS_MODES
 from kissray.errors import (ERRORS_BY_NAME, DecodeError, DecodeTimeoutError, MediaError, MediaOpenError,  # noqa: F401
                             MediaTooLargeError)
 from kissray.remote import is_remote
-from kissray.uris import is_local_fs
 
 DEFAULT_SIZE = IMAGE_SIZE_PX  # ResNet-18 input, pixels (square)
 MAX_CLIPS = 2**31 - 1  # clip indices are int32 columns
@@ -94,16 +93,11 @@ def local_path(uri: str, *, staging_dir: str | None = None, max_bytes: int | Non
     """A local file path for ``uri``: the file itself when local, else a staged temporary copy
     (in ``staging_dir``, default the system temp dir). With ``max_bytes``, a larger object raises
     :class:`MediaTooLargeError`: by the size the filesystem reports, and by the bytes copied."""
-    import fsspec
+    from kissray.stage_cache import resolve
 
-    try:
-        fs, path = fsspec.core.url_to_fs(str(uri))
-    except (ValueError, ImportError) as e:
-        raise MediaOpenError(uri, f"unsupported URI: {e}") from e
-    if is_local_fs(fs):
-        if not os.path.isfile(path):
-            raise MediaOpenError(uri, "no such file")
-        _check_size(uri, os.path.getsize(path), max_bytes)
+    fs, path, local_size = resolve(uri)
+    if local_size is not None:
+        _check_size(uri, local_size, max_bytes)
         yield path
         return
     if max_bytes is not None:

@@ -111,6 +111,22 @@ def _touch(path: str) -> None:
     os.utime(path, ns=(now_ns, now_ns))
 
 
+def resolve(uri: str) -> tuple[object, str, int | None]:
+    """(filesystem, path, size when it is a local file, else None) of ``uri``; a URI no
+    filesystem takes, or a local file that is not there, is a :class:`MediaOpenError`."""
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(str(uri))
+    except (ValueError, ImportError) as e:
+        raise MediaOpenError(uri, f"unsupported URI: {e}") from e
+    if not is_local_fs(fs):
+        return fs, path, None
+    if not os.path.isfile(path):
+        raise MediaOpenError(uri, "no such file")
+    return fs, path, os.path.getsize(path)
+
+
 @dataclass(frozen=True)
 class _Source:
     """The object to stage, as its filesystem describes it."""
@@ -123,16 +139,9 @@ class _Source:
 
     @classmethod
     def of(cls, uri: str) -> "_Source":
-        import fsspec
-
-        try:
-            fs, path = fsspec.core.url_to_fs(str(uri))
-        except (ValueError, ImportError) as e:
-            raise MediaOpenError(uri, f"unsupported URI: {e}") from e
-        if is_local_fs(fs):
-            if not os.path.isfile(path):
-                raise MediaOpenError(uri, "no such file")
-            return cls(str(uri), fs, path, os.path.getsize(path), {})
+        fs, path, local_size = resolve(uri)
+        if local_size is not None:
+            return cls(str(uri), fs, path, local_size, {})
         try:
             fs.invalidate_cache(path)  # a listing cached earlier in this process may predate a change
             info = fs.info(path)
