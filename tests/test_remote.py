@@ -175,3 +175,22 @@ def test_a_remote_file_that_is_not_a_film_fails_naming_its_uri(s3, tmp_path):
         probe(uri)
     assert uri in str(caught.value) and "not a readable media file" in str(caught.value)
     assert "kissray-stage" not in str(caught.value) and str(tmp_path) not in str(caught.value)
+
+
+def test_a_remote_film_scored_on_ray_in_windows_equals_score_film(s3, media_dir, checkpoint, model, ray_session,
+                                                                  tmp_path):
+    """The library job cuts a remote film into windows (3 s here: 4 windows over Ray's decode
+    tasks), each reading its own ranges; the scores are score_film's on the local file."""
+    import pandas as pd
+
+    from kissray.pipeline import score_library
+    from kissray.score import score_film
+
+    local = make_film(media_dir / "remote-ray.mp4", duration_s=10.0, extra_args=("-bf", "2", "-g", "25"))
+    uri = upload(local, "ray/remote-ray.mp4")
+    out = tmp_path / "out"
+    summary = score_library([uri], checkpoint, str(out), window_s=3, progress=False)
+    assert (summary.n_ok, summary.n_failed) == (1, 0)
+    scores = pd.read_parquet(out / "scores").sort_values("second")
+    assert list(scores.second) == list(range(10))
+    np.testing.assert_allclose(scores.p.to_numpy(), score_film(local, model).probs[:, 0], atol=1e-5)
