@@ -131,7 +131,7 @@ def prepare_library(inputs: list[str], model_uri: str, out: str) -> LibraryJob:
     """Expand the inputs, read the checkpoint's config, make ``out`` and find the titles to do.
 
     Needs no Ray, so a CLI can fail fast: raises :class:`UsageError` (no films, unreadable
-    manifest, duplicate title ids, ``out`` not writable) or :class:`CheckpointError`.
+    manifest, duplicate title ids), :class:`CheckpointError`, or :class:`JobError` (``out`` not writable).
     The caller holds ``out``'s lock (:func:`out_lock`) while preparing and running.
     """
     started, started_at = time.monotonic(), datetime.now(timezone.utc)
@@ -145,14 +145,13 @@ def prepare_library(inputs: list[str], model_uri: str, out: str) -> LibraryJob:
 
 
 def out_lock(out: str) -> OutLock:
-    """The lock of one output directory: a second live run on it is a usage error."""
+    """The lock of one output directory: a second live run on it is a usage error; an output
+    that cannot be made is :class:`JobError` (the job cannot go on)."""
     store = ResultStore(out)
     try:
         make_dirs(store.fs, store.root)
     except OSError as e:
-        from kissray.errors import UsageError
-
-        raise UsageError(f"output {out} is not writable: {e}") from e
+        raise JobError(f"output {out} is not writable: {e}") from e  # SPEC 6: exit 1
     return OutLock(store.fs, store.root, store.out)
 
 

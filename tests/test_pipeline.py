@@ -166,7 +166,6 @@ def test_cli_rerun_skips_ok_titles_and_never_duplicates(library, checkpoint, ray
     ("missing checkpoint", ["--model", "{tmp}/no-ckpt"], "not a kissray checkpoint"),
     ("unreadable manifest", ["{tmp}/list.csv"], "cannot read manifest"),
     ("duplicate ids", ["{tmp}/a/x.mp4", "{tmp}/b/x.mkv"], "duplicate title_id 'x'"),
-    ("out not writable", ["--out", "{tmp}/file-not-dir/out"], "not writable"),
     ("no films", ["{tmp}/a/*.avi"], "matched no files"),
 ])
 def test_usage_errors_exit_2(problem, argv, message, tmp_path, checkpoint, capsys):
@@ -187,6 +186,15 @@ def test_usage_errors_exit_2(problem, argv, message, tmp_path, checkpoint, capsy
     assert code == 2, problem
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out" / "titles").exists() or not os.listdir(tmp_path / "out" / "titles")
+
+
+def test_an_unwritable_out_exits_1_with_one_line(tmp_path, checkpoint, film, capsys):
+    """SPEC 6: OUT unwritable is the job's end (exit 1), not a usage error."""
+    (tmp_path / "file-not-dir").write_text("a file")
+    code = cli_main(["score", film, "--model", checkpoint, "--out", str(tmp_path / "file-not-dir" / "out"),
+                     "--address", "local", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "not writable" in err and "Traceback" not in err
 
 
 N_KILLED_RUN = 10  # titles in the run that is killed

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 
-from kissray.errors import UsageError
+from kissray.errors import JobError
 from kissray.names import file_name_for
 from kissray.score import Segment
 from kissray.uris import make_dirs
@@ -106,7 +106,7 @@ class ResultStore:
                 f.write(b"ok")
             self.fs.rm(probe)
         except (OSError, PermissionError, ValueError) as e:
-            raise UsageError(f"output {self.out} is not writable: {e}") from e
+            raise JobError(f"output {self.out} is not writable: {e}") from e  # SPEC 6: exit 1
         for table in TABLES:
             for path in self._list(table, f"{TEMP_PREFIX}*"):
                 self._remove_quietly(path)
