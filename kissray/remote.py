@@ -35,7 +35,8 @@ CACHE_BYTES = 64 << 20  # media blocks kept per film and process: a 32-clip grou
 MAX_RECENT_RANGES = 32  # exact ranges kept (FFmpeg's reads of one film: 32 KiB each)
 HEAD_BYTES = 64 << 10  # read with each top-level box header (the next header, or a whole small moov)
 ISO_BOX_TYPES = {b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot", b"uuid", b"styp", b"sidx", b"moof"}
-MAX_TOP_LEVEL_BOXES = 4096  # more (a fragmented file of tiny fragments): not worth ranged reads
+MAX_TOP_LEVEL_BOXES = 64  # a plain MP4 has a handful (a fragmented one is staged: its moov says so)
+MAX_METADATA_BYTES = 64 << 20  # a metadata region is fetched whole only up to this (a huge ``free`` box is not)
 CHECKED_PACKETS = 8  # packets of the blanked index compared with their real bytes (the first keyframe on)
 
 
@@ -57,12 +58,29 @@ def iso_boxes(fetch, size: int) -> list[tuple[bytes, int, int, int]]:
         if (kind not in ISO_BOX_TYPES and not (boxes and kind.isalnum())) or length < header:
             raise NotRangeReadable(f"no ISO media box at byte {pos}")
         boxes.append((kind, pos, pos + header, min(size, pos + length)))
+        if kind == b"moov" and _fragmented(fetch, pos + header, min(size, pos + length)):
+            raise NotRangeReadable("a fragmented MP4 (its frames are listed in its fragments)")
         if len(boxes) > MAX_TOP_LEVEL_BOXES:
             raise NotRangeReadable(f"more than {MAX_TOP_LEVEL_BOXES} top-level boxes")
         pos += length
     if not any(box[0] == b"moov" for box in boxes):
         raise NotRangeReadable("no moov box")
     return boxes
+
+
+def _fragmented(fetch, start: int, end: int) -> bool:
+    """Whether the moov payload [start, end) has an ``mvex`` box (movie fragments follow)."""
+    pos = start
+    while pos + 8 <= end:
+        length, kind = struct.unpack(">I4s", fetch(pos, pos + 8))
+        if kind == b"mvex":
+            return True
+        if length == 1:
+            length = struct.unpack(">Q", fetch(pos + 8, pos + 16))[0]
+        if length < 8:
+            return False
+        pos += length
+    return False
 
 
 class RangeSource:
@@ -83,6 +101,8 @@ class RangeSource:
         self.read_ahead = int(os.environ.get("KISSRAY_RANGE_READ_AHEAD", READ_AHEAD_BLOCKS))  # blocks
         self._fs, self._path = fsspec.core.url_to_fs(uri)
         info = self._fs.info(self._path)
+        if info.get("size") is None:
+            raise NotRangeReadable("the store does not say its size")
         self.size, self.version = int(info["size"]), object_version(info)
         self.bytes_read = 0
         self.requests = 0
@@ -105,9 +125,11 @@ class RangeSource:
         if pos >= self.size or n <= 0:
             return b""
         start, end, media = self.regions[bisect.bisect_right(self.regions, (pos, math.inf)) - 1]
+        if not media and end - start <= MAX_METADATA_BYTES:
+            return self._metadata_region(start, end)[pos - start:min(end, pos + n) - start]
         end = min(end, pos + n)
-        if not media:
-            return self._metadata_region(start, self.regions_end(start))[pos - start:end - start]
+        if not media:  # a huge box that is not media data: read where read, never blanked
+            return self._from_blocks(pos, end, start)
         if purpose == "index":
             return bytes(end - pos)
         if purpose == "ranges" and not self._cached(pos, end, start):
