@@ -139,11 +139,16 @@ class S3Server:
 
 
 if __name__ == "__main__":  # a server for trying kissray by hand: prints the variables to export
+    import signal
+
     server = S3Server(int(os.environ.get("PORT", free_port()))).start()
     for key, value in environment(server.port).items():
-        print(f"export {key}={value}")
+        print(f"export {key}={value}", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        pass
+    finally:
         server.stop()
