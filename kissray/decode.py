@@ -4,8 +4,10 @@ Normally run as a child process (``python -m kissray.decode``) that reads reques
 each, from stdin and answers each with framed messages on stdout: a little-endian uint32 header
 length, a JSON header, then ``header["payload"]`` bytes. Messages: ``info`` (the film's
 MediaInfo), ``clip`` (frames + log-mel bytes), ``gap``, ``fallback`` (a window decoded by decord,
-and why), then ``end``; or ``error`` (a MediaError type name and a one-line reason). A child
-serves one request after another.
+or a film read from a staged copy, and why), ``staging`` (a heartbeat while a copy downloads),
+then ``end`` (with the bytes a remote film took); or ``error`` (a MediaError type name and a
+one-line reason). A child serves one request after another. A request's ``path`` is a local
+file, or null for a remote film the child reads itself (:class:`kissray.remote.Film`).
 
 Video: :mod:`kissray.index` (which frames exist and when, from the demuxed packets) and
 :mod:`kissray.stills` (decode only what the stills depend on); decord only where PyAV cannot.

@@ -6,7 +6,10 @@ pipe: a decoder that hangs is killed after ``timeout_s`` without progress, a cra
 decord / FFmpeg dies with the child, and the caller gets one typed :class:`MediaError`. A child
 that finished a request cleanly is kept for the next one (:class:`DecoderPool`): starting one
 costs ~0.35 CPU-s of Python and library imports, paid per window and per title otherwise.
-This module imports only numpy and fsspec; the decoders live in :mod:`kissray.decode`.
+A remote film (``s3://``, ``gs://``, ...) is read by the child itself, by byte ranges or from a
+copy staged once per node (:mod:`kissray.remote`); such children (``REMOTE_DECODERS``) have this
+process's environment, those of local files only a minimal one. This module imports only numpy
+and fsspec; the decoders live in :mod:`kissray.decode`.
 """
 
 from __future__ import annotations
