@@ -136,6 +136,16 @@ class RangeSource:
             return self._from_ranges(pos, end, self.regions_end(start))
         return self._from_blocks(pos, end, start)
 
+    def trim(self) -> None:
+        """Drop the media blocks and ranges (a request is over; the next window of this film in
+        this child reads other bytes): an idle decoder keeps only the film's metadata."""
+        with self._lock:
+            pending, self._pending = list(self._pending.values()), {}
+            self._blocks.clear()
+            self._recent.clear()
+        for future in pending:
+            future.cancel()
+
     def regions_end(self, start: int) -> int:
         return next(e for s, e, _ in self.regions if s == start)
 
@@ -323,6 +333,7 @@ class Film:
         from kissray.errors import MediaOpenError
 
         self.uri, self.path, self.source = uri, path, None
+        self._reader: RangeSource | None = None  # the range reader, also after a switch to a staged copy
         self._on_progress, self._on_stage = on_progress, on_stage or (lambda why: None)
         self._stack = contextlib.ExitStack()
         if path is not None:
@@ -337,7 +348,7 @@ class Film:
             raise MediaOpenError(uri, "no such file") from e
         except OSError as e:
             raise MediaOpenError(uri, f"cannot read: {e}") from e
-        source = self.source
+        source = self._reader = self.source
         self.key = ("remote", uri) + ((source.size, source.version) if source else (self.path,))
 
     def local_path(self) -> str:
@@ -356,14 +367,18 @@ class Film:
 
     @property
     def bytes_read(self) -> int:
-        return self.source.bytes_read if self.source is not None else 0
+        """Bytes fetched by range reads so far (a staged copy's download is not counted)."""
+        return self._reader.bytes_read if self._reader is not None else 0
 
     def close(self) -> None:
+        if self._reader is not None:
+            self._reader.trim()
         self._stack.close()
 
 
 def _same_or_new(uri: str, previous: RangeSource | None) -> RangeSource:
     if previous is not None and previous.uri == uri:
+        previous._fs.invalidate_cache(previous._path)  # the object may have changed since
         info = previous._fs.info(previous._path)
         if int(info["size"]) == previous.size and object_version(info) == previous.version:
             return previous
