@@ -50,3 +50,17 @@ def test_decode_bench_runs_on_tiny_films(tmp_path):
         for key in ("ffmpeg_threads1", "index", "exact", "keyframe", "stills_dense", "stills_exact"):
             assert result[film][key]["cpu_s"] >= 0 and result[film][key]["wall_s"] > 0, (film, key)
     assert "| h264 | exact |" in proc.stdout
+
+
+def test_remote_benchmark_runs_on_a_tiny_film(tmp_path):
+    out = tmp_path / "r.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "remote.py"), "--minutes", "0.2", "--frame-size", "160x90",
+         "--bitrate", "500k", "--windows", "2", "--size", "32", "--latency-ms", "1", "--workdir", str(tmp_path),
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {row["mode"]: row for row in json.loads(out.read_text())["rows"]}
+    assert rows["staged, 1 window"]["local_disk_peak"] > 0 and rows["ranges, 1 window"]["local_disk_peak"] == 0
+    for row in rows.values():
+        assert 0.99 <= row["x_film_size"] < 3, row  # a 12-s film: each window's fixed reads weigh
