@@ -99,6 +99,7 @@ class RangeSource:
         self.uri = uri
         self.block_bytes = int(block_bytes or os.environ.get("KISSRAY_RANGE_BLOCK_BYTES") or BLOCK_BYTES)
         self.read_ahead = int(os.environ.get("KISSRAY_RANGE_READ_AHEAD", READ_AHEAD_BLOCKS))  # blocks
+        self.read_ahead_until: int | None = None  # no read-ahead of blocks from here (a window's end)
         self._fs, self._path = fsspec.core.url_to_fs(uri)
         info = self._fs.info(self._path)
         if info.get("size") is None:
@@ -139,6 +140,7 @@ class RangeSource:
     def trim(self) -> None:
         """Drop the media blocks and ranges (a request is over; the next window of this film in
         this child reads other bytes): an idle decoder keeps only the film's metadata."""
+        self.read_ahead_until = None
         with self._lock:
             pending, self._pending = list(self._pending.values()), {}
             self._blocks.clear()
@@ -206,7 +208,7 @@ class RangeSource:
         and a ranged GET's latency is then spent while it decodes."""
         for ahead in range(block + 1, block + 1 + self.read_ahead):
             start, end = self._span(ahead, region_start, region_end)
-            if start >= end:
+            if start >= end or (self.read_ahead_until is not None and start >= self.read_ahead_until):
                 return
             with self._lock:
                 if (ahead, start) in self._blocks or (ahead, start) in self._pending:

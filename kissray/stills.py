@@ -139,6 +139,9 @@ class SparseStills:
     def _open(self):
         self.close()
         self._container = open_container(self._path, "blocks")
+        if getattr(self._path, "source", None) is not None:  # a remote film: no read-ahead past the last run
+            after = int(self._runs[-1, 1]) + 1
+            self._path.source.read_ahead_until = int(self._index.pos[after]) if after < len(self._index) else None
         stream = only_first_video(self._container)
         stream.thread_type, stream.thread_count = "AUTO", self._threads
         return stream

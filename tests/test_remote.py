@@ -76,7 +76,7 @@ def test_a_two_window_film_reads_about_its_own_size(s3, noisy, monkeypatch):
     Together they fetch ~1x the film (bytes counted at the server), and their clips are the film's.
     Beyond the film's bytes each of the three reads the moov (40 kB here) and checks the index
     against the first 8 packets' bytes (0.36 MB here: noise makes big keyframes), and a window
-    starts at the keyframe before it: 1.18x for this 12 MB film, a few per mille of a real one."""
+    starts at the keyframe before it: 1.19x for this 12 MB film, a few per mille of a real one."""
     from kissray.batch.stages import DecodeSpec, decode_window, probe_windows
 
     local = noisy
