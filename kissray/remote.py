@@ -125,17 +125,23 @@ class RangeSource:
     def read(self, pos: int, n: int, purpose: str) -> bytes:
         if pos >= self.size or n <= 0:
             return b""
-        start, end, media = self.regions[bisect.bisect_right(self.regions, (pos, math.inf)) - 1]
-        if not media and end - start <= MAX_METADATA_BYTES:
-            return self._metadata_region(start, end)[pos - start:min(end, pos + n) - start]
-        end = min(end, pos + n)
+        region = start, region_end, media = self.regions[bisect.bisect_right(self.regions, (pos, math.inf)) - 1]
+        if not media and region_end - start <= MAX_METADATA_BYTES:
+            return self._metadata_region(start, region_end)[pos - start:min(region_end, pos + n) - start]
+        end = min(region_end, pos + n)
         if not media:  # a huge box that is not media data: read where read, never blanked
-            return self._from_blocks(pos, end, start)
+            return self._from_blocks(pos, end, region)
         if purpose == "index":
             return bytes(end - pos)
         if purpose == "ranges" and not self._cached(pos, end, start):
-            return self._from_ranges(pos, end, self.regions_end(start))
-        return self._from_blocks(pos, end, start)
+            return self._from_ranges(pos, end, region_end)
+        return self._from_blocks(pos, end, region)
+
+    def unchanged(self) -> bool:
+        """Whether the object is still the one read (size and version), asked of the store."""
+        self._fs.invalidate_cache(self._path)  # a cached listing may predate a change
+        info = self._fs.info(self._path)
+        return info.get("size") == self.size and object_version(info) == self.version
 
     def trim(self) -> None:
         """Drop the media blocks and ranges (a request is over; the next window of this film in
@@ -147,9 +153,6 @@ class RangeSource:
             self._recent.clear()
         for future in pending:
             future.cancel()
-
-    def regions_end(self, start: int) -> int:
-        return next(e for s, e, _ in self.regions if s == start)
 
     def _head(self, start: int, end: int) -> bytes:
         """A box header: the first alone (is this an ISO file at all?), the others with the
@@ -169,8 +172,8 @@ class RangeSource:
             data = self._metadata[start] = self._recent_range(start, end) or self._fetch(start, end)
         return data
 
-    def _from_blocks(self, pos: int, end: int, region_start: int) -> bytes:
-        parts, region_end = [], self.regions_end(region_start)
+    def _from_blocks(self, pos: int, end: int, region: tuple[int, int, bool]) -> bytes:
+        parts, (region_start, region_end, _) = [], region
         for block in range(pos // self.block_bytes, (end - 1) // self.block_bytes + 1):
             base, data = self._block(block, region_start, region_end)
             parts.append(data[max(pos, base) - base:end - base])
@@ -322,26 +325,21 @@ def is_remote(uri: str) -> bool:
 
 
 class Film:
-    """What the decoder child reads for one request: a local file, a remote object read by ranges,
-    or, for a remote container that cannot be read by ranges, its copy staged once per node.
+    """A remote film as the decoder child reads it for one request: by byte ranges, or, for a
+    container that cannot be read by ranges, from its copy staged once per node.
 
     ``previous``: the last request's :class:`RangeSource`, reused (with its cached metadata) when it
     is the same object, unchanged. ``on_progress(bytes)`` is called while a copy is being staged,
     ``on_stage(why)`` when a copy is staged.
     """
 
-    def __init__(self, uri: str, path: str | None = None, *, previous: RangeSource | None = None,
-                 on_progress=None, on_stage=None):
+    def __init__(self, uri: str, *, previous: RangeSource | None = None, on_progress=None, on_stage=None):
         from kissray.errors import MediaOpenError
 
-        self.uri, self.path, self.source = uri, path, None
+        self.uri, self.path, self.source = uri, None, None
         self._reader: RangeSource | None = None  # the range reader, also after a switch to a staged copy
         self._on_progress, self._on_stage = on_progress, on_stage or (lambda why: None)
         self._stack = contextlib.ExitStack()
-        if path is not None:
-            stat = os.stat(path)
-            self.key = ("local", path, stat.st_ino, stat.st_size, stat.st_mtime_ns)
-            return
         try:
             self.source = _same_or_new(uri, previous)
         except NotRangeReadable as e:
@@ -351,7 +349,7 @@ class Film:
         except OSError as e:
             raise MediaOpenError(uri, f"cannot read: {e}") from e
         source = self._reader = self.source
-        self.key = ("remote", uri) + ((source.size, source.version) if source else (self.path,))
+        self.key = (uri, source.size, str(source.version)) if source else (uri, self.path)
 
     def local_path(self) -> str:
         """A local file (decord needs one): the film itself, or its copy staged on this node."""
@@ -379,20 +377,16 @@ class Film:
 
 
 def _same_or_new(uri: str, previous: RangeSource | None) -> RangeSource:
-    if previous is not None and previous.uri == uri:
-        previous._fs.invalidate_cache(previous._path)  # the object may have changed since
-        info = previous._fs.info(previous._path)
-        if int(info["size"]) == previous.size and object_version(info) == previous.version:
-            return previous
-    return RangeSource(uri)
+    return previous if previous is not None and previous.uri == uri and previous.unchanged() else RangeSource(uri)
 
 
-def object_version(info: dict) -> str:
-    """What changes when the object does (fsspec ``info``): ETag, else modification time."""
-    for key in ("ETag", "etag", "md5Hash", "mtime", "LastModified", "last_modified"):
-        if info.get(key):
-            return str(info[key])
-    return ""
+VERSION_FIELDS = ("ETag", "etag", "VersionId", "version_id", "generation", "md5Hash",
+                  "mtime", "LastModified", "last_modified", "updated", "created")  # fs.info() keys, by filesystem
+
+
+def object_version(info: dict) -> dict[str, str]:
+    """What changes when the object does, from fsspec's ``info`` (ETag, generation, mtime, ...)."""
+    return {name: str(info[name]) for name in VERSION_FIELDS if info.get(name) is not None}
 
 
 def open_container(source, purpose: str):

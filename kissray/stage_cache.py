@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from kissray.errors import MediaOpenError, MediaTooLargeError, UsageError
+from kissray.remote import object_version
 from kissray.uris import is_local_fs
 
 DIR_VARIABLE = "KISSRAY_STAGE_DIR"
@@ -43,8 +44,6 @@ MAX_EVICTED_RETRIES = 3  # an entry evicted between its download and its use is 
 SPACE_LOCK = ".space.lock"
 KEY_CHARS = 64  # sha256, hex
 _KEY = re.compile(f"[0-9a-f]{{{KEY_CHARS}}}")
-VERSION_FIELDS = ("ETag", "etag", "VersionId", "version_id", "generation", "md5Hash",
-                  "mtime", "LastModified", "last_modified", "updated", "created")  # fs.info() keys, by filesystem
 _EXTENSION = re.compile(r"\.[A-Za-z0-9]{1,15}")
 
 ProgressCallback = Callable[[int], None]
@@ -151,8 +150,7 @@ class _Source:
             raise MediaOpenError(uri, f"cannot read: {e}") from e
         if info.get("type", "file") != "file":
             raise MediaOpenError(uri, "not a file")
-        version = {name: str(info[name]) for name in VERSION_FIELDS if info.get(name) is not None}
-        return cls(str(uri), fs, path, info.get("size"), version)
+        return cls(str(uri), fs, path, info.get("size"), object_version(info))
 
     @property
     def local(self) -> bool:
