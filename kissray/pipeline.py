@@ -36,6 +36,7 @@ from kissray.batch.faults import NO_FAULTS, FaultPlan
 from kissray.batch.lock import OutLock
 from kissray.batch.stages import Classifier, DecodeSpec, TitleWriter, decode_window, probe_windows
 from kissray.batch.tables import ResultStore, TitleRecord, scores_table, segments_table
+from kissray.embeddings import EmbeddingsMeta, meta_for_checkpoint
 from kissray.defaults import DECODE_TIMEOUT_S, STILLS_MODES, WINDOW_S
 from kissray.errors import CheckpointError, JobError, one_line
 from kissray.inputs import Title, expand_inputs
@@ -125,23 +126,27 @@ class LibraryJob:
     started: float = field(default_factory=time.monotonic)
     started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     stills: str = "exact"  # set by run_library; recorded in every titles row
+    embeddings: EmbeddingsMeta | None = None  # with ``score --embeddings``: what the vectors' files record
 
 
-def prepare_library(inputs: list[str], model_uri: str, out: str) -> LibraryJob:
+def prepare_library(inputs: list[str], model_uri: str, out: str, embeddings: bool = False) -> LibraryJob:
     """Expand the inputs, read the checkpoint's config, make ``out`` and find the titles to do.
 
     Needs no Ray, so a CLI can fail fast: raises :class:`UsageError` (no films, unreadable
     manifest, duplicate title ids), :class:`CheckpointError`, or :class:`JobError` (``out`` not writable).
     The caller holds ``out``'s lock (:func:`out_lock`) while preparing and running.
+    ``embeddings``: also write ``out/embeddings`` (SPEC section 11); titles already ``ok`` without
+    their embeddings file are done again (their scores stand; they gain the file).
     """
     started, started_at = time.monotonic(), datetime.now(timezone.utc)
     titles = expand_inputs(inputs)
     config = read_model_config(model_uri)
-    store = ResultStore(out)
+    meta = meta_for_checkpoint(model_uri, "exact") if embeddings else None  # stills: set by run_library
+    store = ResultStore(out, embeddings=embeddings)
     store.prepare()
     done = store.finished_titles(model_uri)
     return LibraryJob(titles, [t for t in titles if t.title_id not in done], model_uri, config, store, started,
-                      started_at)
+                      started_at, embeddings=meta)
 
 
 def out_lock(out: str) -> OutLock:
@@ -221,7 +226,7 @@ def run_library(job: LibraryJob, *, params: SegmentParams = SegmentParams(), win
     if stills not in STILLS_MODES:
         raise ValueError(f"stills must be one of {', '.join(STILLS_MODES)}")
     summary = LibrarySummary(n_titles=len(job.titles), n_skipped=len(job.titles) - len(job.todo))
-    job = replace(job, stills=stills)
+    job = replace(job, stills=stills, embeddings=job.embeddings and replace(job.embeddings, stills=stills))
     if job.todo:
         pool = plan_pool(num_gpus_per_actor, max_actors)
         if progress:
@@ -256,7 +261,7 @@ def _run_attempts(job: LibraryJob, spec: DecodeSpec, params: SegmentParams, pool
         summary.attempts = attempt
         reported: set[str] = set()
         dataset = build_dataset(pending, job.model_uri, job.store.out, job.config, spec, params,
-                                batch_size=batch_size, pool=pool)
+                                batch_size=batch_size, pool=pool, embeddings=job.embeddings)
         try:
             _collect(dataset, job, summary, bar, reported)
         except Exception as e:  # lost objects, an actor out of restarts...: redo what did not come back
@@ -272,8 +277,9 @@ def _run_attempts(job: LibraryJob, spec: DecodeSpec, params: SegmentParams, pool
 
 
 def build_dataset(titles: list[Title], model_uri: str, out: str, config: ModelConfig, spec: DecodeSpec,
-                  params: SegmentParams, *, batch_size: int, pool: PoolPlan):
-    """The lazy Ray Data plan; iterating it runs the job and yields summary and progress rows."""
+                  params: SegmentParams, *, batch_size: int, pool: PoolPlan, embeddings: EmbeddingsMeta | None = None):
+    """The lazy Ray Data plan; iterating it runs the job and yields summary and progress rows.
+    ``embeddings``: the classifier also emits each clip's vector, the writer stores them."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -298,13 +304,15 @@ def build_dataset(titles: list[Title], model_uri: str, out: str, config: ModelCo
             .map_batches(decode_window, batch_size=1, batch_format="numpy", fn_kwargs={"spec": spec},
                          num_cpus=pool.cpus_per_actor, memory=DECODE_TASK_MEMORY_BYTES, **task_retries)
             .map_batches(Classifier, fn_constructor_kwargs={"model_uri": model_uri, "batch_size": batch_size,
-                                                              "num_threads": pool.threads, "faults": spec.faults},
+                                                              "num_threads": pool.threads, "faults": spec.faults,
+                                                              "embeddings": embeddings is not None},
                          batch_size=batch_size, batch_format="numpy", num_cpus=pool.cpus_per_actor,
                          num_gpus=pool.gpus_per_actor, **actor_restarts, runtime_env={"env_vars": _openmp_env()},
                          compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool.max_actors))
             .map_batches(TitleWriter, fn_constructor_kwargs={"out": out, "labels": list(config.labels),
                                                              "model_uri": model_uri, "params": params,
-                                                             "faults": spec.faults, "stills": spec.stills},
+                                                             "faults": spec.faults, "stills": spec.stills,
+                                                             "embeddings": embeddings},
                          batch_size=None, batch_format="numpy", num_cpus=0, **writer_args,
                          compute=ray.data.ActorPoolStrategy(size=1))  # one writer sees every row of a title
         )

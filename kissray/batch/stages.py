@@ -19,6 +19,7 @@ import pyarrow as pa
 from kissray.audio import SILENCE_LOG_MEL
 from kissray.batch.faults import NO_FAULTS, FaultPlan
 from kissray.batch.tables import ResultStore, TitleRecord, scores_table, segments_table
+from kissray.embeddings import EmbeddingsMeta, embeddings_table
 from kissray.errors import one_line
 from kissray.media import ClipReader, probe
 from kissray.remote import is_remote
@@ -171,16 +172,17 @@ class Classifier:
     """
 
     def __init__(self, model_uri: str, batch_size: int = 32, device: str | None = None,
-                 num_threads: int | None = None, faults: FaultPlan = NO_FAULTS):
+                 num_threads: int | None = None, faults: FaultPlan = NO_FAULTS, embeddings: bool = False):
         from kissray.score import Scorer
 
         self.scorer = Scorer(model_uri, device=device, batch_size=batch_size, num_threads=num_threads)
-        self.faults = faults
+        self.faults, self.embeddings = faults, embeddings
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         clips = ~batch["trailer"]
         titles = batch["title_id"].astype(str)
         p = np.full((len(clips), len(self.scorer.labels)), np.nan, np.float32)
+        vectors = np.zeros((len(clips), self.scorer.config.feature_dim if self.embeddings else 0), np.float16)
         errors = np.asarray(batch["error"], object).copy()
         for title_id in np.unique(titles[clips]):
             self.faults.crash("classifier", title_id)
@@ -188,21 +190,26 @@ class Classifier:
             try:
                 for title_id in np.unique(titles[clips]):
                     self.faults.check("classifier", title_id)
-                p[clips] = self._predict(batch, clips)
+                p[clips], vectors[clips] = self._predict(batch, clips)
             except Exception:
                 for title_id in np.unique(titles[clips]):
                     rows = clips & (titles == title_id)
                     try:
                         self.faults.check("classifier", title_id)
-                        p[rows] = self._predict(batch, rows)
+                        p[rows], vectors[rows] = self._predict(batch, rows)
                     except Exception as e:
                         errors[rows] = f"classifier: {one_line(e)}"
         out = {k: v for k, v in batch.items() if k not in ("frames", "log_mel")}
         out["p"], out["error"] = p, errors
+        if self.embeddings:  # the head's input, from the same forward pass (SPEC section 11)
+            out["embedding"] = vectors
         return out
 
-    def _predict(self, batch: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
-        return self.scorer.predict(batch["frames"][rows], batch["log_mel"][rows])
+    def _predict(self, batch: dict[str, np.ndarray], rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        frames, log_mel = batch["frames"][rows], batch["log_mel"][rows]
+        if self.embeddings:
+            return self.scorer.predict_and_embed(frames, log_mel)
+        return self.scorer.predict(frames, log_mel), np.zeros((int(rows.sum()), 0), np.float16)
 
 
 @dataclass
@@ -210,6 +217,7 @@ class _OpenTitle:
     """What has arrived so far for one title."""
 
     probs: dict[int, np.ndarray] = field(default_factory=dict)  # second -> p[n_labels]
+    vectors: dict[int, np.ndarray] = field(default_factory=dict)  # second -> embedding (with --embeddings)
     trailers: dict[int, dict] = field(default_factory=dict)  # window start -> its trailer row
     clips_have_audio: bool = True
     clip_error: str = ""  # the first error carried by a clip row (e.g. the classifier's)
@@ -230,11 +238,11 @@ class TitleWriter:
     ``titles`` row could be written (if not, the driver writes it)."""
 
     def __init__(self, out: str, labels: list[str], model_uri: str, params: SegmentParams,
-                 faults: FaultPlan = NO_FAULTS, stills: str = "exact"):
-        self.store = ResultStore(out)
+                 faults: FaultPlan = NO_FAULTS, stills: str = "exact", embeddings: EmbeddingsMeta | None = None):
+        self.store = ResultStore(out, embeddings=embeddings is not None)
         self.store.make_folders()  # the driver made them too, but maybe on another machine's disk
         self.labels, self.model_uri, self.params, self.faults = list(labels), model_uri, params, faults
-        self.stills = stills
+        self.stills, self.embeddings = stills, embeddings
         self.open: dict[str, _OpenTitle] = {}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -252,6 +260,8 @@ class TitleWriter:
             else:
                 n_clips += 1
                 state.probs[int(batch["second"][i])] = batch["p"][i]
+                if self.embeddings is not None:
+                    state.vectors[int(batch["second"][i])] = batch["embedding"][i]
                 state.clips_have_audio &= bool(batch["clip_has_audio"][i])
                 state.clip_error = state.clip_error or str(batch["error"][i])
             if state.complete(int(batch["n_windows"][i])):
@@ -291,10 +301,21 @@ class TitleWriter:
                              film.n_scored, film.has_audio, self.model_uri, self.stills)
         self.faults.check("write", title_id)
         standing = self.store.write_title(record, scores_table(title_id, self.labels, film.probs),
-                                          segments_table(title_id, film.segments))
+                                          segments_table(title_id, film.segments),
+                                          self._embeddings(title_id, film, state.vectors))
         if standing != film.status:  # an ok row was there already (a re-submitted title): it stays
             return _summary(title_id, standing, None, film.n_clips, film.n_scored, written=True)
         return _summary(title_id, film.status, film.error, film.n_clips, film.n_scored, written=True)
+
+
+    def _embeddings(self, title_id: str, film, vectors: dict[int, np.ndarray]) -> pa.Table | None:
+        """The title's embeddings table: one row per scored second (none without --embeddings)."""
+        if self.embeddings is None:
+            return None
+        seconds = np.flatnonzero(np.isfinite(film.probs).all(axis=1)).astype(np.int32)
+        rows = [vectors[int(s)] for s in seconds]
+        stacked = np.stack(rows) if rows else np.zeros((0, self.embeddings.feature_dim), np.float16)
+        return embeddings_table(title_id, seconds, stacked, self.embeddings)
 
 
 def _no_scores(labels: list[str]) -> np.ndarray:

@@ -23,6 +23,7 @@ from kissray.score import Segment
 from kissray.uris import make_dirs
 
 TABLES = ("scores", "segments", "titles")
+EMBEDDINGS = "embeddings"  # the fourth table, with ``score --embeddings`` (kissray.embeddings)
 TEMP_PREFIX = ".tmp-"  # leading dot: ignored by pyarrow / pandas dataset readers
 
 SCORES_SCHEMA = pa.schema([
@@ -90,10 +91,11 @@ def titles_table(record: TitleRecord) -> pa.Table:
 class ResultStore:
     """The output directory ``OUT`` (any fsspec URI): per-title atomic writes and resume."""
 
-    def __init__(self, out: str):
+    def __init__(self, out: str, embeddings: bool = False):
         import fsspec
 
         self.out = str(out).rstrip("/")
+        self.tables = TABLES + ((EMBEDDINGS,) if embeddings else ())
         self.fs, self.root = fsspec.core.url_to_fs(self.out)
         self.root = self.root.rstrip("/")
 
@@ -107,22 +109,26 @@ class ResultStore:
             self.fs.rm(probe)
         except (OSError, PermissionError, ValueError) as e:
             raise JobError(f"output {self.out} is not writable: {e}") from e  # SPEC 6: exit 1
-        for table in TABLES:
+        for table in self.tables:
             for path in self._list(table, f"{TEMP_PREFIX}*"):
                 self._remove_quietly(path)
 
     def make_folders(self) -> None:
-        for table in TABLES:
+        for table in self.tables:
             make_dirs(self.fs, self._dir(table))
 
     def finished_titles(self, model: str) -> set[str]:
-        """Ids of titles already ``ok`` with this model (a rerun skips them)."""
+        """Ids of titles already ``ok`` with this model (a rerun skips them); with embeddings
+        wanted, only those that have their embeddings file too."""
         table = self.read("titles")
         if table is None or table.num_rows == 0:
             return set()
         frame = table.select(["title_id", "status", "model"]).to_pandas()
-        done = frame[(frame["status"] == "ok") & (frame["model"] == model)]
-        return set(done["title_id"])
+        done = set(frame[(frame["status"] == "ok") & (frame["model"] == model)]["title_id"])
+        if EMBEDDINGS in self.tables:
+            have = {posixpath.basename(p)[:-len(".parquet")] for p in self._list(EMBEDDINGS, "*.parquet")}
+            done = {t for t in done if file_name_for(t) in have}
+        return done
 
     def read(self, name: str) -> pa.Table | None:
         """One table over all titles written so far, or None when there is none yet."""
@@ -147,14 +153,22 @@ class ResultStore:
             return None
         return rows[0] if rows else None
 
-    def write_title(self, record: TitleRecord, scores: pa.Table, segments: pa.Table) -> str:
-        """Replace the title's three files, the titles file last (it commits the title); returns
-        the status that now stands. A title written ``ok`` is never rewritten, except by an ``ok``
-        result of another checkpoint (a deliberate rescoring): then its ``ok`` stands."""
+    def write_title(self, record: TitleRecord, scores: pa.Table, segments: pa.Table,
+                    embeddings: pa.Table | None = None) -> str:
+        """Replace the title's files, the titles file last (it commits the title); returns the
+        status that now stands. A title written ``ok`` is never rewritten, except by an ``ok``
+        result of another checkpoint (a deliberate rescoring): then its ``ok`` stands. An ``ok``
+        title scored before without embeddings only gains its embeddings file."""
         standing = self.title_row(record.title_id)
-        if standing and standing["status"] == "ok" and (standing["model"] == record.model or record.status != "ok"):
-            return "ok"
         name = file_name_for(record.title_id)
+        if standing and standing["status"] == "ok" and (standing["model"] == record.model or record.status != "ok"):
+            if embeddings is not None and record.status == "ok" and standing["model"] == record.model:
+                self._write_atomic(EMBEDDINGS, name, embeddings)
+            return "ok"
+        if embeddings is not None and record.n_scored:  # before the commit: an ok title always has its file
+            self._write_atomic(EMBEDDINGS, name, embeddings)
+        elif embeddings is not None:  # nothing scored now: no vectors of an earlier attempt stay behind
+            self._remove_quietly(f"{self._dir(EMBEDDINGS)}/{name}.parquet")
         self._write_atomic("scores", name, scores)
         self._write_atomic("segments", name, segments)
         self._write_atomic("titles", name, titles_table(record))

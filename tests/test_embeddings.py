@@ -1,0 +1,169 @@
+"""SPEC 11 on a small library scored once with ``--embeddings`` on the session's local Ray: the stored
+vectors, rescoring with a new head, training from embeddings, and similar seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from kissray.cli import main as cli_main
+from kissray.ffmpeg import LOSSLESS_RGB_ARGS, write_film
+
+FPS = 10
+SIZE = (64, 48)
+RATE_HZ = 16000
+PCM_ARGS = ("-c:a", "pcm_s16le")
+# title -> (seconds, {second: (source title, source second)}): beta's seconds 5..8 are alpha's 1..4
+TITLES = {"alpha": (10, {}), "beta": (10, {5 + i: ("alpha", 1 + i) for i in range(4)}), "gamma": (7, {}),
+          "delta": (6, {})}
+PARAMS = ["--threshold", "0.5", "--min-len", "2", "--min-fraction", "0.5"]
+
+
+def second_content(title: str, second: int) -> tuple[np.ndarray, np.ndarray]:
+    """Second ``second`` of ``title``: a 4x4 grid of random colours and one second of noise."""
+    seed = sum(map(ord, title)) * 1000 + second
+    rng = np.random.default_rng(seed)
+    grid = rng.integers(0, 256, (3, 4, 3), dtype=np.uint8)
+    frame = np.repeat(np.repeat(grid, SIZE[1] // 3, axis=0), SIZE[0] // 4, axis=1)
+    audio = rng.normal(0, 0.1 * (1 + second % 3), RATE_HZ).astype(np.float64)
+    return frame, audio
+
+
+def make_title(path: Path, title: str) -> str:
+    seconds, copies = TITLES[title]
+    parts = [second_content(*copies.get(i, (title, i))) for i in range(seconds)]
+    frames = [p[0] for p in parts]
+    audio = np.concatenate([p[1] for p in parts])
+    return write_film(str(path), lambda n: frames[n // FPS], seconds * FPS, FPS, audio=audio, sample_rate=RATE_HZ,
+                      video_args=LOSSLESS_RGB_ARGS, audio_args=PCM_ARGS)
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory, checkpoint, ray_session):
+    """The films (title -> uri) and one score output with embeddings (plus a file that is no film)."""
+    root = tmp_path_factory.mktemp("embeddings")
+    films = root / "films"
+    films.mkdir()
+    uris = {title: make_title(films / f"{title}.mkv", title) for title in TITLES}
+    (films / "broken.mp4").write_text("not a film\n" * 20)
+    out = root / "scored"
+    code = cli_main(["score", str(films), "--model", checkpoint, "--out", str(out), "--embeddings",
+                     "--no-progress", "--batch-size", "4", *PARAMS])
+    assert code == 3  # broken.mp4 failed
+    return uris, out
+
+
+@pytest.fixture(scope="module")
+def new_head(tmp_path_factory, checkpoint):
+    """The scoring checkpoint's backbones with a new two-label head (spread out: p far from 0.5)."""
+    import torch
+
+    from kissray.model import KissModel, ModelConfig, load_model, save_model
+
+    base = load_model(checkpoint)
+    model = KissModel(ModelConfig(labels=["kiss", "hug"], image_size=base.config.image_size))
+    model.load_state_dict({k: v for k, v in base.state_dict().items() if not k.startswith("head.")}, strict=False)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        model.head.weight.copy_(torch.randn(model.head.weight.shape, generator=generator) * 0.2)
+        model.head.bias.zero_()
+    path = str(tmp_path_factory.mktemp("newhead") / "ck")
+    save_model(model, path)
+    return path
+
+
+def test_embedding_rows_equal_model_embed_of_the_same_clips(library, model):
+    import torch
+
+    from kissray.media import iter_clips
+
+    uris, out = library
+    stored = pd.read_parquet(out / "embeddings")
+    assert sorted(stored.title_id.unique()) == sorted(TITLES)  # one file per ok title, none for the failed one
+    assert len(list((out / "embeddings").glob("*.parquet"))) == len(TITLES)
+    for title, uri in uris.items():
+        rows = stored[stored.title_id == title].sort_values("second")
+        assert rows.second.tolist() == list(range(TITLES[title][0]))
+        clips = list(iter_clips(uri, frames_per_clip=1, size=model.config.image_size))
+        with torch.inference_mode():
+            expected = model.embed(torch.as_tensor(np.stack([c.frames for c in clips])),
+                                   torch.as_tensor(np.stack([c.log_mel for c in clips]))).numpy()
+        got = np.stack(rows.embedding.to_numpy()).astype(np.float32)
+        assert got.shape == (len(clips), model.config.feature_dim)
+        np.testing.assert_allclose(got, expected, rtol=2e-3, atol=1e-3 * np.abs(expected).max())
+
+
+def test_embedding_files_record_fingerprint_stills_and_version(library, checkpoint):
+    import pyarrow.parquet as pq
+
+    from kissray.model import backbone_fingerprint, read_checkpoint_state
+
+    _, out = library
+    config, state = read_checkpoint_state(checkpoint)
+    schema = pq.read_schema(next((out / "embeddings").glob("*.parquet")))
+    meta = {k.decode(): v.decode() for k, v in schema.metadata.items() if k.startswith(b"kissray.")}
+    assert meta["kissray.fingerprint"] == backbone_fingerprint(config, state)
+    assert meta["kissray.stills"] == "exact" and meta["kissray.model"] == checkpoint
+    assert meta["kissray.kissray_version"] == config.kissray_version
+    assert str(schema.field("embedding").type) == f"fixed_size_list<element: halffloat>[{config.feature_dim}]"
+
+
+def _compare(score_out: Path, rescore_out: Path, threshold: float = 0.5) -> int:
+    """Assert the two outputs agree as SPEC 11 says; returns how many seconds flipped near the threshold."""
+    scores = {name: pd.read_parquet(d / "scores").sort_values(["title_id", "label", "second"]).reset_index(drop=True)
+              for name, d in (("score", score_out), ("rescore", rescore_out))}
+    a, b = scores["score"], scores["rescore"]
+    pd.testing.assert_frame_equal(a.drop(columns="p"), b.drop(columns="p"))
+    assert np.abs(a.p.to_numpy() - b.p.to_numpy()).max() < 1e-3
+    near = set(map(tuple, a[np.abs(a.p - threshold) < 1e-3][["title_id", "label"]].to_numpy()))
+    segments = {name: pd.read_parquet(d / "segments").sort_values(["title_id", "label", "segment"])
+                for name, d in (("score", score_out), ("rescore", rescore_out))}
+    for key in {tuple(r) for r in segments["score"][["title_id", "label"]].to_numpy()} - near:
+        mine = [s[(s.title_id == key[0]) & (s.label == key[1])][["start_s", "end_s"]].to_numpy().tolist()
+                for s in segments.values()]
+        assert mine[0] == mine[1], key
+    titles = {name: pd.read_parquet(d / "titles").set_index("title_id").sort_index()
+              for name, d in (("score", score_out), ("rescore", rescore_out))}
+    columns = ["uri", "status", "n_clips", "n_scored", "has_audio", "model", "stills"]
+    pd.testing.assert_frame_equal(titles["score"][columns], titles["rescore"][columns])
+    return len(near)
+
+
+def test_rescore_equals_score_with_the_new_head(library, new_head, tmp_path):
+    uris, out = library
+    scored = tmp_path / "scored-new"
+    assert cli_main(["score", *uris.values(), str(Path(uris["alpha"]).parent / "broken.mp4"), "--model", new_head,
+                     "--out", str(scored), "--no-progress", *PARAMS]) == 3
+    rescored = tmp_path / "rescored"
+    assert cli_main(["rescore", "--embeddings", str(out), "--model", new_head, "--out", str(rescored),
+                     "--no-progress", *PARAMS]) == 3
+    assert pd.read_parquet(scored / "segments").shape[0] > 0  # the comparison has segments to compare
+    _compare(scored, rescored)
+    # resumable: a second run finds every title done and changes nothing
+    before = pd.read_parquet(rescored / "titles")
+    assert cli_main(["rescore", "--embeddings", str(out), "--model", new_head, "--out", str(rescored),
+                     "--no-progress", *PARAMS]) == 3
+    after = pd.read_parquet(rescored / "titles")
+    pd.testing.assert_frame_equal(before[before.status == "ok"].sort_values("title_id").reset_index(drop=True),
+                                  after[after.status == "ok"].sort_values("title_id").reset_index(drop=True))
+
+
+def test_rescore_refuses_other_backbones_exit_2_naming_both(library, tmp_path, capsys):
+    from kissray.model import ModelConfig, backbone_fingerprint, init_model, read_checkpoint_state, save_model
+
+    _, out = library
+    other = str(tmp_path / "other")
+    save_model(init_model(ModelConfig(labels=["kiss"], image_size=64), seed=1), other)
+    config, state = read_checkpoint_state(other)
+    stored = pd.read_parquet(out / "embeddings").head(0)  # noqa: F841 (the folder is readable)
+    code = cli_main(["rescore", "--embeddings", str(out), "--model", other, "--out", str(tmp_path / "r"),
+                     "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and backbone_fingerprint(config, state) in err
+    import pyarrow.parquet as pq
+
+    theirs = pq.read_schema(next((out / "embeddings").glob("*.parquet"))).metadata[b"kissray.fingerprint"].decode()
+    assert theirs in err and not (tmp_path / "r").exists()
