@@ -167,3 +167,43 @@ def test_rescore_refuses_other_backbones_exit_2_naming_both(library, tmp_path, c
 
     theirs = pq.read_schema(next((out / "embeddings").glob("*.parquet"))).metadata[b"kissray.fingerprint"].decode()
     assert theirs in err and not (tmp_path / "r").exists()
+
+
+def _annotations(uris: dict[str, str], path: Path) -> str:
+    rows = ["uri,start_s,end_s,label,split"]
+    splits = {"alpha": "train", "beta": "train", "gamma": "val", "delta": "test"}
+    for title, uri in uris.items():
+        n = TITLES[title][0]
+        rows += [f"{uri},0,3,kiss,{splits[title]}", f"{uri},3,{n - 1},none,{splits[title]}"]
+    path.write_text("\n".join(rows) + "\n")
+    return str(path)
+
+
+def test_train_from_embeddings_gives_the_head_of_head_mode_on_films(library, checkpoint, tmp_path):
+    import json
+
+    from kissray.model import load_model
+
+    uris, out = library
+    csv = _annotations(uris, tmp_path / "spans.csv")
+    common = ["train", "--annotations", csv, "--init", checkpoint, "--epochs", "3", "--batch-size", "8"]
+    assert cli_main([*common, "--out", str(tmp_path / "films-head")]) == 0
+    # the films need not be reachable: move them away first
+    moved = Path(uris["alpha"]).parent.rename(tmp_path / "elsewhere")
+    try:
+        assert cli_main([*common, "--embeddings", str(out), "--out", str(tmp_path / "stored-head")]) == 0
+    finally:
+        moved.rename(Path(uris["alpha"]).parent)
+    a, b = load_model(str(tmp_path / "films-head")), load_model(str(tmp_path / "stored-head"))
+    np.testing.assert_allclose(a.head.weight.detach().numpy(), b.head.weight.detach().numpy(), atol=1e-4)
+    np.testing.assert_allclose(a.head.bias.detach().numpy(), b.head.bias.detach().numpy(), atol=1e-4)
+    metrics = [json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("films-head", "stored-head")]
+    assert metrics[0]["n_clips"] == metrics[1]["n_clips"] and metrics[1]["embeddings"] == str(out)
+    assert metrics[1]["skipped_films"] == [] and metrics[1]["options"]["stills"] == "exact"
+
+
+def test_train_from_embeddings_usage_errors(library, tmp_path, capsys):
+    uris, out = library
+    csv = _annotations(uris, tmp_path / "spans.csv")
+    assert cli_main(["train", "--annotations", csv, "--embeddings", str(out), "--out", str(tmp_path / "x")]) == 2
+    assert "--init" in capsys.readouterr().err and not (tmp_path / "x").exists()
