@@ -160,15 +160,17 @@ def out_lock(out: str) -> OutLock:
     return OutLock(store.fs, store.root, store.out)
 
 
-def score_library(inputs: list[str], model_uri: str, out: str, **options) -> LibrarySummary:
+def score_library(inputs: list[str], model_uri: str, out: str, embeddings: bool = False,
+                  **options) -> LibrarySummary:
     """Score every film named by ``inputs`` with the checkpoint ``model_uri`` into ``out``.
 
     Ray must be initialised (``ray.init``). Titles already ``ok`` in ``out`` with the same model
     are skipped; every other title gets exactly one fresh ``titles`` row. Bad films never fail the
-    job. ``options`` are those of :func:`run_library`.
+    job. ``embeddings``: also write ``out/embeddings`` (SPEC 11). ``options`` are those of
+    :func:`run_library`.
     """
     with out_lock(out):
-        return run_library(prepare_library(inputs, model_uri, out), **options)
+        return run_library(prepare_library(inputs, model_uri, out, embeddings), **options)
 
 
 @dataclass(frozen=True)

@@ -132,16 +132,23 @@ def _compare(score_out: Path, rescore_out: Path, threshold: float = 0.5) -> int:
     return len(near)
 
 
-def test_rescore_equals_score_with_the_new_head(library, new_head, tmp_path):
-    uris, out = library
-    scored = tmp_path / "scored-new"
+@pytest.fixture(scope="module")
+def scored_with_new_head(library, new_head, tmp_path_factory) -> Path:
+    """What ``kissray score`` with the new head gives on the same films (decoding them again)."""
+    uris, _ = library
+    scored = tmp_path_factory.mktemp("scored-new-head")
     assert cli_main(["score", *uris.values(), str(Path(uris["alpha"]).parent / "broken.mp4"), "--model", new_head,
                      "--out", str(scored), "--no-progress", *PARAMS]) == 3
+    assert pd.read_parquet(scored / "segments").shape[0] > 0  # the comparison has segments to compare
+    return scored
+
+
+def test_rescore_equals_score_with_the_new_head(library, new_head, scored_with_new_head, tmp_path):
+    _, out = library
     rescored = tmp_path / "rescored"
     assert cli_main(["rescore", "--embeddings", str(out), "--model", new_head, "--out", str(rescored),
                      "--no-progress", *PARAMS]) == 3
-    assert pd.read_parquet(scored / "segments").shape[0] > 0  # the comparison has segments to compare
-    _compare(scored, rescored)
+    _compare(scored_with_new_head, rescored)
     # resumable: a second run finds every title done and changes nothing
     before = pd.read_parquet(rescored / "titles")
     assert cli_main(["rescore", "--embeddings", str(out), "--model", new_head, "--out", str(rescored),
@@ -149,6 +156,25 @@ def test_rescore_equals_score_with_the_new_head(library, new_head, tmp_path):
     after = pd.read_parquet(rescored / "titles")
     pd.testing.assert_frame_equal(before[before.status == "ok"].sort_values("title_id").reset_index(drop=True),
                                   after[after.status == "ok"].sort_values("title_id").reset_index(drop=True))
+
+
+def test_rescore_and_similar_on_object_storage(library, new_head, scored_with_new_head, tmp_path, s3, capsys):
+    """The library on the test S3 server: rescore from s3:// into s3://, an index kept under s3://."""
+    import s3fs
+
+    _, out = library
+    observer = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+    lib = f"films/embeddings-{tmp_path.name}/lib"
+    observer.put(str(out), lib, recursive=True)
+    rescored = f"s3://films/embeddings-{tmp_path.name}/rescored"
+    assert cli_main(["rescore", "--embeddings", f"s3://{lib}", "--model", new_head, "--out", rescored,
+                     "--no-progress", *PARAMS]) == 3
+    observer.get(rescored.removeprefix("s3://"), str(tmp_path / "rescored"), recursive=True)
+    _compare(scored_with_new_head, tmp_path / "rescored")
+    assert cli_main(["similar", "--embeddings", f"s3://{lib}", "--build-index"]) == 0
+    assert observer.exists(f"{lib}/index/index.json") and observer.exists(f"{lib}/index/ivf.faiss")
+    results = _similar(["--embeddings", f"s3://{lib}", "--title", "alpha", "--at", "3", "--k", "2"], capsys)
+    assert (results[0]["title_id"], results[0]["second"]) == ("beta", 7)
 
 
 def test_rescore_refuses_other_backbones_exit_2_naming_both(library, tmp_path, capsys):
@@ -207,3 +233,113 @@ def test_train_from_embeddings_usage_errors(library, tmp_path, capsys):
     csv = _annotations(uris, tmp_path / "spans.csv")
     assert cli_main(["train", "--annotations", csv, "--embeddings", str(out), "--out", str(tmp_path / "x")]) == 2
     assert "--init" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def _similar(argv: list[str], capsys) -> list[dict]:
+    import json
+
+    assert cli_main(["similar", *argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)["results"]
+
+
+def test_similar_finds_the_copied_scene_first(library, capsys):
+    uris, out = library
+    for i in range(4):  # beta's seconds 5..8 are alpha's 1..4
+        results = _similar(["--embeddings", str(out), "--title", "alpha", "--at", str(1 + i), "--k", "5"], capsys)
+        assert (results[0]["title_id"], results[0]["second"]) == ("beta", 5 + i)
+        assert results[0]["similarity"] > 0.99 and all(r["title_id"] != "alpha" for r in results)
+        assert [r["similarity"] for r in results] == sorted((r["similarity"] for r in results), reverse=True)
+    # a second of any film, embedded with the library's checkpoint: itself first, then its copy
+    results = _similar(["--embeddings", str(out), "--film", uris["beta"], "--at", "6", "--k", "3"], capsys)
+    assert {(r["title_id"], r["second"]) for r in results[:2]} == {("beta", 6), ("alpha", 2)}
+
+
+def test_similar_over_two_outputs_with_an_index(library, tmp_path, capsys):
+    import shutil
+
+    _, out = library
+    second = tmp_path / "second-output"  # the same library twice: every second has a twin in the other
+    shutil.copytree(out, second)
+    assert cli_main(["similar", "--embeddings", str(second), "--build-index"]) == 0
+    assert (second / "index" / "index.json").exists()
+    brute = _similar(["--embeddings", str(out), "--embeddings", str(second), "--title", "gamma", "--at", "3",
+                      "--k", "4", "--brute-force"], capsys)
+    indexed = _similar(["--embeddings", str(out), "--embeddings", str(second), "--title", "gamma", "--at", "3",
+                        "--k", "4"], capsys)
+    assert {(r["title_id"], r["second"]) for r in indexed} == {(r["title_id"], r["second"]) for r in brute}
+    assert all(r["title_id"] != "gamma" for r in brute)
+
+
+def test_similar_usage_errors(library, capsys):
+    _, out = library
+    assert cli_main(["similar", "--embeddings", str(out), "--title", "alpha"]) == 2
+    assert "--at" in capsys.readouterr().err
+    assert cli_main(["similar", "--embeddings", str(out), "--title", "nosuch", "--at", "1"]) == 2
+    assert "nosuch" in capsys.readouterr().err
+    assert cli_main(["similar", "--embeddings", str(out), "--title", "alpha", "--at", "999"]) == 2
+    assert "999" in capsys.readouterr().err
+
+
+def clustered_vectors(n: int, dim: int, n_clusters: int, seed: int = 0) -> np.ndarray:
+    """Unit vectors around ``n_clusters`` random centres (what embeddings of many scenes look like)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_clusters, dim)).astype(np.float32)
+    x = centres[rng.integers(0, n_clusters, n)] + 0.35 * rng.normal(size=(n, dim)).astype(np.float32)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+
+
+def test_index_recall_at_10_on_50k_clustered_vectors(tmp_path):
+    from kissray.embeddings import EmbeddingsMeta, embeddings_table
+    from kissray.similar import Library, build_index
+
+    n, dim, per_title = 50_000, 640, 5_000
+    vectors = clustered_vectors(n, dim, 500)
+    meta = EmbeddingsMeta("f" * 64, "exact", "ck", dim, "test")
+    (tmp_path / "embeddings").mkdir()
+    import pyarrow.parquet as pq
+
+    for t in range(n // per_title):
+        table = embeddings_table(f"t{t}", np.arange(per_title), vectors[t * per_title:(t + 1) * per_title], meta)
+        pq.write_table(table, tmp_path / "embeddings" / f"t{t}.parquet")
+    build_index(str(tmp_path))
+    brute, indexed = Library([str(tmp_path)], use_index=False), Library([str(tmp_path)])
+    queries = np.random.default_rng(1).choice(n, 100, replace=False)
+    hits = 0
+    for q in queries:
+        vector = vectors[q].astype(np.float32) + np.random.default_rng(int(q)).normal(0, 0.02, dim)
+        want = {(m.title_id, m.second) for m in brute.similar_to_vector(vector, 10)}
+        hits += len(want & {(m.title_id, m.second) for m in indexed.similar_to_vector(vector, 10)})
+    assert hits / (10 * len(queries)) >= 0.95
+
+
+def test_serve_similar_over_http_with_the_key(library, checkpoint, tmp_path):
+    import socket
+
+    import httpx
+    from ray import serve
+
+    from kissray.serve import ServeConfig, build_app
+
+    _, out = library
+    key = "similar-test-key"
+    (tmp_path / "key").write_text(key)
+    config = ServeConfig(model=checkpoint, num_gpus=0, api_key_file=str(tmp_path / "key"), embeddings=(str(out),))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(config), name="kissray-similar-test", route_prefix="/")
+        url, auth = f"http://127.0.0.1:{port}/v1/similar", {"authorization": f"Bearer {key}"}
+        assert httpx.post(url, json={"title_id": "alpha", "second": 2, "k": 3}, timeout=60).status_code == 401
+        r = httpx.post(url, json={"title_id": "alpha", "second": 2, "k": 3}, headers=auth, timeout=120)
+        assert r.status_code == 200, r.text
+        results = r.json()["results"]
+        assert len(results) == 3 and (results[0]["title_id"], results[0]["second"]) == ("beta", 6)
+        assert set(results[0]) == {"title_id", "second", "similarity"}
+        r = httpx.post(url, json={"title_id": "nosuch", "second": 2}, headers=auth, timeout=60)
+        assert r.status_code == 404 and "nosuch" in r.json()["error"]
+        r = httpx.post(url, json={"title_id": "alpha", "second": 2, "k": 0}, headers=auth, timeout=60)
+        assert r.status_code == 422 and "k" in r.json()["error"]
+    finally:
+        serve.shutdown()

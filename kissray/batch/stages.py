@@ -171,6 +171,8 @@ class Classifier:
     touches: their rows carry the error and ``p`` = NaN.
     """
 
+    embeddings = False  # also emit each clip's vector (``score --embeddings``)
+
     def __init__(self, model_uri: str, batch_size: int = 32, device: str | None = None,
                  num_threads: int | None = None, faults: FaultPlan = NO_FAULTS, embeddings: bool = False):
         from kissray.score import Scorer

@@ -13,8 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kissray.commands.score import _fraction, _positive_int
-from kissray.defaults import MIN_FRACTION, MIN_LEN_S, THRESHOLD
+from kissray.commands.score import add_ray_and_segmenter_arguments
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,12 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a `kissray score --embeddings` output (any fsspec URI)")
     p.add_argument("--model", required=True, help="checkpoint with the new head (same backbones)")
     p.add_argument("--out", required=True, help="output directory (any fsspec URI)")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray; 'local' forces one)")
-    p.add_argument("--threshold", type=_fraction, default=THRESHOLD, help="segmenter threshold (%(default)s)")
-    p.add_argument("--min-len", type=_positive_int, default=MIN_LEN_S, help="shortest segment, seconds (%(default)s)")
-    p.add_argument("--min-fraction", type=_fraction, default=MIN_FRACTION,
-                   help="least fraction of positive seconds in a segment (%(default)s)")
+    add_ray_and_segmenter_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 

@@ -55,17 +55,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The score options; shared with ``jobs/score_titles.py``."""
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="films, directories, globs, URIs or manifests")
-    p.add_argument("--model", required=True, help="checkpoint directory (any fsspec URI)")
-    p.add_argument("--out", required=True, help="output directory (any fsspec URI)")
+def add_ray_and_segmenter_arguments(p: argparse.ArgumentParser) -> None:
+    """--address and the segmenter's options; shared with ``kissray rescore``."""
     p.add_argument("--address", default=None,
                    help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray; 'local' forces one)")
     p.add_argument("--threshold", type=_fraction, default=THRESHOLD, help="segmenter threshold (%(default)s)")
     p.add_argument("--min-len", type=_positive_int, default=MIN_LEN_S, help="shortest segment, seconds (%(default)s)")
     p.add_argument("--min-fraction", type=_fraction, default=MIN_FRACTION,
                    help="least fraction of positive seconds in a segment (%(default)s)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The score options; shared with ``jobs/score_titles.py``."""
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="films, directories, globs, URIs or manifests")
+    p.add_argument("--model", required=True, help="checkpoint directory (any fsspec URI)")
+    p.add_argument("--out", required=True, help="output directory (any fsspec URI)")
+    add_ray_and_segmenter_arguments(p)
     p.add_argument("--window-s", type=_positive_int, default=WINDOW_S,
                    help="seconds of film per decode task (%(default)s)")
     p.add_argument("--batch-size", type=_positive_int, default=BATCH_SIZE, help="clips per forward pass (%(default)s)")

@@ -55,6 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="where uploads, staged URI objects and decoder scratch files go (default: system temp)")
     p.add_argument("--stills", choices=STILLS_MODES, default=None,
                    help="exact: the frame at each still time (default); keyframe: the last keyframe before it")
+    p.add_argument("--embeddings", action="append", default=[], metavar="DIR",
+                   help="serve POST /v1/similar over this `kissray score --embeddings` output (repeatable: "
+                        "one library)")
     p.set_defaults(func=run)
 
 
@@ -66,8 +69,13 @@ def config_from_args(args: argparse.Namespace):
     options.update(model=args.model, allow_uri_prefixes=tuple(args.allow_uri_prefix),
                    api_key_file=args.api_key_file and os.path.abspath(args.api_key_file),  # replicas run
                    upload_dir=args.upload_dir and os.path.abspath(args.upload_dir),  # in other directories
+                   embeddings=tuple(_absolute(out) for out in args.embeddings),
                    batch_wait_timeout_s=None if args.batch_wait_ms is None else args.batch_wait_ms / 1000)
     return ServeConfig.from_dict({k: v for k, v in options.items() if v is not None})
+
+
+def _absolute(out: str) -> str:
+    return out if "://" in out else os.path.abspath(out)
 
 
 def run(args: argparse.Namespace) -> int:
