@@ -104,9 +104,9 @@ def render_report(outputs: ScoreOutputs, media: Media) -> str:
     """The whole page as one string."""
     labels = outputs.labels
     colours = {label: LABEL_COLOURS[i % len(LABEL_COLOURS)] for i, label in enumerate(labels)}
-    probs = _probs_by_title(outputs.scores)
+    probs = probs_by_title(outputs.scores)
     segments = dict(tuple(outputs.segments.groupby("title_id", sort=False)))
-    titles = outputs.titles.to_dict("records")
+    titles = by_labelled_time(outputs.titles.to_dict("records"), segments)
     sections = [_title_section(t, probs.get(t["title_id"], {}), segments.get(t["title_id"]), colours, media)
                 for t in titles]
     body = "\n".join([
@@ -115,11 +115,17 @@ def render_report(outputs: ScoreOutputs, media: Media) -> str:
         f'<section id="titles"><h2>Titles</h2>{"".join(sections)}</section>',
         _failures(titles),
     ])
-    return _PAGE.format(style=_STYLE, script=_SCRIPT.replace("PAGE_SIZE", str(PAGE_SIZE)), body=body,
+    return _PAGE.format(style=STYLE, script=_SCRIPT.replace("PAGE_SIZE", str(PAGE_SIZE)), body=body,
                         title=html.escape(f"kissray report: {outputs.out_dir}"))
 
 
-def _probs_by_title(scores: pd.DataFrame | None) -> dict[str, dict[str, np.ndarray]]:
+def by_labelled_time(titles: list[dict], segments: dict[str, pd.DataFrame]) -> list[dict]:
+    """The titles with the most labelled seconds first (then by title id): what a reader opens on."""
+    seconds = {title_id: int(segs["n_seconds"].sum()) for title_id, segs in segments.items()}
+    return sorted(titles, key=lambda t: (-seconds.get(t["title_id"], 0), str(t["title_id"])))
+
+
+def probs_by_title(scores: pd.DataFrame | None) -> dict[str, dict[str, np.ndarray]]:
     """{title_id: {label: float32[n_scored]}} (second i at index i)."""
     found: dict[str, dict[str, np.ndarray]] = {}
     if scores is None or scores.empty:
@@ -306,7 +312,7 @@ _PAGE = """<!DOCTYPE html>
 </body></html>
 """
 
-_STYLE = """
+STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 0 auto; max-width: 1100px; padding: 0 16px 48px; color: #222; }
 h1 { margin-bottom: 0; } h2 { margin-top: 32px; border-bottom: 1px solid #ddd; }
 code { font-size: 12px; color: #555; word-break: break-all; }
