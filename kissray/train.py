@@ -194,7 +194,9 @@ def class_balance(targets: np.ndarray, labels: list[str], method: str = "auto") 
     chosen = method
     if method == "auto":
         chosen = "pos-weight" if np.any(np.minimum(rate, 1 - rate) < BALANCED_RATE) else "none"
-    pos_weight = (n - n_positive) / np.maximum(n_positive, 1)
+    # a label with no negative (or no positive) clip has nothing to balance: weight 1, never 0,
+    # which would silence its positives (a review folder of right answers only, say)
+    pos_weight = np.where((n_positive > 0) & (n_positive < n), (n - n_positive) / np.maximum(n_positive, 1), 1.0)
     return {"method": chosen, "requested": method,
             "rule": f"auto: pos-weight when a label's positive rate is below {BALANCED_RATE:g} or above "
                     f"{1 - BALANCED_RATE:g} in the training clips, else none",

@@ -14,45 +14,36 @@ from __future__ import annotations
 import html
 import json
 from dataclasses import dataclass
+from urllib.parse import quote
 
 import pandas as pd
 
 from kissray.excerpts import excerpt_stem
 from kissray.names import file_name_for
 from kissray.outputs import ScoreOutputs
-from kissray.report import STYLE, by_labelled_time, duration_text, probs_by_title, timeline_svg
+from kissray.report import STYLE, Media, by_labelled_time, duration_text, probs_by_title, timeline_svg
 
 NUDGE_S = 1.0  # seconds an edge moves per key press
 
 
 @dataclass(frozen=True)
 class Players:
-    """What the page may play or show: excerpt files (names under the excerpt folder) and the
-    titles whose film the server can stream."""
+    """What the page may play or show: the excerpt files and the titles whose film the server streams."""
 
-    excerpts: frozenset[str]
+    media: Media  # the excerpt folder's files
     films: frozenset[str]  # title ids
 
-    def for_segment(self, title_id: str, stem: str, start_s: float, end_s: float) -> str:
-        folder = file_name_for(title_id)
-        thumb = next((n for n in (f"{folder}/{stem}.jpg", f"{_label_of(stem)}/{folder}/{stem}.jpg")
-                      if n in self.excerpts), None)
-        clip = next((n for n in (f"{folder}/{stem}.mp4", f"{_label_of(stem)}/{folder}/{stem}.mp4")
-                     if n in self.excerpts), None)
-        poster = f' poster="/excerpts/{_attr(thumb)}"' if thumb else ""
+    def for_segment(self, title_id: str, label: str, stem: str, start_s: float, end_s: float) -> str:
+        thumb, clip = self.media.find(title_id, stem, "jpg", label), self.media.find(title_id, stem, "mp4", label)
+        poster = f' poster="/excerpts/{_attr(quote(thumb))}"' if thumb else ""
         if clip:
-            return f'<video controls preload="none"{poster} src="/excerpts/{_attr(clip)}"></video>'
+            return f'<video controls preload="none"{poster} src="/excerpts/{_attr(quote(clip))}"></video>'
         if title_id in self.films:
             return (f'<video controls preload="none"{poster} '
-                    f'src="/films/{_attr(folder)}#t={start_s:g},{end_s:g}"></video>')
+                    f'src="/films/{_attr(quote(file_name_for(title_id)))}#t={start_s:g},{end_s:g}"></video>')
         if thumb:
-            return f'<img src="/excerpts/{_attr(thumb)}" alt="{_attr(stem)}" loading="lazy">'
+            return f'<img src="/excerpts/{_attr(quote(thumb))}" alt="{_attr(stem)}" loading="lazy">'
         return '<p class="nomedia">no excerpt, film out of reach</p>'
-
-
-def _label_of(stem: str) -> str:
-    """The label folder of ``excerpts --by-label`` (the stem starts with the label's file name)."""
-    return stem.rsplit("-", 3)[0]
 
 
 def _attr(value) -> str:
@@ -87,7 +78,8 @@ def _title(title: dict, probs: dict, segs: pd.DataFrame | None, labels: list[str
     span_s = max(duration_s, float(title["n_scored"] or 0), 1.0)
     rows = [] if segs is None else list(segs.itertuples(index=False))
     timeline = timeline_svg(probs, segs, duration_s, int(title["n_scored"] or 0), colours) if probs else ""
-    options = "".join(f"<option>{_attr(label)}</option>" for label in labels)
+    first = rows[0].label if rows else None  # the missed span's label starts as the title's first segment's
+    options = "".join(f"<option{' selected' * (label == first)}>{_attr(label)}</option>" for label in labels)
     missed = (f'<form class="missed">missed span: <select name="label">{options}</select> '
               f'<input name="start" type="number" min="0" step="0.5" placeholder="start s"> – '
               f'<input name="end" type="number" min="0" step="0.5" placeholder="end s"> '
@@ -104,7 +96,7 @@ def _segment(title_id: str, seg, players: Players) -> str:
     start_s, end_s = float(seg.start_s), float(seg.end_s)
     return (f'<li class="segment" tabindex="-1" data-title="{_attr(title_id)}" data-label="{_attr(seg.label)}" '
             f'data-start="{start_s:g}" data-end="{end_s:g}">'
-            f'<div class="player">{players.for_segment(title_id, stem, start_s, end_s)}</div>'
+            f'<div class="player">{players.for_segment(title_id, seg.label, stem, start_s, end_s)}</div>'
             f'<div class="about"><b>{_attr(seg.label)} #{int(seg.segment)}</b> {duration_text(start_s)}–'
             f'{duration_text(end_s)} · {int(seg.n_seconds)} s · mean p {float(seg.mean_p):.2f}'
             f'<p class="answers"><button type="button" data-answer="right">Right <kbd>1</kbd></button>'
@@ -278,7 +270,10 @@ _SCRIPT = r"""
       '[': () => nudge('start', -REVIEW.nudge), ']': () => nudge('start', REVIEW.nudge),
       '-': () => nudge('end', -REVIEW.nudge), '=': () => nudge('end', REVIEW.nudge),
       m: () => { const s = li ? li.closest('section.title') : document.querySelector('section.title');
-                 if (s) s.querySelector('form.missed input[name=start]').focus(); }};
+                 if (!s) return;
+                 const form = s.querySelector('form.missed');
+                 if (li) form.label.value = li.dataset.label;
+                 form.start.focus(); }};
     if (actions[e.key]) { e.preventDefault(); actions[e.key](); }
   });
   document.querySelectorAll('video').forEach(v => v.addEventListener('error', () => {

@@ -56,12 +56,13 @@ class ReviewSite:
         self.segments = {(str(s.title_id), str(s.label), float(s.start_s), float(s.end_s))
                          for s in outputs.segments.itertuples(index=False)}
         self.excerpts_dir = str(excerpts_dir or join_uri(self.out_dir, EXCERPTS_DIR)).rstrip("/")
-        self.excerpts = find_media(self.excerpts_dir, join_uri(self.out_dir, "review.html")).files
+        media = find_media(self.excerpts_dir, join_uri(self.out_dir, "review.html"))
+        self.excerpts = media.files
         with ThreadPoolExecutor(16) as pool:  # one existence check per title with segments
             with_segments = sorted({key[0] for key in self.segments})
             reachable = [t for t, ok in zip(with_segments, pool.map(self._film_exists, with_segments)) if ok]
         self.films = {file_name_for(t): str(self.titles[t]["uri"]) for t in reachable}
-        self.page = render_page(outputs, Players(frozenset(self.excerpts), frozenset(reachable)), reviewer).encode()
+        self.page = render_page(outputs, Players(media, frozenset(reachable)), reviewer).encode()
         self.reviews = ReviewFiles(join_uri(self.out_dir, REVIEWS_DIR))
         self._lock = threading.Lock()  # ReviewFiles' cache is not thread-safe
 

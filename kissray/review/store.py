@@ -167,6 +167,12 @@ def latest(rows: list[dict]) -> list[dict]:
     return sorted(found.values(), key=_when)
 
 
+def segment_answers(rows: list[dict]) -> dict[tuple, dict]:
+    """The answer that counts per segment: ``(title_id, label, start_s, end_s)`` -> its row."""
+    return {(row["title_id"], base_label(row["label"]), float(row["segment_start_s"]), float(row["segment_end_s"])): row
+            for row in latest(rows) if row.get("answer") != "missed" and row.get("segment_start_s")}
+
+
 def _when(row: dict) -> tuple[str, str]:
     return row.get("reviewed_at") or "", row.get("file") or ""
 
