@@ -128,7 +128,7 @@ def test_report_in_chromium(library, browser, tmp_path):
                                    ".filter(h => h.endsWith('.mp4'))")
     # a link is a URL: the %XX of a file name (kissray.names.file_name_for) is escaped once more in it
     assert len(links) == 4 and all(Path(unquote(h.removeprefix("file://"))).is_file() for h in links)
-    assert browser.execute_script("return document.querySelectorAll('svg.timeline polyline').length") == 4
+    assert browser.execute_script("return document.querySelectorAll('#titles svg.timeline polyline').length") == 4
     failures = browser.find_element("id", "failures").text
     assert "broken<&>" in failures and "no video stream" in failures and "signal 9" in failures
     shot = tmp_path / "report.png"
