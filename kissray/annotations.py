@@ -24,7 +24,7 @@ import csv
 import io
 import math
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -98,8 +98,6 @@ def read_annotations(path: str, check_films: bool = True) -> Annotations:
 
 def read_review_folder(path: str, check_films: bool = True) -> Annotations:
     """The annotations in a folder of review answers (``OUT/reviews``): each segment's latest answer."""
-    from kissray.review.store import ReviewFiles, latest, review_counts, training_rows
-
     rows = ReviewFiles(path).rows()
     if not rows:
         raise UsageError(f"{path}: a folder with no review answers (*.csv) in it")
@@ -109,7 +107,8 @@ def read_review_folder(path: str, check_films: bool = True) -> Annotations:
         raise UsageError(f"{path}: a review file with a bad row: {e}") from e
     annotations = parse_annotations(text, path=path, check_films=check_films)
     annotations.reviews = {"folder": path, "answers": len(rows), "counted": len(latest(rows)),
-                           "files": sorted({r["file"] for r in rows}), "counts": review_counts(rows)}
+                           "files": sorted({r["file"] for r in rows}),
+                           "by_answer": dict(Counter(r.get("answer") for r in latest(rows)))}
     return annotations
 
 
@@ -127,8 +126,6 @@ def parse_annotations(text: str, path: str = "<annotations>", check_films: bool 
     reader = csv.reader(io.StringIO(text))
     header = [h.strip() for h in next(reader, [])]
     if "answer" in header and not _header_errors(header):  # review answers: the latest per segment
-        from kissray.review.store import parse_rows, training_rows
-
         try:
             text = _csv_text(training_rows(parse_rows(text)))
         except (KeyError, ValueError) as e:
@@ -281,7 +278,7 @@ def format_annotations(spans: list[Span]) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(COLUMNS + OPTIONAL_COLUMNS)
     for s in spans:
-        writer.writerow([s.uri, _number(s.start_s), _number(s.end_s), s.label, s.split or ""])
+        writer.writerow([s.uri, seconds_text(s.start_s), seconds_text(s.end_s), s.label, s.split or ""])
     return out.getvalue()
 
 
@@ -293,8 +290,93 @@ def write_annotations(spans: list[Span], path: str) -> None:
         f.write(format_annotations(spans))
 
 
-def _number(x: float) -> str:
+def seconds_text(x: float) -> str:
+    """A time in a CSV cell: ``12`` or ``12.5``."""
     return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+# ---------------------------------------------------------------- review answers (kissray review)
+
+
+class ReviewFiles:
+    """Reads a reviews folder; files already read are not read again (they never change)."""
+
+    def __init__(self, reviews_dir: str):
+        import fsspec
+
+        self.uri = str(reviews_dir).rstrip("/")
+        self.fs, self.folder = fsspec.core.url_to_fs(self.uri)
+        self._rows: dict[str, list[dict]] = {}
+
+    def names(self) -> list[str]:
+        """The answer files, oldest first (names start with their UTC time)."""
+        if hasattr(self.fs, "invalidate_cache"):
+            self.fs.invalidate_cache(self.folder)  # another server may have written since
+        if not self.fs.isdir(self.folder):
+            return []
+        names = (p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.folder, detail=False))
+        return sorted(n for n in names if n.endswith(".csv") and not n.startswith("."))
+
+    def rows(self) -> list[dict]:
+        """Every answer ever saved (the history), each with its file name under ``file``."""
+        names = self.names()
+        new = [n for n in names if n not in self._rows]
+        if new:
+            paths = [f"{self.folder.rstrip('/')}/{n}" for n in new]
+            for path, data in self.fs.cat(paths).items():
+                name = path.rstrip("/").rsplit("/", 1)[-1]
+                self._rows[name] = [{**row, "file": name} for row in parse_rows(data.decode("utf-8-sig"))]
+        return [row for name in names for row in self._rows[name]]
+
+
+def parse_rows(text: str) -> list[dict]:
+    """The rows of one review CSV (any columns; blank lines skipped)."""
+    return [row for row in csv.DictReader(io.StringIO(text)) if any((v or "").strip() for v in row.values())]
+
+
+def answer_key(row: dict) -> tuple:
+    """What an answer is about: a segment (title, label, bounds) or a missed span."""
+    label = base_label(row["label"])
+    if row.get("answer") == "missed" or not row.get("segment_start_s"):
+        return row["uri"], label, "span", float(row["start_s"]), float(row["end_s"])
+    return row["uri"], label, "segment", float(row["segment_start_s"]), float(row["segment_end_s"])
+
+
+def latest(rows: list[dict]) -> list[dict]:
+    """The answer that counts for each segment (and missed span): the latest; oldest first."""
+    found: dict[tuple, dict] = {}
+    for row in sorted(rows, key=_when):
+        found[answer_key(row)] = row
+    return sorted(found.values(), key=_when)
+
+
+def _when(row: dict) -> tuple[str, str]:
+    return row.get("reviewed_at") or "", row.get("file") or ""
+
+
+def training_rows(rows: list[dict]) -> list[dict]:
+    """Annotation rows (``uri, start_s, end_s, label, split``) from the answers that count:
+    a later answer takes the seconds it overlaps from earlier answers of the other polarity."""
+    kept: list[dict] = []
+    for row in latest(rows):
+        span = {k: row.get(k) or "" for k in COLUMNS + OPTIONAL_COLUMNS}
+        start, end = float(span["start_s"]), float(span["end_s"])
+        trimmed = []
+        for old in kept:
+            if old["uri"] == span["uri"] and base_label(old["label"]) == base_label(span["label"]) \
+                    and old["label"] != span["label"]:
+                trimmed += _minus(old, start, end)
+            else:
+                trimmed.append(old)
+        kept = trimmed + [span]
+    return kept
+
+
+def _minus(row: dict, start: float, end: float) -> list[dict]:
+    """``row``'s span without ``[start, end)``: zero, one or two rows."""
+    a, b = float(row["start_s"]), float(row["end_s"])
+    pieces = [(a, min(b, start)), (max(a, end), b)] if start < b and end > a else [(a, b)]
+    return [{**row, "start_s": seconds_text(s), "end_s": seconds_text(e)} for s, e in pieces if e - s > 1e-9]
 
 
 # ---------------------------------------------------------------- clip labels

@@ -30,7 +30,8 @@ import pandas as pd
 from kissray.excerpts import excerpt_stem
 from kissray.names import file_name_for
 from kissray.outputs import EXCERPTS_DIR, STATUSES, ScoreOutputs, read_outputs
-from kissray.review.store import REVIEWS_DIR, ReviewFiles, review_counts, segment_answers
+from kissray.annotations import ReviewFiles
+from kissray.review.store import REVIEWS_DIR, review_counts, segment_answers
 from kissray.uris import is_local_fs, join_uri, write_text
 
 PAGE_SIZE = 100  # titles per page of the index
@@ -125,7 +126,7 @@ def render_report(outputs: ScoreOutputs, media: Media, reviews: list[dict] = ())
         f'<section id="titles"><h2>Titles</h2>{"".join(sections)}</section>',
         _failures(titles),
     ])
-    return _PAGE.format(style=STYLE, script=_SCRIPT.replace("PAGE_SIZE", str(PAGE_SIZE)), body=body,
+    return PAGE.format(style=STYLE, script=_SCRIPT.replace("PAGE_SIZE", str(PAGE_SIZE)), body=body,
                         title=html.escape(f"kissray report: {outputs.out_dir}"))
 
 
@@ -354,7 +355,7 @@ def _failures(titles: list[dict]) -> str:
             f'<th>uri</th><th>reason</th></tr></thead><tbody>{rows}</tbody></table></section>')
 
 
-_PAGE = """<!DOCTYPE html>
+PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <link rel="icon" href="data:,">

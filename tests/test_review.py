@@ -21,9 +21,9 @@ import pytest
 
 from conftest import make_film
 from kissray.cli import main as cli_main
+from kissray.annotations import ReviewFiles
 from kissray.excerpts import ExcerptOptions, write_excerpts
 from kissray.review.server import ReviewSite, make_server
-from kissray.review.store import ReviewFiles
 from kissray.train import read_metrics
 from s3_server import free_port
 from test_excerpts import Title, write_score_out
@@ -185,7 +185,7 @@ def test_train_learns_from_the_reviews(library, checkpoint, tmp_path, capsys):
                      "--mode", "head", "--epochs", "2", "--batch-size", "8"]) == 0
     metrics = read_metrics(out)
     assert metrics["annotations"] == reviews and metrics["reviews"]["answers"] == 6
-    assert len(metrics["reviews"]["files"]) == 6 and metrics["reviews"]["counts"]["kiss"]["wrong"] == 2
+    assert len(metrics["reviews"]["files"]) == 6 and metrics["reviews"]["by_answer"]["wrong"] == 2
     clips = sum(metrics["n_clips"].values())
     positives = sum(n["kiss"] for n in metrics["n_positive"].values())
     assert (clips, positives) == (4 + 4 + 3 + 3 + 3 + 2, 4 + 3 + 3 + 2)  # every answered second, once

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from kissray.annotations import Span, clip_targets, parse_annotations, read_annotations
+from kissray.annotations import ReviewFiles, Span, clip_targets, parse_annotations, read_annotations, training_rows
 from kissray.errors import UsageError
 from kissray.evaluate import per_second_metrics
-from kissray.review.store import ReviewFiles, new_answer, review_counts, save_answer, training_rows
+from kissray.review.store import new_answer, review_counts, save_answer
 from kissray.train import MaskedBCE, class_balance
 
 

@@ -21,7 +21,7 @@ import pandas as pd
 from kissray.excerpts import excerpt_stem
 from kissray.names import file_name_for
 from kissray.outputs import ScoreOutputs
-from kissray.report import STYLE, Media, by_labelled_time, duration_text, probs_by_title, timeline_svg
+from kissray.report import PAGE, STYLE, Media, by_labelled_time, duration_text, probs_by_title, timeline_svg
 
 NUDGE_S = 1.0  # seconds an edge moves per key press
 
@@ -67,8 +67,8 @@ def render_page(outputs: ScoreOutputs, players: Players, reviewer: str = "") -> 
               + "".join(f'<tr data-label="{_attr(label)}"><td>{_attr(label)}</td>' + "<td>0</td>" * 5 + "<td>—</td></tr>"
                         for label in labels) + "</tbody></table></section>")
     config = json.dumps({"nudge": NUDGE_S, "labels": labels})
-    return _PAGE.format(style=STYLE + _STYLE, body=head + counts + _KEYS + f'<main id="titles">{sections}</main>',
-                        config=config, script=_SCRIPT, title=_attr(f"kissray review: {outputs.out_dir}"))
+    return PAGE.format(style=STYLE + _STYLE, body=head + counts + _KEYS + f'<main id="titles">{sections}</main>',
+                       script=f"const REVIEW = {config};\n{_SCRIPT}", title=_attr(f"kissray review: {outputs.out_dir}"))
 
 
 def _title(title: dict, probs: dict, segs: pd.DataFrame | None, labels: list[str], colours: dict,
@@ -111,19 +111,6 @@ _KEYS = ('<p class="keys"><kbd>j</kbd>/<kbd>k</kbd> next / previous segment · <
          '<kbd>2</kbd> Wrong · <kbd>3</kbd> Edges · <kbd>[</kbd>/<kbd>]</kbd> start ∓1 s · '
          '<kbd>-</kbd>/<kbd>=</kbd> end ∓1 s · <kbd>m</kbd> mark a missed span (or drag on a timeline) · '
          '<kbd>Enter</kbd> in a box saves it</p>')
-
-_PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<link rel="icon" href="data:,">
-<title>{title}</title>
-<style>{style}</style></head>
-<body>
-{body}
-<script>const REVIEW = {config};</script>
-<script>{script}</script>
-</body></html>
-"""
 
 _STYLE = """
 :root { --c0: #d6336c; --c1: #1c7ed6; --c2: #37b24d; --c3: #f59f00; --c4: #7048e8; --c5: #0ca678;

@@ -28,12 +28,13 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from kissray.annotations import ReviewFiles, latest
 from kissray.auth import LOOPBACK_HOSTS, ApiKey
 from kissray.errors import UsageError, one_line
 from kissray.names import file_name_for
 from kissray.outputs import EXCERPTS_DIR, read_outputs
 from kissray.review.page import Players, render_page
-from kissray.review.store import REVIEWS_DIR, ReviewFiles, latest, new_answer, review_counts, save_answer
+from kissray.review.store import REVIEWS_DIR, new_answer, review_counts, save_answer
 from kissray.uris import join_uri
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,9 @@ a local disk, one PUT on an object store. Nothing is ever rewritten, so two edit
 servers) never overwrite each other and the history stays. A segment answered more than once
 counts by its latest answer (``reviewed_at``, then file name); missed spans are keyed by their
 own span. Where a later answer of one polarity overlaps an earlier one of the other polarity for
-the same label (a missed span over a wrong segment), the later answer wins those seconds.
+the same label (a missed span over a wrong segment), the later answer wins those seconds. Those
+reading rules belong to the annotations reader (:mod:`kissray.annotations`: ``ReviewFiles``,
+``latest``, ``training_rows``), so ``kissray train --annotations OUT/reviews`` applies them too.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import os
 import uuid
 from dataclasses import asdict, dataclass
 
-from kissray.annotations import COLUMNS, NOT_PREFIX, OPTIONAL_COLUMNS, REVIEW_COLUMNS, base_label
+from kissray.annotations import COLUMNS, NOT_PREFIX, OPTIONAL_COLUMNS, REVIEW_COLUMNS, base_label, latest, seconds_text
 from kissray.uris import is_local_fs, join_uri, make_dirs
 
 REVIEWS_DIR = "reviews"  # inside a score output directory
@@ -59,7 +61,7 @@ class Answer:
         row["label"] = NOT_PREFIX + self.label if self.answer == "wrong" else self.label
         row["split"] = ""
         for key in ("start_s", "end_s", "segment_start_s", "segment_end_s"):
-            row[key] = "" if row[key] is None else _number(row[key])
+            row[key] = "" if row[key] is None else seconds_text(row[key])
         return row
 
 
@@ -111,95 +113,10 @@ def format_rows(rows: list[dict]) -> str:
     return out.getvalue()
 
 
-def _number(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else repr(round(float(x), 3))
-
-
-class ReviewFiles:
-    """Reads a reviews folder; files already read are not read again (they never change)."""
-
-    def __init__(self, reviews_dir: str):
-        import fsspec
-
-        self.uri = str(reviews_dir).rstrip("/")
-        self.fs, self.folder = fsspec.core.url_to_fs(self.uri)
-        self._rows: dict[str, list[dict]] = {}
-
-    def names(self) -> list[str]:
-        """The answer files, oldest first (names start with their UTC time)."""
-        if hasattr(self.fs, "invalidate_cache"):
-            self.fs.invalidate_cache(self.folder)  # another server may have written since
-        if not self.fs.isdir(self.folder):
-            return []
-        names = (p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.folder, detail=False))
-        return sorted(n for n in names if n.endswith(".csv") and not n.startswith("."))
-
-    def rows(self) -> list[dict]:
-        """Every answer ever saved (the history), each with its file name under ``file``."""
-        names = self.names()
-        new = [n for n in names if n not in self._rows]
-        if new:
-            paths = [f"{self.folder.rstrip('/')}/{n}" for n in new]
-            for path, data in self.fs.cat(paths).items():
-                name = path.rstrip("/").rsplit("/", 1)[-1]
-                self._rows[name] = [{**row, "file": name} for row in parse_rows(data.decode("utf-8-sig"))]
-        return [row for name in names for row in self._rows[name]]
-
-
-def parse_rows(text: str) -> list[dict]:
-    """The rows of one review CSV (any columns; blank lines skipped)."""
-    return [row for row in csv.DictReader(io.StringIO(text)) if any((v or "").strip() for v in row.values())]
-
-
-def answer_key(row: dict) -> tuple:
-    """What an answer is about: a segment (title, label, bounds) or a missed span."""
-    label = base_label(row["label"])
-    if row.get("answer") == "missed" or not row.get("segment_start_s"):
-        return row["uri"], label, "span", float(row["start_s"]), float(row["end_s"])
-    return row["uri"], label, "segment", float(row["segment_start_s"]), float(row["segment_end_s"])
-
-
-def latest(rows: list[dict]) -> list[dict]:
-    """The answer that counts for each segment (and missed span): the latest; oldest first."""
-    found: dict[tuple, dict] = {}
-    for row in sorted(rows, key=_when):
-        found[answer_key(row)] = row
-    return sorted(found.values(), key=_when)
-
-
 def segment_answers(rows: list[dict]) -> dict[tuple, dict]:
     """The answer that counts per segment: ``(title_id, label, start_s, end_s)`` -> its row."""
     return {(row["title_id"], base_label(row["label"]), float(row["segment_start_s"]), float(row["segment_end_s"])): row
             for row in latest(rows) if row.get("answer") != "missed" and row.get("segment_start_s")}
-
-
-def _when(row: dict) -> tuple[str, str]:
-    return row.get("reviewed_at") or "", row.get("file") or ""
-
-
-def training_rows(rows: list[dict]) -> list[dict]:
-    """Annotation rows (``uri, start_s, end_s, label, split``) from the answers that count:
-    a later answer takes the seconds it overlaps from earlier answers of the other polarity."""
-    kept: list[dict] = []
-    for row in latest(rows):
-        span = {k: row.get(k) or "" for k in COLUMNS + OPTIONAL_COLUMNS}
-        start, end = float(span["start_s"]), float(span["end_s"])
-        trimmed = []
-        for old in kept:
-            if old["uri"] == span["uri"] and base_label(old["label"]) == base_label(span["label"]) \
-                    and old["label"] != span["label"]:
-                trimmed += _minus(old, start, end)
-            else:
-                trimmed.append(old)
-        kept = trimmed + [span]
-    return kept
-
-
-def _minus(row: dict, start: float, end: float) -> list[dict]:
-    """``row``'s span without ``[start, end)``: zero, one or two rows."""
-    a, b = float(row["start_s"]), float(row["end_s"])
-    pieces = [(a, min(b, start)), (max(a, end), b)] if start < b and end > a else [(a, b)]
-    return [{**row, "start_s": _number(s), "end_s": _number(e)} for s, e in pieces if e - s > 1e-9]
 
 
 def review_counts(rows: list[dict], labels: list[str] | None = None) -> dict[str, dict]:
