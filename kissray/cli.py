@@ -17,7 +17,7 @@ import sys
 from kissray.errors import CheckpointError, JobError, KissrayError, UsageError
 
 COMMANDS = ("init", "score", "rescore", "similar", "serve", "train", "eval", "annotations", "demo", "excerpts", "export",
-            "report")
+            "report", "review")
 EXIT_OK, EXIT_JOB, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 
 
