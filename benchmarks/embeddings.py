@@ -13,8 +13,10 @@ embedding), float16 as stored: brute force (kissray.similar's scan) against the 
 kissray builds and a usearch HNSW index (when usearch is importable): build time, mean query
 time over ``--queries`` queries, recall@10 against brute force.
 
-  python benchmarks/embeddings.py --json benchmarks/results/embeddings.json        # 20 x 2-min titles, 1M vectors
-  python benchmarks/embeddings.py --quick --json /tmp/e.json                       # a minute or two
+  python benchmarks/embeddings.py --seconds 60 --skip-similar --json benchmarks/results/embeddings-score.json
+  python benchmarks/embeddings.py --skip-score --vectors 100000 --json benchmarks/results/embeddings-100k.json
+  python benchmarks/embeddings.py --skip-score --skip-usearch --json benchmarks/results/embeddings-1m.json
+  python benchmarks/embeddings.py --quick                                          # a minute or two
 """
 
 from __future__ import annotations
@@ -127,6 +129,8 @@ def similar_at_scale(args) -> dict:
     r["faiss_query_ms"] = 1000 * (time.perf_counter() - start) / args.queries
     r["faiss_recall_at_10"], r["faiss_nlist"], r["faiss_nprobe"] = recall(found, truth), index.nlist, DEFAULT_NPROBE
     del index
+    if args.skip_usearch:
+        return r
     try:
         from usearch.index import Index
     except ImportError:
@@ -181,6 +185,8 @@ def main(argv=None) -> int:
     p.add_argument("--queries", type=int, default=100)
     p.add_argument("--skip-score", action="store_true", help="only part 2")
     p.add_argument("--skip-similar", action="store_true", help="only part 1")
+    p.add_argument("--skip-usearch", action="store_true",
+                   help="no usearch comparison (its HNSW build takes ~an hour per million vectors on 2 cores)")
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from kissray.cli import main as cli_main
-from kissray.ffmpeg import LOSSLESS_RGB_ARGS, write_film
+from kissray.media.ffmpeg import LOSSLESS_RGB_ARGS, write_film
 
 FPS = 10
 SIZE = (64, 48)
@@ -169,6 +169,7 @@ def test_rescore_and_similar_on_object_storage(library, new_head, scored_with_ne
     rescored = f"s3://films/embeddings-{tmp_path.name}/rescored"
     assert cli_main(["rescore", "--embeddings", f"s3://{lib}", "--model", new_head, "--out", rescored,
                      "--no-progress", *PARAMS]) == 3
+    capsys.readouterr()  # its summary
     observer.get(rescored.removeprefix("s3://"), str(tmp_path / "rescored"), recursive=True)
     _compare(scored_with_new_head, tmp_path / "rescored")
     assert cli_main(["similar", "--embeddings", f"s3://{lib}", "--build-index"]) == 0
