@@ -127,16 +127,23 @@ class LibraryJob:
     stills: str = "exact"  # set by run_library; recorded in every titles row
 
 
-def prepare_library(inputs: list[str], model_uri: str, out: str) -> LibraryJob:
+def check_request(inputs: list[str], model_uri: str) -> tuple[list[Title], ModelConfig]:
+    """The titles the inputs name and the checkpoint's config, checked before anything is written
+    or started: raises :class:`UsageError` (no films, a local path that does not exist, unreadable
+    manifest, duplicate title ids) or :class:`CheckpointError`."""
+    return expand_inputs(inputs), read_model_config(model_uri)
+
+
+def prepare_library(inputs: list[str], model_uri: str, out: str,
+                    checked: tuple[list[Title], ModelConfig] | None = None) -> LibraryJob:
     """Expand the inputs, read the checkpoint's config, make ``out`` and find the titles to do.
 
-    Needs no Ray, so a CLI can fail fast: raises :class:`UsageError` (no films, unreadable
-    manifest, duplicate title ids), :class:`CheckpointError`, or :class:`JobError` (``out`` not writable).
-    The caller holds ``out``'s lock (:func:`out_lock`) while preparing and running.
+    Needs no Ray, so a CLI can fail fast: raises what :func:`check_request` raises (``checked``:
+    its result, when the caller checked before taking the lock) or :class:`JobError` (``out`` not
+    writable). The caller holds ``out``'s lock (:func:`out_lock`) while preparing and running.
     """
     started, started_at = time.monotonic(), datetime.now(timezone.utc)
-    titles = expand_inputs(inputs)
-    config = read_model_config(model_uri)
+    titles, config = checked or check_request(inputs, model_uri)
     store = ResultStore(out)
     store.prepare()
     done = store.finished_titles(model_uri)
@@ -162,8 +169,9 @@ def score_library(inputs: list[str], model_uri: str, out: str, **options) -> Lib
     are skipped; every other title gets exactly one fresh ``titles`` row. Bad films never fail the
     job. ``options`` are those of :func:`run_library`.
     """
+    checked = check_request(inputs, model_uri)  # a usage error writes nothing, not even OUT
     with out_lock(out):
-        return run_library(prepare_library(inputs, model_uri, out), **options)
+        return run_library(prepare_library(inputs, model_uri, out, checked), **options)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kissray.commands.options import non_negative, positive_int
 from kissray.defaults import ExcerptOptions
 
 EXIT_OK, EXIT_SOME_FAILED = 0, 3
@@ -19,14 +20,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scores", required=True, metavar="OUT", help="a `kissray score --out` directory (any fsspec URI)")
     p.add_argument("--label", action="append", default=None,
                    help="only this label's segments (repeatable; default: every label)")
-    p.add_argument("--pad", type=float, default=defaults.pad_s, metavar="SECONDS",
+    p.add_argument("--pad", type=non_negative, default=defaults.pad_s, metavar="SECONDS",
                    help=f"seconds added before and after each segment (default {defaults.pad_s})")
     p.add_argument("--out", default=None, metavar="DIR", help="where excerpts go (default: OUT/excerpts)")
     p.add_argument("--copy", action="store_true",
                    help="stream copy: fast, but starts at the keyframe before the segment (default: re-encode, "
                         "frame-accurate, H.264 + AAC)")
     p.add_argument("--no-thumbnails", action="store_true", help="skip the JPEG thumbnails")
-    p.add_argument("--jobs", type=int, default=1, help="films cut at once (default 1)")
+    p.add_argument("--jobs", type=positive_int, default=1, help="films cut at once (default 1)")
     p.set_defaults(func=run)
 
 
