@@ -50,7 +50,7 @@ class Title:
 
 
 def write_score_out(out_dir: str | Path, titles: list[Title], params: SegmentParams = SHORT,
-                    one_file: bool = False) -> str:
+                    one_file: bool = False, model: str = "ckpt-test") -> str:
     """Write ``scores/``, ``segments/`` and ``titles/`` (SPEC 7) for ``titles``; segments come from
     the real segmenter on each title's probabilities. One file per title per table, as ``score``
     writes them, or (``one_file``, for big fake libraries) one file per table."""
@@ -77,7 +77,7 @@ def write_score_out(out_dir: str | Path, titles: list[Title], params: SegmentPar
         title_row = {"title_id": [t.title_id], "uri": [t.uri], "status": [t.status], "error": [t.error],
                      "duration_s": [t.duration_s],
                      "n_clips": [None if t.duration_s is None else int(np.floor(t.duration_s + 0.5))],
-                     "n_scored": [n_scored], "has_audio": [t.has_audio], "model": ["ckpt-test"],
+                     "n_scored": [n_scored], "has_audio": [t.has_audio], "model": [model],
                      "scored_at": [dt.datetime(2025, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)]}
         tables["scores"].append((t.title_id, pa.table(scores, schema=SCORES_SCHEMA)))
         tables["segments"].append((t.title_id, seg_table))

@@ -206,10 +206,14 @@ def test_cluster_configs_read_the_key_from_a_mounted_secret():
 # ---------------------------------------------------------------- over HTTP
 
 
-def test_healthz(server, checkpoint):
+def test_healthz_says_the_head_was_never_trained(server, checkpoint):
+    """SPEC 4: the fixture checkpoint is `kissray init`'s (untrained head): /healthz says so."""
     r = httpx.get(f"{server.url}/healthz", timeout=60)
     assert r.status_code == 200
-    assert r.json() == {"status": "ok", "model": checkpoint, "labels": ["kiss"]}
+    body = r.json()
+    assert {k: body[k] for k in ("status", "model", "labels", "trained", "provenance")} == \
+        {"status": "ok", "model": checkpoint, "labels": ["kiss"], "trained": False, "provenance": "untrained"}
+    assert "never trained" in body["warning"] and "placeholders" in body["warning"]
 
 
 def test_upload_equals_score_film(server, film, model):

@@ -35,5 +35,6 @@ def run(args: argparse.Namespace) -> int:
     model = init_model(config, args.resnet_weights, args.vggish_weights, seed=args.seed)
     save_model(model, args.out)
     print(f"wrote {args.out}: labels={labels} modality={args.modality} "
-          f"resnet={args.resnet_weights or 'random'} vggish={args.vggish_weights or 'random'}")
+          f"resnet={args.resnet_weights or 'random'} vggish={args.vggish_weights or 'random'}; "
+          "its head was never trained: train it (`kissray train --init`) before trusting its scores")
     return 0

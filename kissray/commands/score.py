@@ -53,10 +53,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kissray.pipeline import check_request, out_lock, prepare_library, ray_connection, run_library
+    from kissray.provenance import describe, warning
     from kissray.score import SegmentParams
 
     params = SegmentParams(args.threshold, args.min_len, args.min_fraction)
     checked = check_request(args.inputs, args.model)  # usage errors before anything is written or started
+    caution = warning(checked[1].provenance)
+    print(f"kissray score: {'WARNING: ' + caution if caution else 'model: ' + describe(checked[1].provenance)}",
+          file=sys.stderr)
     with out_lock(args.out):  # a second live run on OUT: usage error naming this one
         job = prepare_library(args.inputs, args.model, args.out, checked)
         with ray_connection(args.address):
@@ -66,5 +70,28 @@ def run(args: argparse.Namespace) -> int:
                                   stills=args.stills, progress=not args.no_progress)
     for title_id, status, error in summary.failures:
         print(f"{status}: {title_id}: {error}", file=sys.stderr)
-    print(summary)
+    print("\n".join(closing_lines(job, summary, params, caution)))
     return 0 if summary.all_ok else 3
+
+
+def closing_lines(job, summary, params, caution: str | None) -> list[str]:
+    """The summary: titles and speed, segments found per label, where the tables are, what next."""
+    from kissray.outputs import SEGMENTS_COLUMNS, read_table
+
+    out = job.store.out
+    segments = read_table(out, "segments", SEGMENTS_COLUMNS)
+    segments = segments[segments["title_id"].isin({t.title_id for t in job.titles})]
+    lines = [str(summary), f"segments found (threshold {params.threshold:g}, at least {params.min_len} s, "
+                           f"{params.min_fraction:.0%} of seconds above it):"]
+    for label in job.config.labels:
+        mine = segments[segments["label"] == label]
+        lines.append(f"  {label}: {len(mine)} segment{'s' * (len(mine) != 1)}, "
+                     f"{int(mine['n_seconds'].sum())} s in {mine['title_id'].nunique()} of {len(job.titles)} titles")
+    if caution:
+        lines.append(f"WARNING: {caution}")
+    lines += [f"tables: {out}/scores, {out}/segments, {out}/titles (Parquet; pandas.read_parquet reads each)",
+              "next:",
+              f"  kissray excerpts --scores {out}    cut every segment into a playable excerpt",
+              f"  kissray report --scores {out}      one HTML page: timelines, segments, thumbnails",
+              f"  kissray export --scores {out} --format edl    segment lists for an editor (or csv, json)"]
+    return lines

@@ -72,7 +72,14 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from kissray.pipeline import read_model_config
+    from kissray.provenance import warning
     from kissray.serve import run_server
 
+    caution = warning(read_model_config(args.model).provenance)  # a bad checkpoint: usage error, before Ray
+    if caution:
+        print(f"kissray serve: WARNING: {caution}", file=sys.stderr)
     run_server(config_from_args(args), host=args.host, port=args.port, address=args.address)
     return 0
