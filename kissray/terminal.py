@@ -1,9 +1,9 @@
 """The terminal shows kissray, not its engines (SPEC 13): Ray's and ffmpeg's lines go to a log file.
 
 Without ``-v`` a command runs inside :func:`engine_logs`: file descriptor 2 (where Ray's C++ core
-worker, ffmpeg and other child processes write) points at a log file under
-:data:`LOG_DIR`, while ``sys.stderr`` keeps writing to the terminal, so kissray's own messages and
-progress bars still show. Ray's Python loggers write to whatever ``sys.stderr`` is when they emit,
+worker, ffmpeg and other child processes write) points at a log file under :data:`LOG_DIR` (or
+``$KISSRAY_LOG_DIR``), while ``sys.stderr`` keeps writing to the terminal, so kissray's own
+messages and progress bars still show. Ray's Python loggers write to whatever ``sys.stderr`` is when they emit,
 so their console handlers get a filter that moves each record into the same file
 (:func:`divert_ray_loggers`, called once Ray and the parts of it a command uses are imported).
 With ``-v`` nothing is diverted. Ray's own per-process logs stay where Ray keeps them (its
@@ -21,6 +21,7 @@ import tempfile
 import time
 from typing import Iterator
 
+LOG_DIR_ENV = "KISSRAY_LOG_DIR"  # where the logs go instead of LOG_DIR
 LOG_DIR = os.path.join(tempfile.gettempdir(), "kissray-logs")
 _DIVERTED = "_kissray_diverted"  # marks a handler that already has the filter
 
@@ -48,8 +49,9 @@ def engine_logs(command: str, verbose: bool) -> Iterator[str | None]:
     if verbose or _log_file is not None:
         yield _log_path
         return
-    os.makedirs(LOG_DIR, exist_ok=True)
-    path = os.path.join(LOG_DIR, f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
+    folder = os.environ.get(LOG_DIR_ENV) or LOG_DIR
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
     log = open(path, "ab", buffering=0)
     saved_fd, saved_stderr = os.dup(2), sys.stderr
     sys.stdout.flush()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 
@@ -79,3 +81,31 @@ def test_every_command_checks_its_options_the_same_way(argv, option, tmp_path, c
     assert f"argument {option}: expected " in err, err
     assert "invalid" not in err and "_" not in err.split(f"argument {option}:")[1], err
     assert list(tmp_path.iterdir()) == []
+
+
+BAR = re.compile(r"^\s*\d+%\|.*\| \d+/\d+ \[.*film-s")  # tqdm's bar: percent, total, ETA
+
+
+def test_score_shows_kissray_not_ray_or_ffmpeg(tmp_path, checkpoint):
+    """SPEC 13: without -v, `kissray score` on a real local Ray prints only its own lines (its
+    messages and a progress bar with a total from the start); Ray's lines go to the log file."""
+    from conftest import make_film
+
+    films = tmp_path / "films"
+    films.mkdir()
+    for name, seconds in (("one", 4), ("two", 6)):
+        make_film(films / f"{name}.mp4", seconds)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_DEDUP_LOGS")}
+    env["KISSRAY_LOG_DIR"] = str(tmp_path / "logs")
+    done = subprocess.run([sys.executable, "-m", "kissray.cli", "score", str(films), "--model", checkpoint,
+                           "--out", str(tmp_path / "out"), "--address", "local", "--window-s", "2"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    shown = [part.strip() for line in done.stderr.splitlines() for part in line.split("\r") if part.strip()]
+    foreign = [part for part in shown if not (part.startswith("kissray score: ") or BAR.match(part))]
+    assert foreign == [], done.stderr
+    bars = [part for part in shown if BAR.match(part)]
+    assert bars and all("/10 [" in part for part in bars), bars  # 4 + 6 film-s, known before the first clip
+    assert "kiss: " in done.stdout and "kissray excerpts --scores" in done.stdout
+    (log,) = (tmp_path / "logs").iterdir()
+    assert "ray.data" in log.read_text()  # Ray Data's lines: in the log, not on the terminal
