@@ -39,6 +39,14 @@ def run(args: argparse.Namespace) -> int:
                              progress=sys.stderr.isatty())
     for title_id, reason in sorted(summary.failed.items()):
         print(f"failed {title_id}: {reason}", file=sys.stderr)
-    print(f"{summary.dest}: {len(summary.written)} files written, {len(summary.skipped)} already there, "
-          f"{len(summary.failed)} films failed")
+    print(f"{summary.dest}: {_count(summary.written)} written, {_count(summary.skipped)} already there; "
+          f"{len(summary.failed)} film{'s' * (len(summary.failed) != 1)} failed")
     return EXIT_SOME_FAILED if summary.failed else EXIT_OK
+
+
+def _count(files: list[str]) -> str:
+    """``3 excerpts + 3 thumbnails`` (each excerpt has one thumbnail unless --no-thumbnails)."""
+    excerpts = sum(f.endswith(".mp4") for f in files)
+    thumbnails = sum(f.endswith(".jpg") for f in files)
+    text = f"{excerpts} excerpt{'s' * (excerpts != 1)}"
+    return text + (f" + {thumbnails} thumbnail{'s' * (thumbnails != 1)}" if thumbnails else "")
