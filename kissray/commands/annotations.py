@@ -1,4 +1,4 @@
-"""``kissray annotations``: make annotations CSVs from public datasets (``from-ava``: AVA v2.x, SPEC 10)."""
+"""``kissray annotations``: make annotations CSVs from public datasets (``from-ava``: AVA v2.x; docs/ava.md)."""
 
 from __future__ import annotations
 

@@ -16,7 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("excerpts", help="cut segments into playable excerpts (+ thumbnails)", description=__doc__,
                        epilog="Files: DIR/<title_id>/<label>-<n>-<start>-<end>.mp4 and .jpg (n: the segment "
                               "number, start/end: the segment's seconds, before padding). Existing files are "
-                              "skipped; exit code 3 when some film could not be cut.")
+                              "skipped. Every cut starts from a clean decode start and its first frame is checked against "
+                              "the film's; exit code 3 when some film could not be cut right (nothing wrong is "
+                              "written).")
     p.add_argument("--scores", required=True, metavar="OUT", help="a `kissray score --out` directory (any fsspec URI)")
     p.add_argument("--label", action="append", default=None,
                    help="only this label's segments (repeatable; default: every label)")
@@ -24,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"seconds added before and after each segment (default {defaults.pad_s})")
     p.add_argument("--out", default=None, metavar="DIR", help="where excerpts go (default: OUT/excerpts)")
     p.add_argument("--copy", action="store_true",
-                   help="stream copy: fast, but starts at the keyframe before the segment (default: re-encode, "
+                   help="stream copy: fast, but starts at the last clean keyframe before the segment (default: re-encode, "
                         "frame-accurate, H.264 + AAC)")
     p.add_argument("--no-thumbnails", action="store_true", help="skip the JPEG thumbnails")
     p.add_argument("--jobs", type=positive_int, default=1, help="films cut at once (default 1)")

@@ -1,4 +1,4 @@
-"""``kissray serve``: the HTTP scoring API (SPEC section 8) on Ray Serve, until Ctrl-C.
+"""``kissray serve``: the HTTP scoring API on Ray Serve (docs/serve.md), until Ctrl-C.
 
 Endpoints: GET /healthz, POST /v1/score (multipart ``file`` or JSON ``{"uri": ...}``), docs at /docs.
 With an API key (--api-key-file FILE or $KISSRAY_API_KEY) every route but /healthz needs

@@ -22,7 +22,7 @@ _DEFAULTS = TrainOptions()
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a checkpoint on annotated films", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--annotations", required=True, help="CSV: uri,start_s,end_s,label[,split] (see the README)")
+    p.add_argument("--annotations", required=True, help="CSV: uri,start_s,end_s,label[,split] (docs/weights-and-training.md)")
     p.add_argument("--out", required=True, help="checkpoint directory to write (any fsspec URI)")
     p.add_argument("--init", default=None, help="start from this checkpoint (backbones, head rows of shared labels)")
     p.add_argument("--modality", choices=MODALITIES, default=None, help="default: the --init checkpoint's, else av")
