@@ -23,6 +23,8 @@ from conftest import make_film
 from kissray.cli import main as cli_main
 from kissray.annotations import ReviewFiles
 from kissray.excerpts import ExcerptOptions, write_excerpts
+from kissray.report import Media
+from kissray.review.page import Players
 from kissray.review.server import ReviewSite, make_server
 from kissray.train import read_metrics
 from s3_server import free_port
@@ -219,6 +221,25 @@ def _shrink_png(path: Path) -> Path:
     return small
 
 
+def test_players_excerpt_film_or_thumbnail(library, server, browser):
+    open_page(browser, server.url)
+    sources = browser.execute_script("return Object.fromEntries(Array.from(document.querySelectorAll('li.segment'))"
+                                     ".map(li => [li.dataset.title + '@' + li.dataset.start, "
+                                     "(li.querySelector('video, img') || {}).src]))")
+    assert "/excerpts/alpha/kiss-0-1-5.mp4" in sources["alpha@1"]
+    assert sources["beta@8"].endswith("/films/beta#t=8,12")  # no excerpt: the film from the segment's start
+    played = browser.execute_async_script("""
+        const done = arguments[arguments.length - 1], v = document.querySelectorAll('section#t-beta video')[1];
+        v.addEventListener('loadeddata', () => done([v.currentTime, v.duration]));
+        v.addEventListener('error', () => done(['error', v.error.code]));
+        v.preload = 'auto'; v.load();""")
+    assert played == [8, 14]  # Chromium read the film by ranges and stands at the segment's start
+    media = Media("x", "", frozenset({"gamma/kiss-0-1-4.jpg"}))
+    players = Players(media, frozenset())  # no excerpt, film out of reach: the thumbnail
+    assert players.for_segment("gamma", "kiss", "kiss-0-1-4", 1, 4).startswith('<img src="/excerpts/gamma/kiss-0-1-4.jpg"')
+    assert "nomedia" in Players(Media("x", "", frozenset()), frozenset()).for_segment("gamma", "kiss", "kiss-0-1-4", 1, 4)
+
+
 def test_two_editors_at_once_lose_nothing(library, server, browser):
     open_page(browser, server.url)
     first = browser.current_window_handle
@@ -316,6 +337,10 @@ def test_the_server_reads_nothing_but_its_lists(library, in_process):
 def test_beyond_loopback_needs_a_key_and_the_browser_logs_in(library, in_process, tmp_path, capsys):
     assert cli_main(["review", "--scores", library["out"], "--host", "0.0.0.0", "--port", "0"]) == 2
     assert "--api-key-file" in capsys.readouterr().err
+    assert cli_main(["review", "--scores", library["out"], "--port", "70000"]) == 2
+    assert "--port must be 0..65535" in capsys.readouterr().err
+    assert cli_main(["review", "--scores", str(tmp_path)]) == 2
+    assert "no titles/ dataset" in capsys.readouterr().err and not (tmp_path / "reviews").exists()
     from kissray.auth import ApiKey
 
     port = in_process(api_key=ApiKey(b"s3cret"))

@@ -36,11 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kissray.auth import ApiKey
-    from kissray.review.server import ReviewSite, make_server
+    from kissray.review.server import ReviewSite, check_host, make_server
 
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be 0..65535, not {args.port}")
     api_key = ApiKey.load(args.api_key_file)
+    check_host(args.host, api_key)  # before reading OUT
     site = ReviewSite(args.scores, args.excerpts, reviewer=args.reviewer, api_key=api_key)
     server = make_server(site, args.host, args.port)
     host, port = server.server_address[:2]

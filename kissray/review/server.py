@@ -290,11 +290,16 @@ def _login_form(message: str) -> bytes:
             f'<button type="submit">Open</button></form></body></html>').encode()
 
 
-def make_server(site: ReviewSite, host: str = "127.0.0.1", port: int = 8080) -> ThreadingHTTPServer:
-    """A bound server for ``site`` (port 0: any free port); ``serve_forever()`` runs it."""
-    if host not in LOOPBACK_HOSTS and site.api_key is None:
+def check_host(host: str, api_key: ApiKey | None) -> None:
+    """Beyond loopback, a key is required (UsageError otherwise)."""
+    if host not in LOOPBACK_HOSTS and api_key is None:
         raise UsageError(f"--host {host} is beyond loopback: give --api-key-file (or set KISSRAY_API_KEY), "
                          "or anyone who reaches this port reads and writes your reviews")
+
+
+def make_server(site: ReviewSite, host: str = "127.0.0.1", port: int = 8080) -> ThreadingHTTPServer:
+    """A bound server for ``site`` (port 0: any free port); ``serve_forever()`` runs it."""
+    check_host(host, site.api_key)
     server_class = type("ReviewServer", (ThreadingHTTPServer,),
                         {"daemon_threads": True, "address_family": socket.AF_INET6 if ":" in host else socket.AF_INET})
     try:
