@@ -551,6 +551,12 @@ def test_cli_serves_on_loopback_until_sigterm(checkpoint, film, tmp_path):
         assert_error(httpx.post(url, json={"uri": film}, timeout=60), 403, "disabled")  # no prefix given
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0
+        log.seek(0)
+        lines = [line for line in log.read().splitlines() if line.strip()]
+        # SPEC 13: kissray's lines only (the untrained head's warning among them), none of Ray's or
+        # Serve's (no "Task ServeController.graceful_shutdown failed" at the end)
+        assert [line for line in lines if not line.startswith("kissray serve: ")] == [], lines
+        assert any("WARNING: the model's head was never trained" in line for line in lines), lines
     finally:
         if proc.poll() is None:
             proc.kill()
