@@ -183,8 +183,9 @@ def test_keyboard_answers_survive_a_killed_server(library, server, browser, tmp_
 def test_train_learns_from_the_reviews(library, checkpoint, tmp_path, capsys):
     out = str(tmp_path / "reviewed")
     reviews = str(library["reviews"])
-    assert cli_main(["train", "--annotations", reviews, "--init", checkpoint, "--out", out,
-                     "--mode", "head", "--epochs", "2", "--batch-size", "8"]) == 0
+    code = cli_main(["train", "--annotations", reviews, "--init", checkpoint, "--out", out,
+                     "--mode", "head", "--epochs", "2", "--batch-size", "8"])
+    assert code == 0, capsys.readouterr().err
     metrics = read_metrics(out)
     assert metrics["annotations"] == reviews and metrics["reviews"]["answers"] == 6
     assert len(metrics["reviews"]["files"]) == 6 and metrics["reviews"]["by_answer"]["wrong"] == 2

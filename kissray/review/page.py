@@ -21,7 +21,8 @@ import pandas as pd
 from kissray.excerpts import excerpt_stem
 from kissray.names import file_name_for
 from kissray.outputs import ScoreOutputs
-from kissray.report import PAGE, STYLE, Media, by_labelled_time, duration_text, probs_by_title, timeline_svg
+from kissray.report import (PAGE, STYLE, Media, by_labelled_time, duration_text, probs_by_title, table_number,
+                            timeline_svg)
 
 NUDGE_S = 1.0  # seconds an edge moves per key press
 
@@ -74,10 +75,10 @@ def render_page(outputs: ScoreOutputs, players: Players, reviewer: str = "") -> 
 def _title(title: dict, probs: dict, segs: pd.DataFrame | None, labels: list[str], colours: dict,
            players: Players) -> str:
     title_id = str(title["title_id"])
-    duration_s = float(title["duration_s"] or 0)
-    span_s = max(duration_s, float(title["n_scored"] or 0), 1.0)
+    duration_s, n_scored = table_number(title["duration_s"]), int(table_number(title["n_scored"]))
+    span_s = max(duration_s, n_scored, 1.0)  # the timeline's width in seconds, as timeline_svg draws it
     rows = [] if segs is None else list(segs.itertuples(index=False))
-    timeline = timeline_svg(probs, segs, duration_s, int(title["n_scored"] or 0), colours) if probs else ""
+    timeline = timeline_svg(probs, segs, duration_s, n_scored, colours) if probs else ""
     first = rows[0].label if rows else None  # the missed span's label starts as the title's first segment's
     options = "".join(f"<option{' selected' * (label == first)}>{_attr(label)}</option>" for label in labels)
     missed = (f'<form class="missed">missed span: <select name="label">{options}</select> '
