@@ -67,7 +67,6 @@ BAD_OPTIONS = [
     ("demo --out {tmp}/out --test-films -1", "--test-films"),
     ("serve --model {tmp}/ck --port 70000", "--port"),
     ("serve --model {tmp}/ck --max-film-s inf", "--max-film-s"),
-    ("review --scores {tmp}/s --port 99999", "--port"),
 ]
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kissray.commands.options import port
 from kissray.errors import UsageError
 
 DEFAULT_PORT = 8080
@@ -25,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scores", required=True, metavar="OUT", help="a `kissray score --out` directory (any fsspec URI)")
     p.add_argument("--excerpts", default=None, metavar="DIR",
                    help="where `kissray excerpts` wrote its files (default: OUT/excerpts)")
-    p.add_argument("--port", type=port, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}; 0: any free port")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}; 0: any free port")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1; any other needs --api-key-file)")
     p.add_argument("--reviewer", default="", help="name saved with every answer (the page can change it)")
