@@ -6,7 +6,7 @@ confident second. Cuts are frame-accurate re-encodes (H.264 + AAC) by default, o
 from the keyframe at or before the start with ``copy=True``. ffmpeg always gets argument lists.
 Outputs are written to a temporary name and renamed, so an interrupted run never leaves a file
 that a rerun would take as done; existing outputs are skipped. Films on remote fsspec URIs are
-staged into the node's cache (:func:`kissray.stage_cache.staged_copy`), only when something is left
+staged into the node's cache (:func:`kissray.media.stage_cache.staged_copy`), only when something is left
 to cut: a copy a score run on this node already made is reused.
 """
 
@@ -24,10 +24,10 @@ import pandas as pd
 
 from kissray.defaults import ExcerptOptions
 from kissray.errors import UsageError, one_line
-from kissray.ffmpeg import run_ffmpeg
+from kissray.media.ffmpeg import run_ffmpeg
 from kissray.names import file_name_for
 from kissray.outputs import EXCERPTS_DIR, ScoreOutputs, read_outputs
-from kissray.stage_cache import staged_copy
+from kissray.media.stage_cache import staged_copy
 from kissray.uris import is_local_fs, join_uri, make_dirs
 
 THUMBNAIL_MAX_WIDTH = 320  # pixels; thumbnails are for the report and for browsing
@@ -147,10 +147,10 @@ def thumbnail_args(film_path: str, cut: Cut, out_path: str, timing: FilmTiming =
 
 def film_timing(film_path: str, uri: str) -> FilmTiming:
     """The :class:`FilmTiming` of a local film, from the decoder's own frame index
-    (:func:`kissray.index.read_index`: the same t = 0 and frame times as scoring)."""
+    (:func:`kissray.media.demux.read_index`: the same t = 0 and frame times as scoring)."""
     import av
 
-    from kissray.index import read_index
+    from kissray.media.demux import read_index
 
     index = read_index(film_path, uri)
     with av.open(film_path, metadata_errors="ignore") as container:

@@ -1,4 +1,4 @@
-"""kissray.stage_cache: one local copy of a remote film per node, shared by processes, capped, LRU.
+"""kissray.media.stage_cache: one local copy of a remote film per node, shared by processes, capped, LRU.
 
 Remote objects live on the test S3 server (``s3`` fixture: it counts the bytes it sends) or on
 ``memory://`` where no server is needed. Each test stages into its own directory (``tmp_path``).
@@ -20,9 +20,9 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from kissray import stage_cache
+from kissray.media import stage_cache
 from kissray.errors import MediaOpenError, MediaTooLargeError
-from kissray.stage_cache import cache_dir, cache_limit_bytes, staged_copy
+from kissray.media.stage_cache import cache_dir, cache_limit_bytes, staged_copy
 
 REPO = Path(__file__).resolve().parents[1]
 MB = 1 << 20
@@ -77,7 +77,7 @@ def test_second_staging_reuses_the_copy(s3, tmp_path):
 
 CHILD_STAGES = """
 import hashlib, sys, time
-from kissray import stage_cache
+from kissray.media import stage_cache
 stage_cache.CHUNK_BYTES = 1 << 20
 print("ready", flush=True)
 sys.stdin.readline()  # both children start staging at once
@@ -182,7 +182,7 @@ def test_max_bytes_refuses_larger_objects(tmp_path):
 
 CHILD_DIES = """
 import os, signal, sys
-from kissray import stage_cache
+from kissray.media import stage_cache
 stage_cache.CHUNK_BYTES = 1 << 20
 with stage_cache.staged_copy(sys.argv[1], directory=sys.argv[2],
                              on_progress=lambda n: os.kill(os.getpid(), signal.SIGKILL)):

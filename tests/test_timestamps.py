@@ -2,7 +2,7 @@
 
 Each film shows one colour per second with a tone in seconds 1 and 4 (conftest.make_film); a
 film scores with the right n_clips and the right colour in every second, or is refused with the
-reason. The index's repairs are also checked on synthetic packet lists (kissray.index.build_index).
+reason. The index's repairs are also checked on synthetic packet lists (kissray.media.timeline.build_index).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import pytest
 
 from conftest import colour_of_second, make_film
 from kissray.errors import MediaOpenError
-from kissray.ffmpeg import run_ffmpeg
-from kissray.index import MAX_DURATION_S, NOPTS, build_index
+from kissray.media.ffmpeg import run_ffmpeg
+from kissray.media.timeline import MAX_DURATION_S, NOPTS, build_index
 from kissray.media import MAX_CLIPS, iter_clips, n_clips_for, probe
 
 TONES = (1, 4)
