@@ -26,8 +26,8 @@ $(VENV)/.installed: $(TEST_LOCK) pyproject.toml cluster/install.sh
 # is constrained by the runtime lock, so every package the image ships has the version CI tests.
 lock:
 	test -x $(UV) || { $(PYTHON) -m venv .venv-lock && .venv-lock/bin/pip install -q uv==$(UV_VERSION); }
-	$(UV_COMPILE) --extra gpu -c cluster/lock-pins.txt -o $(LOCK)
-	$(UV_COMPILE) --extra gpu --extra test -c $(LOCK) -o $(TEST_LOCK)
+	$(UV_COMPILE) --extra gpu --extra aws -c cluster/lock-pins.txt -o $(LOCK)
+	$(UV_COMPILE) --extra gpu --extra aws --extra test -c $(LOCK) -o $(TEST_LOCK)
 
 # The container image every manifest in cluster/ names (needs Docker; push it to your registry).
 image:

@@ -12,7 +12,7 @@ pip=("$python" -m pip --disable-pip-version-check)
 # --no-deps: the lock is complete (make lock resolves it); nothing may be added or upgraded here.
 "${pip[@]}" install --require-hashes --no-deps -r "$lock"
 case "$how" in
-  editable) "${pip[@]}" install --no-deps --no-build-isolation -e "$what" ;;
+  editable) "${pip[@]}" install --no-deps -e "$what" ;;
   wheel) "${pip[@]}" install --no-deps "$what" ;;
   *) echo "install.sh: third argument must be 'editable' or 'wheel', not '$how'" >&2; exit 2 ;;
 esac

@@ -25,7 +25,7 @@ kissray=("$work/venv/bin/kissray")
 "$work/venv/bin/python" - <<'PY'
 import kissray, sys
 assert "/venv/" in kissray.__file__, kissray.__file__  # the wheel, not the checkout
-from kissray.ffmpeg import run_ffmpeg
+from kissray.media.ffmpeg import run_ffmpeg
 run_ffmpeg(["-f", "lavfi", "-i", "testsrc2=size=160x90:rate=25:duration=4", "-f", "lavfi",
             "-i", "sine=frequency=440:duration=4", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac",
             "-shortest", "film.mp4"])

@@ -329,6 +329,7 @@ def test_launcher_runs_the_image_and_gives_every_node_an_s3_identity():
     for name, node in types.items():
         assert node["node_config"]["IamInstanceProfile"]["Arn"].startswith("arn:aws:iam::"), name
     assert any(n["node_config"]["InstanceType"].startswith(("g", "p")) for n in types.values())
+    assert "boto3" in locked("requirements.lock")  # the AWS autoscaler runs on the head, in the image
 
 
 # ---------------------------------------------------------------- image, lock, versions
