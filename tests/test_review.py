@@ -235,6 +235,11 @@ def test_players_excerpt_film_or_thumbnail(library, server, browser):
         v.addEventListener('error', () => done(['error', v.error.code]));
         v.preload = 'auto'; v.load();""")
     assert played == [8, 14]  # Chromium read the film by ranges and stands at the segment's start
+    current = "return document.querySelector('li.segment.current video')"
+    press(browser, "p")  # the current segment's player, by key
+    wait_until(lambda: browser.execute_script(current + ".currentTime") > 0.2)
+    press(browser, "p")
+    assert wait_until(lambda: browser.execute_script(current + ".paused"))
     media = Media("x", "", frozenset({"gamma/kiss-0-1-4.jpg"}))
     players = Players(media, frozenset())  # no excerpt, film out of reach: the thumbnail
     assert players.for_segment("gamma", "kiss", "kiss-0-1-4", 1, 4).startswith('<img src="/excerpts/gamma/kiss-0-1-4.jpg"')
