@@ -303,8 +303,8 @@ def in_process(library):
     """The review server on a thread of this process, for checks that need no browser."""
     servers = []
 
-    def start(out: str = library["out"], api_key=None):
-        server = make_server(ReviewSite(out, api_key=api_key), "127.0.0.1", 0)
+    def start(out: str = library["out"], api_key=None, site: ReviewSite | None = None):
+        server = make_server(site or ReviewSite(out, api_key=api_key), "127.0.0.1", 0)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
         return server.server_address[1]
@@ -315,8 +315,12 @@ def in_process(library):
         server.server_close()
 
 
-def test_the_server_reads_nothing_but_its_lists(library, in_process):
-    port = in_process()
+def test_the_server_reads_nothing_but_its_lists(library, in_process, tmp_path):
+    site = ReviewSite(library["out"])
+    site.films["gone"] = str(tmp_path / "gone.mp4")  # a film deleted after the server started
+    port = in_process(site=site)
+    status, _, body = raw_get(port, "/films/gone")
+    assert status == 404 and b"cannot read it now" in body
     film = Path(library["films"]["beta"]).read_bytes()
     status, headers, body = raw_get(port, "/films/beta", {"Range": "bytes=100-1099"})
     assert status == 206 and body == film[100:1100] and headers["Content-Range"] == f"bytes 100-1099/{len(film)}"
