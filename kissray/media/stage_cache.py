@@ -291,11 +291,13 @@ def _holds(lock: int, path: str) -> bool:
 
 
 def _is_complete(entry: _Entry, size: int | None) -> bool:
-    """The entry exists with the object's size (a copy cut short by a crash does not count)."""
+    """The entry exists, with the object's size where the store says it (a copy is renamed into
+    place only when complete; one cut short by a crash stays a ``.part``)."""
     try:
-        return size is None or os.stat(entry.path).st_size == size
+        n_bytes = os.stat(entry.path).st_size
     except FileNotFoundError:
         return False
+    return size is None or n_bytes == size
 
 
 def _file_bytes(path: str) -> int:
@@ -323,10 +325,16 @@ def _download(entry: _Entry, source: _Source, lock: int, max_bytes: int | None,
         out = _local_io(source.uri, open, entry.part, "wb")  # made under the space lock: _make_room counts it
     with out:
         copied = _copy(source, out, limit, max_bytes, on_progress)
+        _local_io(source.uri, _flush_to_disk, out)  # on disk before its name says "complete"
     if source.size is not None and copied != source.size:
         raise MediaOpenError(source.uri, f"changed while being staged: {copied} bytes read of {source.size}")
     with _space_lock(entry.directory):  # a rename during another's scan could hide the file from it
         _local_io(source.uri, os.replace, entry.part, entry.path)
+
+
+def _flush_to_disk(out) -> None:
+    out.flush()
+    os.fsync(out.fileno())
 
 
 def _copy(source: _Source, out, limit: int, max_bytes: int | None, on_progress: ProgressCallback) -> int:

@@ -19,6 +19,7 @@ Memory is proportional to the number of packets actually demuxed, never to a dec
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -156,10 +157,16 @@ def _fill_missing(raw_pts: np.ndarray, raw_dts: np.ndarray, frame: int, repairs:
 
 
 def _outliers(ts: np.ndarray, frame: int) -> np.ndarray:
-    """Timestamps far from the median of their neighbours in decode order (missing ones are not).
+    """Lone garbage timestamps: a spike above the packets after it, or a dip below those before
+    it, by more than reordering allows, that is out of line with the other side too (missing
+    ones are not outliers).
 
-    Only packets that differ from a neighbour by more than reordering allows are examined (the
-    two sides of a discontinuity, garbage values): a clean film costs one ``diff``.
+    Each side is the median of up to REORDER_FRAMES known neighbours in decode order, never a
+    window that straddles the packet: a valid variable frame rate (a slideshow, a title or end
+    card, a still held for seconds, also at the film's first and last packets) only ever climbs,
+    so no packet of it is above what follows or below what precedes it. The two sides of a
+    timestamp discontinuity are left to :func:`_splice_discontinuities`. Only packets that differ
+    from a neighbour by more than reordering allows are examined: a clean film costs one ``diff``.
     """
     tolerance, half = (REORDER_FRAMES + 1) * frame, REORDER_FRAMES
     values = np.where(ts != NOPTS, ts, 0).astype(np.float64)
@@ -169,25 +176,38 @@ def _outliers(ts: np.ndarray, frame: int) -> np.ndarray:
     candidates = np.flatnonzero(np.concatenate([far, [False]]) | np.concatenate([[False], far]))
     out = np.zeros(len(ts), bool)
     for d in candidates:
-        window = values[max(0, d - half):d + half + 1]
-        if np.count_nonzero(~np.isnan(window)) >= 3:
-            out[d] = abs(values[d] - np.nanmedian(window)) > tolerance
+        before, after = _known(values[max(0, d - half):d]), _known(values[d + 1:d + half + 1])
+        below = [values[d] < np.median(side) - tolerance for side in (before, after) if len(side)]
+        above = [values[d] > np.median(side) + tolerance for side in (after, before) if len(side)]
+        out[d] = (len(before) > 0 and all(below)) or (len(after) > 0 and all(above))
     return out
 
 
+def _known(values: np.ndarray) -> np.ndarray:
+    return values[~np.isnan(values)]
+
+
 def _splice_discontinuities(pts: np.ndarray, frame: int, time_base: Fraction, repairs: list[str]) -> np.ndarray:
-    """Splice out jumps back beyond reordering, or forward beyond MAX_FRAME_GAP_S, in decode order."""
+    """Splice out jumps back beyond reordering, or forward beyond MAX_FRAME_GAP_S, in decode order.
+
+    Reordering moves a frame at most REORDER_FRAMES packets, whatever the frame rate: so a jump
+    back is measured from the packets before those (a B-frame of a slideshow comes seconds after
+    the P-frame decoded before it, and is no discontinuity)."""
     tolerance, max_gap = (REORDER_FRAMES + 1) * frame, max(frame, round(MAX_FRAME_GAP_S / time_base))
     running_max = np.maximum.accumulate(pts)
     prev = np.concatenate([[pts[0]], running_max[:-1]])
-    jumps = np.flatnonzero((pts < prev - tolerance) | (pts > prev + max_gap))
+    lag = REORDER_FRAMES + 1
+    settled = np.concatenate([np.full(min(lag, len(pts)), np.iinfo(np.int64).min), running_max[:-lag]])
+    jumps = np.flatnonzero((pts < settled - tolerance) | (pts > prev + max_gap))
     if len(jumps) == 0:
         return pts
     out, shift, top, spliced = pts.copy(), 0, int(pts[0]), 0
-    cuts = set(int(j) for j in jumps)
+    cuts, settled_top = set(int(j) for j in jumps), -math.inf  # the top of the packets before the last `lag`
     for d in range(len(pts)):  # jumps are rare; shifts accumulate, so this is a walk
+        if d >= lag:
+            settled_top = max(settled_top, int(out[d - lag]))
         value = int(pts[d]) + shift
-        if d in cuts and (value < top - tolerance or value > top + max_gap):
+        if d in cuts and (value < settled_top - tolerance or value > top + max_gap):
             shift += top + frame - value
             value, spliced = top + frame, spliced + 1
         out[d] = value
