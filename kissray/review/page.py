@@ -5,7 +5,7 @@ segment has a player -- its excerpt when ``kissray excerpts`` cut one, else the 
 segment's start (served by the review server with range requests), else its thumbnail -- and the
 answers Right, Wrong and Edges (new start and end, nudged by keys or typed). A drag on a title's
 timeline (or the form under it) marks a span the detector missed. Keyboard first: j/k move,
-1/2/3 answer and move on. Answers go to the server at once; the page shows the latest answer of
+p plays, 1/2/3 answer and move on. Answers go to the server at once; the page shows the latest answer of
 every segment (its own and other editors') and the counts per label.
 """
 
@@ -108,7 +108,8 @@ def _segment(title_id: str, seg, players: Players) -> str:
             f'<p class="state">not reviewed</p></div></li>')
 
 
-_KEYS = ('<p class="keys"><kbd>j</kbd>/<kbd>k</kbd> next / previous segment · <kbd>1</kbd> Right · '
+_KEYS = ('<p class="keys"><kbd>j</kbd>/<kbd>k</kbd> next / previous segment · <kbd>p</kbd> play / pause · '
+         '<kbd>1</kbd> Right · '
          '<kbd>2</kbd> Wrong · <kbd>3</kbd> Edges · <kbd>[</kbd>/<kbd>]</kbd> start ∓1 s · '
          '<kbd>-</kbd>/<kbd>=</kbd> end ∓1 s · <kbd>m</kbd> mark a missed span (or drag on a timeline) · '
          '<kbd>Enter</kbd> in a box saves it</p>')
@@ -215,6 +216,11 @@ _SCRIPT = r"""
     const input = li.querySelector(which === 'start' ? '.edge-start' : '.edge-end');
     input.value = Math.max(0, Number(input.value) + by);
   }
+  function play(li) {
+    const video = li && li.querySelector('video');
+    if (!video) return;
+    if (video.paused) video.play().catch(e => say(`cannot play: ${e.message}`, true)); else video.pause();
+  }
   function markMissed(form) {
     const section = form.closest('section.title');
     send({title_id: section.dataset.title, label: form.label.value, answer: 'missed',
@@ -257,6 +263,7 @@ _SCRIPT = r"""
       1: () => li && answer(li, 'right'), 2: () => li && answer(li, 'wrong'), 3: () => li && answer(li, 'edges'),
       '[': () => nudge('start', -REVIEW.nudge), ']': () => nudge('start', REVIEW.nudge),
       '-': () => nudge('end', -REVIEW.nudge), '=': () => nudge('end', REVIEW.nudge),
+      p: () => play(li), ' ': () => play(li),
       m: () => { const s = li ? li.closest('section.title') : document.querySelector('section.title');
                  if (!s) return;
                  const form = s.querySelector('form.missed');

@@ -215,7 +215,10 @@ class ReviewHandler(BaseHTTPRequestHandler):
 
     def _send_file(self, uri: str, method: str) -> None:
         fs, path = ReviewSite._fsspec_of(uri)
-        size = fs.size(path)
+        try:
+            size = fs.size(path)
+        except OSError as e:  # gone since the server started, or its store is unreachable now
+            return self._json(HTTPStatus.NOT_FOUND, {"error": f"cannot read it now: {one_line(e)}"})
         span = _byte_range(self.headers.get("Range"), size)
         if span is None:
             self.send_response(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE)
