@@ -146,7 +146,8 @@ def run_rescore(spec: RescoreSpec, todo: list[dict], n_titles: int, progress: bo
     """Rescore ``todo`` on the current Ray; returns a :class:`kissray.pipeline.LibrarySummary`."""
     import ray
 
-    from kissray.pipeline import LibrarySummary, Progress
+    from kissray.batch.progress import Progress
+    from kissray.pipeline import LibrarySummary
 
     started = time.monotonic()
     summary = LibrarySummary(n_titles=n_titles, n_skipped=n_titles - len(todo))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kissray.commands.score import add_ray_and_segmenter_arguments
+from kissray.commands.options import add_segment_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,7 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a `kissray score --embeddings` output (any fsspec URI)")
     p.add_argument("--model", required=True, help="checkpoint with the new head (same backbones)")
     p.add_argument("--out", required=True, help="output directory (any fsspec URI)")
-    add_ray_and_segmenter_arguments(p)
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray; 'local' forces one)")
+    add_segment_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 

@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from kissray.commands.score import _positive_int
+from kissray.commands.options import positive_int
 
 
 def _second(text: str) -> int:
@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     query.add_argument("--title", help="query with a second of this title of the library")
     query.add_argument("--film", metavar="URI", help="query with a second of any film")
     p.add_argument("--at", type=_second, metavar="SECONDS", help="the query's second")
-    p.add_argument("--k", type=_positive_int, default=20, help="how many seconds to list (%(default)s)")
+    p.add_argument("--k", type=positive_int, default=20, help="how many seconds to list (%(default)s)")
     p.add_argument("--model", default=None,
                    help="with --film: the checkpoint that embeds it (default: the one that made the library)")
     p.add_argument("--build-index", action="store_true",
