@@ -156,7 +156,7 @@ def run_rescore(spec: RescoreSpec, todo: list[dict], n_titles: int, progress: bo
             print(f"kissray rescore: {len(todo)} title(s) from {spec.source}'s embeddings", file=sys.stderr)
         dataset = (ray.data.from_items(todo, override_num_blocks=max(1, math.ceil(len(todo) / TITLES_PER_TASK)))
                    .map_batches(rescore_titles, fn_kwargs={"spec": spec}, batch_size=TITLES_PER_TASK,
-                                batch_format="numpy", num_cpus=1, max_retries=3))
+                                batch_format="numpy", num_cpus=1))  # a lost task: Ray Data retries it
         by_id = {row["title_id"]: row for row in todo}
         with Progress(len(todo), progress) as bar:
             for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
