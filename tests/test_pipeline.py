@@ -218,7 +218,7 @@ def test_killed_run_loses_no_finished_title(tmp_path, checkpoint, ray_session):
     env = {**os.environ, "RAY_ADDRESS": ""}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 480  # the first title, on a loaded box (it breaks out as soon as one is in)
     try:
         while time.monotonic() < deadline and proc.poll() is None:
             if (out / "titles").is_dir() and any(p.suffix == ".parquet" for p in (out / "titles").iterdir()):
