@@ -82,6 +82,16 @@ def engine_logs(command: str, verbose: bool) -> Iterator[str | None]:
                 os.remove(path)
 
 
+def child_stderr():
+    """``stderr=`` for a child kissray command whose messages belong on this terminal: while engine
+    output is diverted, fd 2 is the log file, and a child would inherit that."""
+    try:
+        sys.stderr.fileno()
+        return sys.stderr
+    except (AttributeError, OSError, ValueError):  # a capture object (pytest): inherit as usual
+        return None
+
+
 def _writes_to_fd2(stream) -> bool:
     try:
         return stream.fileno() == 2
