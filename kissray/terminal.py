@@ -18,12 +18,14 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import time
 from typing import Iterator
 
 LOG_DIR_ENV = "KISSRAY_LOG_DIR"  # where the logs go instead of LOG_DIR
 LOG_DIR = os.path.join(tempfile.gettempdir(), "kissray-logs")
-_DIVERTED = "_kissray_diverted"  # marks a handler that already has the filter
+_DIVERTED = "_kissray_diverted"
+RAY_THREAD_PREFIX = "ray_"  # Ray's driver threads: ray_listen_error_messages, ray_print_logs  # marks a handler that already has the filter
 
 _log_file: io.BufferedWriter | None = None  # the open log while a command runs quietly (fd 2 points at it)
 _log_path: str | None = None
@@ -58,9 +60,8 @@ def engine_logs(command: str, verbose: bool) -> Iterator[str | None]:
     sys.stderr.flush()
     os.dup2(log.fileno(), 2)
     if _writes_to_fd2(saved_stderr):  # a real terminal stream: keep it on the terminal
-        sys.stderr = io.TextIOWrapper(os.fdopen(os.dup(saved_fd), "wb", buffering=0), write_through=True,
-                                      encoding=getattr(saved_stderr, "encoding", None) or "utf-8",
-                                      errors="backslashreplace")
+        sys.stderr = _Terminal(os.fdopen(os.dup(saved_fd), "wb", buffering=0), write_through=True,
+                               encoding=getattr(saved_stderr, "encoding", None) or "utf-8", errors="backslashreplace")
     _log_file, _log_path, _log_handler = log, path, _file_handler(path)
     warnings_logger = _route_warnings(_log_handler)
     try:
@@ -80,6 +81,18 @@ def engine_logs(command: str, verbose: bool) -> Iterator[str | None]:
         with contextlib.suppress(OSError):
             if os.path.getsize(path) == 0:
                 os.remove(path)
+
+
+class _Terminal(io.TextIOWrapper):
+    """The terminal, as ``sys.stderr`` while engine output is diverted. Ray's driver threads print
+    what they relay (the raylet's error messages, workers' output) to ``sys.stderr`` too: what they
+    write goes to the log file instead."""
+
+    def write(self, text: str) -> int:
+        log = _log_file
+        if log is not None and threading.current_thread().name.startswith(RAY_THREAD_PREFIX):
+            return log.write(text.encode("utf-8", "backslashreplace")) and len(text)
+        return super().write(text)
 
 
 def child_stderr():

@@ -329,7 +329,6 @@ def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, a
               f"$KISSRAY_API_KEY): anyone who reaches this port can use it")
     # "local": a new Ray of our own. Without it, ray.init joins whichever Ray already runs on this machine.
     address = address or os.environ.get("RAY_ADDRESS") or "local"
-    own_ray = address == "local"
     divert_ray_loggers()  # without -v, Ray's and Serve's console lines go to the command's log file
     ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, configure_logging=True,
              log_to_driver=not quiet())
@@ -344,8 +343,10 @@ def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, a
             pass
         ready("kissray serve: stopping (in-flight requests finish first)")
     finally:
-        # Our own Ray: stop Serve entirely. A shared cluster: remove only our application.
-        serve.shutdown() if own_ray else serve.delete(APP_NAME)
+        # Remove our application (its replicas finish in-flight requests). Our own Ray then goes
+        # down whole, Serve's controller with it: serve.shutdown() would kill the controller while
+        # its own graceful_shutdown task runs, and the raylet reports that task as failed.
+        serve.delete(APP_NAME)
         ray.shutdown()
         for sig, handler in previous.items():
             if handler is not None:  # None: the old handler was not set from Python
