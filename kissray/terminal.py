@@ -59,18 +59,22 @@ def engine_logs(command: str, verbose: bool) -> Iterator[str | None]:
     sys.stdout.flush()
     sys.stderr.flush()
     os.dup2(log.fileno(), 2)
+    terminal = saved_stderr
     if _writes_to_fd2(saved_stderr):  # a real terminal stream: keep it on the terminal
-        sys.stderr = _Terminal(os.fdopen(os.dup(saved_fd), "wb", buffering=0), write_through=True,
-                               encoding=getattr(saved_stderr, "encoding", None) or "utf-8", errors="backslashreplace")
+        terminal = io.TextIOWrapper(os.fdopen(os.dup(saved_fd), "wb", buffering=0), write_through=True,
+                                    encoding=getattr(saved_stderr, "encoding", None) or "utf-8",
+                                    errors="backslashreplace")
+    saved_stdout = sys.stdout
+    sys.stderr, sys.stdout = _RayThreadsToLog(terminal), _RayThreadsToLog(saved_stdout)
     _log_file, _log_path, _log_handler = log, path, _file_handler(path)
     warnings_logger = _route_warnings(_log_handler)
     try:
         yield path
     finally:
         sys.stderr.flush()
-        if sys.stderr is not saved_stderr:
-            sys.stderr.close()
-            sys.stderr = saved_stderr
+        if terminal is not saved_stderr:
+            terminal.close()
+        sys.stderr, sys.stdout = saved_stderr, saved_stdout
         os.dup2(saved_fd, 2)
         os.close(saved_fd)
         logging.captureWarnings(False)
@@ -83,16 +87,23 @@ def engine_logs(command: str, verbose: bool) -> Iterator[str | None]:
                 os.remove(path)
 
 
-class _Terminal(io.TextIOWrapper):
-    """The terminal, as ``sys.stderr`` while engine output is diverted. Ray's driver threads print
-    what they relay (the raylet's error messages, workers' output) to ``sys.stderr`` too: what they
-    write goes to the log file instead."""
+class _RayThreadsToLog:
+    """``sys.stderr`` / ``sys.stdout`` while engine output is diverted. Ray's driver threads print
+    what they relay (the raylet's error messages, e.g. workers killed for memory; workers' output)
+    to them too: what those threads write goes to the log file instead."""
+
+    def __init__(self, stream):
+        self._stream = stream
 
     def write(self, text: str) -> int:
         log = _log_file
         if log is not None and threading.current_thread().name.startswith(RAY_THREAD_PREFIX):
-            return log.write(text.encode("utf-8", "backslashreplace")) and len(text)
-        return super().write(text)
+            log.write(text.encode("utf-8", "backslashreplace"))
+            return len(text)
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str):  # fileno, flush, isatty, encoding...: the stream's
+        return getattr(self._stream, name)
 
 
 def child_stderr():
