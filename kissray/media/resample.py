@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
+from numpy.lib.stride_tricks import as_strided
 
 from kissray.audio import SAMPLE_RATE_HZ
 
@@ -62,16 +62,24 @@ class GridResampler:
         return out
 
     def _emit(self) -> list[tuple[int, np.ndarray]]:
-        """Every output whose inputs are all in the buffer; then drop what no later output needs."""
+        """Every output whose inputs are all in the buffer; then drop what no later output needs.
+        Outputs of one phase (n mod up) read inputs ``down`` apart: one strided view and one
+        ``einsum`` per phase (a fixed order of products and sums per output, whatever the buffer)."""
         end = self._start + len(self._buf)
         last = -(-(end - self.half) * self.up // self.down) - 1  # base(n) + half <= end - 1
         if last < self._next:
             return []
-        n = np.arange(self._next, last + 1, dtype=np.int64)
-        base, phase = np.divmod(n * self.down, self.up)  # output n sits at input base + phase / up
-        windows = sliding_window_view(self._buf, 2 * self.half)[base - self.half + 1 - self._start]
-        samples = (windows * self.taps[phase]).sum(axis=1, dtype=np.float32)
-        first, self._next = int(n[0]), last + 1
+        first, n_out = self._next, last + 1 - self._next
+        samples = np.empty(n_out, np.float32)
+        item = self._buf.itemsize
+        for k in range(min(self.up, n_out)):
+            base, phase = divmod((first + k) * self.down, self.up)  # output first + k sits at input base + phase / up
+            count = (n_out - k + self.up - 1) // self.up
+            offset = base - self.half + 1 - self._start
+            windows = as_strided(self._buf[offset:], shape=(count, 2 * self.half),
+                                 strides=(self.down * item, item), writeable=False)
+            samples[k::self.up] = np.einsum("ij,j->i", windows, self.taps[phase])
+        self._next = last + 1
         keep_from = (self._next * self.down) // self.up - self.half + 1
         self._buf, self._start = self._buf[keep_from - self._start:], keep_from
         return [(first, samples)]
