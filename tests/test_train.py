@@ -72,6 +72,19 @@ def test_metrics_are_saved_per_epoch_and_split_with_the_film_split(head_run):
     assert saved["n_clips"] == {k: FILM_S * len(v) for k, v in saved["splits"].items()}
 
 
+def test_checkpoint_knows_what_it_was_trained_on(head_run):
+    """SPEC 4: config.json names the annotations, the films per split and the held-out metrics."""
+    from kissray.model import load_model
+    from kissray.provenance import describe, state
+
+    ann, out, metrics = head_run
+    record = load_model(out).config.provenance
+    assert state(record) == "trained" and record["annotations"] == ann.path
+    assert record["films"] == {split: len(films) for split, films in metrics["splits"].items()}
+    assert record["metrics"]["test"]["kiss"]["f1"] == pytest.approx(metrics["final"]["test"]["kiss"]["f1"])
+    assert describe(record).startswith(f"head trained on {ann.path} (7 films: ")
+
+
 def test_saved_checkpoint_scores_like_the_trained_head(head_run):
     ann, out, metrics = head_run
     model = load_model(out)
@@ -137,7 +150,8 @@ def test_class_balance_is_chosen_from_label_frequencies():
     assert balance["method"] == "pos-weight" and balance["pos_weight"] == {"kiss": 19.0}
     assert balance["positive_rate"] == {"kiss": 0.05}
     common = np.array([[1, 1]] * 9 + [[0, 1]], np.float32)  # kiss 90 %, hug 100 %: both skewed
-    assert class_balance(common, ["kiss", "hug"])["pos_weight"] == {"kiss": pytest.approx(1 / 9), "hug": 0.0}
+    # hug has no negative: nothing to balance, and a weight of 0 would silence its positives
+    assert class_balance(common, ["kiss", "hug"])["pos_weight"] == {"kiss": pytest.approx(1 / 9), "hug": 1.0}
     assert class_balance(rare, ["kiss"], "none")["method"] == "none"  # the flag overrides
     assert class_balance(rare, ["kiss"], "sample") == {**balance, "method": "sample", "requested": "sample",
                                                        "pos_weight": None}
