@@ -471,3 +471,26 @@ def test_a_hung_decoder_does_not_outlive_its_killed_parent():
         stall.close()
         for conn, _ in held:
             conn.close()
+
+
+def test_a_decoder_pipe_numbered_above_1024_is_read(film):
+    """Issue 25 item 9: a long-lived process (a Serve replica) holds many descriptors; the pipe
+    of a new decoder is then numbered >= 1024, which select.select refuses ("filedescriptor out
+    of range"). It is waited on with selectors."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the descriptor limit here is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        DECODERS.close()  # a new child: its pipes get the next (high) numbers
+        with ClipReader(film, 0, 2, size=32) as reader:
+            assert reader._child._proc.stdout.fileno() >= 1024
+            assert [c.index for c in reader] == [0, 1]
+        DECODERS.close()
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
