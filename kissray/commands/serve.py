@@ -2,7 +2,9 @@
 
 Endpoints: GET /healthz, POST /v1/score (multipart ``file`` or JSON ``{"uri": ...}``), docs at /docs.
 With an API key (--api-key-file FILE or $KISSRAY_API_KEY) every route but /healthz needs
-``Authorization: Bearer KEY``. The same application runs on a cluster with
+``Authorization: Bearer KEY``. Each ingress replica decodes --max-ongoing-requests films at once;
+Serve queues up to --max-queued-requests more and answers 503 + Retry-After past them. The same
+application runs on a cluster with
 ``serve deploy cluster/serve-config.yaml``.
 """
 
@@ -15,7 +17,7 @@ from kissray.defaults import STILLS_MODES
 
 # option name -> ServeConfig field; unset options keep ServeConfig's defaults (one place for them)
 PASSED_AS_IS = ("replicas", "ingress_replicas", "max_batch_size", "num_gpus", "max_upload_mb", "max_film_s",
-                "request_timeout_s", "max_concurrent_decodes", "ingress_cpus", "stills")
+                "request_timeout_s", "max_ongoing_requests", "max_queued_requests", "ingress_cpus", "stills")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,13 +31,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key-file", default=None, metavar="FILE",
                    help="file holding the API key clients send as 'Authorization: Bearer KEY' (default: "
                         "$KISSRAY_API_KEY; neither: no authentication, fine on loopback only)")
-    p.add_argument("--replicas", type=int, default=None, help="classifier replicas (default 1)")
-    p.add_argument("--ingress-replicas", type=int, default=None, help="HTTP/decode replicas (default 1)")
+    p.add_argument("--require-api-key", action="store_true",
+                   help="refuse to start without an API key (every replica checks at its start)")
+    p.add_argument("--replicas", type=_replicas, default=None,
+                   help="classifier replicas, or 'auto': scaled on its batches (default 1)")
+    p.add_argument("--ingress-replicas", type=_replicas, default=None,
+                   help="HTTP/decode replicas, or 'auto': scaled on requests running + queued (default 1)")
     p.add_argument("--ingress-cpus", type=float, default=None,
                    help="Ray CPUs per ingress replica (default 1); its decode slots follow its CPU allotment")
-    p.add_argument("--max-concurrent-decodes", type=int, default=None,
-                   help="films decoded at once per ingress replica; more requests get 503 + Retry-After "
-                        "(default: the replica's CPU allotment: affinity, cgroup quota, Ray CPUs)")
+    p.add_argument("--max-ongoing-requests", type=int, default=None,
+                   help="films one ingress replica decodes at once; Serve queues the rest (default: "
+                        "--ingress-cpus, rounded down)")
+    p.add_argument("--max-queued-requests", type=int, default=None,
+                   help="requests Serve's proxy holds while every slot is busy; past them it answers 503 + "
+                        "Retry-After (default 16)")
     p.add_argument("--max-batch-size", type=int, default=None,
                    help="chunks of clips (8 clips each) per forward pass (default 16)")
     p.add_argument("--batch-wait-ms", type=float, default=None,
@@ -50,9 +59,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-film-s", type=float, default=None,
                    help="longest film accepted, seconds (default 14400 = 4 h); longer: 413")
     p.add_argument("--request-timeout-s", type=float, default=None,
-                   help="a request running longer is abandoned with 504 (default 3600)")
+                   help="a request not answered this long after it arrived, queueing included, is "
+                        "abandoned: 408 from Serve's proxy (default 3600)")
     p.add_argument("--upload-dir", default=None,
-                   help="where uploads, staged URI objects and decoder scratch files go (default: system temp)")
+                   help="where uploads and decoder scratch files go (default: system temp)")
+    p.add_argument("--stage-dir", default=None,
+                   help="where copies of URI objects are kept between requests (default: UPLOAD_DIR/stage, "
+                        "else the node's stage cache, shared with `kissray score`)")
     p.add_argument("--stills", choices=STILLS_MODES, default=None,
                    help="exact: the frame at each still time (default); keyframe: the last keyframe before it")
     p.set_defaults(func=run)
@@ -64,10 +77,21 @@ def config_from_args(args: argparse.Namespace):
 
     options = {name: getattr(args, name) for name in PASSED_AS_IS}
     options.update(model=args.model, allow_uri_prefixes=tuple(args.allow_uri_prefix),
+                   require_api_key=args.require_api_key or None,
                    api_key_file=args.api_key_file and os.path.abspath(args.api_key_file),  # replicas run
                    upload_dir=args.upload_dir and os.path.abspath(args.upload_dir),  # in other directories
+                   stage_dir=args.stage_dir and os.path.abspath(args.stage_dir),
                    batch_wait_timeout_s=None if args.batch_wait_ms is None else args.batch_wait_ms / 1000)
     return ServeConfig.from_dict({k: v for k, v in options.items() if v is not None})
+
+
+def _replicas(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a whole number or 'auto', not {value!r}") from None
 
 
 def run(args: argparse.Namespace) -> int:
