@@ -146,7 +146,7 @@ class Ingress:
         self.config = config
         self.policy = UriPolicy(config.allow_uri_prefixes)
         self.api_key = ApiKey.load(config.api_key_file)
-        check_api_key(self.api_key, config.require_api_key, serve_http_options())
+        check_api_key(self.api_key, config.require_api_key, running_http_options())
         self.slots = DecodeSlots(config.decode_slots)
         self.limits = FilmLimits(config.max_upload_bytes, config.max_film_s, config.staging_dir)
         if config.upload_dir:
@@ -320,7 +320,7 @@ def build_app(config: ServeConfig):
     ).bind(classifier, config)
 
 
-def serve_http_options() -> Any:
+def running_http_options() -> Any:
     """Serve's HTTP options (``host``, ``request_timeout_s``) as its controller has them; None when
     they cannot be read (outside Serve)."""
     try:
@@ -365,8 +365,8 @@ def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, a
     import ray
 
     key = ApiKey.load(config.api_key_file)
-    if key is None and config.require_api_key:
-        check_api_key(key, True, None)  # raises: before any Ray starts
+    if config.require_api_key:
+        check_api_key(key, True, None)  # no key: a UsageError, before any Ray starts
     if host not in LOOPBACK_HOSTS and key is None:
         ready(f"kissray serve: WARNING: listening on {host} without an API key (--api-key-file or "
               f"$KISSRAY_API_KEY): anyone who reaches this port can use it")
