@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ingress-replicas", type=_replicas, default=None,
                    help="HTTP/decode replicas, or 'auto': scaled on requests running + queued (default 1)")
     p.add_argument("--ingress-cpus", type=float, default=None,
-                   help="Ray CPUs per ingress replica (default 1); its decode slots follow its CPU allotment")
+                   help="Ray CPUs per ingress replica (default 1): its decode slots, unless --max-ongoing-requests")
     p.add_argument("--max-ongoing-requests", type=int, default=None,
                    help="films one ingress replica decodes at once; Serve queues the rest (default: "
                         "--ingress-cpus, rounded down)")

@@ -2,10 +2,11 @@
 
 Serve sends each ``Ingress`` replica at most as many requests as it has decode slots
 (``max_ongoing_requests``) and holds up to ``max_queued_requests`` more at its proxy, answering
-503 + ``Retry-After`` past that; the autoscaler sees that queue. ``Ingress`` checks the caller's key,
-streams an upload to a temp file under a size limit (or checks a JSON ``uri`` against the
-operator's allowed prefixes and reads it through the node's stage cache), decodes the film on a worker thread (:class:`FilmDecoder`, an
-isolated decoder child) and sends chunks of clips to ``Classifier``. ``Classifier`` loads the
+503 + ``Retry-After`` past that; the autoscaler sees that queue. ``Ingress`` checks the caller's
+key, streams an upload to a temp file under a size limit (or checks a JSON ``uri`` against the
+operator's allowed prefixes and reads it through the node's stage cache), decodes the film on a
+worker thread (:class:`FilmDecoder`, an isolated decoder child) and sends chunks of clips to
+``Classifier``. ``Classifier`` loads the
 checkpoint once (the one :class:`kissray.score.Scorer`) and scores the clips of all requests that
 arrive together (``@serve.batch``). The answer is assembled like :func:`kissray.score.score_film`'s:
 a :class:`FilmResult` whose unscored seconds are NaN (``null`` in JSON), status ``partial``.
