@@ -149,13 +149,14 @@ def test_uri_policy():
 def test_config_from_args_and_yaml_style_args(checkpoint):
     from kissray.cli import build_parser
     from kissray.commands.serve import config_from_args
+    from kissray.serve.app import ingress_env
 
     args = build_parser().parse_args(["serve", "--model", checkpoint, "--allow-uri-prefix", "s3://b/f/",
                                       "--allow-uri-prefix", "/data/films/", "--max-upload-mb", "16",
                                       "--replicas", "2", "--api-key-file", "key.txt", "--max-film-s", "600",
                                       "--request-timeout-s", "90", "--max-ongoing-requests", "3",
                                       "--max-queued-requests", "5", "--ingress-replicas", "auto",
-                                      "--upload-dir", "up", "--require-api-key"])
+                                      "--upload-dir", "up", "--require-api-key", "--stage-max-mb", "64"])
     config = config_from_args(args)
     assert config.allow_uri_prefixes == ("s3://b/f/", "/data/films/")
     assert (config.max_upload_bytes, config.replicas, config.max_batch_size) == (16 << 20, 2, 16)
@@ -164,6 +165,7 @@ def test_config_from_args_and_yaml_style_args(checkpoint):
     assert (config.max_film_s, config.request_timeout_s, config.decode_slots) == (600, 90, 3)
     assert (config.max_queued_requests, config.require_api_key) == (5, True)
     assert config.staging_dir == os.path.join(config.upload_dir, "stage")
+    assert ingress_env(config) == {"TMPDIR": config.upload_dir, "KISSRAY_STAGE_MAX_BYTES": str(64 << 20)}
     assert config.ingress_scaling()["autoscaling_config"]["target_ongoing_requests"] == 3  # = decode slots
     defaults = config_from_args(build_parser().parse_args(["serve", "--model", checkpoint]))
     assert (defaults.api_key_file, defaults.max_film_s, defaults.decode_slots) == (None, 14400, 1)

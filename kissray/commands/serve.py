@@ -17,7 +17,8 @@ from kissray.defaults import STILLS_MODES
 
 # option name -> ServeConfig field; unset options keep ServeConfig's defaults (one place for them)
 PASSED_AS_IS = ("replicas", "ingress_replicas", "max_batch_size", "num_gpus", "max_upload_mb", "max_film_s",
-                "request_timeout_s", "max_ongoing_requests", "max_queued_requests", "ingress_cpus", "stills")
+                "request_timeout_s", "max_ongoing_requests", "max_queued_requests", "ingress_cpus", "stills",
+                "stage_max_mb")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -66,6 +67,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stage-dir", default=None,
                    help="where copies of URI objects are kept between requests (default: UPLOAD_DIR/stage, "
                         "else the node's stage cache, shared with `kissray score`)")
+    p.add_argument("--stage-max-mb", type=float, default=None,
+                   help="size of all copies kept in the stage dir, MiB; the least recently used go first "
+                        "(default: half the free space of its volume)")
     p.add_argument("--stills", choices=STILLS_MODES, default=None,
                    help="exact: the frame at each still time (default); keyframe: the last keyframe before it")
     p.set_defaults(func=run)

@@ -36,11 +36,12 @@ from kissray.errors import MediaError, UsageError
 from kissray.media import MediaInfo, MediaTooLargeError
 from kissray.score import FilmResult, Scorer, assemble_film, title_id_for
 from kissray.serve.api import ApiError, ScoreParams, build_api, parse_params, result_json
-from kissray.serve.config import ServeConfig
+from kissray.serve.config import MB, ServeConfig
 from kissray.serve.films import FilmDecoder, FilmLimits, FilmTooLongError
 from kissray.serve.limits import ApiKey, DecodeSlots, Slot, cpu_allotment
 from kissray.serve.uploads import read_json, receive_upload
 from kissray.serve.uris import UriPolicy
+from kissray.stage_cache import LIMIT_VARIABLE as STAGE_LIMIT_VARIABLE
 
 logger = logging.getLogger("ray.serve")  # Serve's replica logger: every line names the request id
 
@@ -308,10 +309,9 @@ def build_app(config: ServeConfig):
         ray_actor_options={"num_cpus": config.classifier_cpus, "num_gpus": num_gpus},
         max_ongoing_requests=max(256, 4 * config.max_batch_size), **config.classifier_scaling(),
     ).bind(config.model, "cuda" if num_gpus > 0 else "cpu", config.max_batch_size, config.batch_wait_timeout_s)
-    # TMPDIR: the decoder's scratch files (a salvaged remux can be as big as the film) go where
-    # uploads go, the volume sized for them.
-    env = {"env_vars": {"TMPDIR": config.upload_dir}} if config.upload_dir else {}
-    ingress_options = {"num_cpus": config.ingress_cpus, **({"runtime_env": env} if env else {})}
+    ingress_options = {"num_cpus": config.ingress_cpus}
+    if env_vars := ingress_env(config):
+        ingress_options["runtime_env"] = {"env_vars": env_vars}
     # Serve routes to a replica only what it can run now and queues the rest at its proxy (one
     # queue per proxy); past max_queued_requests the proxy answers 503 + Retry-After itself.
     return Ingress.options(
@@ -319,6 +319,15 @@ def build_app(config: ServeConfig):
         max_ongoing_requests=config.decode_slots, max_queued_requests=config.max_queued_requests,
         backpressure_config=BackpressureConfig(retry_after_s=config.retry_after_s),
     ).bind(classifier, config)
+
+
+def ingress_env(config: ServeConfig) -> dict[str, str]:
+    """Environment of the Ingress replicas: TMPDIR, so the decoder's scratch files (a salvaged remux
+    can be as big as the film) go where uploads go, the volume sized for them; the stage cache's limit."""
+    env = {"TMPDIR": config.upload_dir} if config.upload_dir else {}
+    if config.stage_max_mb is not None:
+        env[STAGE_LIMIT_VARIABLE] = str(int(config.stage_max_mb * MB))
+    return env
 
 
 def running_http_options() -> Any:

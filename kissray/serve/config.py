@@ -35,6 +35,7 @@ class ServeConfig:
     request_timeout_s: float = 3600.0  # from arrival at Serve's proxy, queueing included (then 408)
     upload_dir: str | None = None  # uploads and decoder scratch (default: system temp)
     stage_dir: str | None = None  # kept copies of URI objects (default: <upload_dir>/stage, else the node's)
+    stage_max_mb: float | None = None  # all copies kept there; None: half the free space of its volume
     retry_after_s: int = 2  # the Retry-After of Serve's 503 when the queue is full
     replicas: int | str = 1  # classifier replicas, or "auto" (autoscaling on its batches)
     autoscaling: dict | None = None  # classifier autoscaling_config; overrides ``replicas``
@@ -55,6 +56,7 @@ class ServeConfig:
         prefixes = self.allow_uri_prefixes
         object.__setattr__(self, "allow_uri_prefixes", (prefixes,) if isinstance(prefixes, str) else tuple(prefixes))
         positive = {"max_upload_mb": self.max_upload_mb, "max_batch_size": self.max_batch_size,
+                    "stage_max_mb": 1 if self.stage_max_mb is None else self.stage_max_mb,
                     "chunk_clips": self.chunk_clips, "max_film_s": self.max_film_s,
                     "request_timeout_s": self.request_timeout_s, "decode_timeout_s": self.decode_timeout_s,
                     "ingress_cpus": self.ingress_cpus, "max_ongoing_requests": self.decode_slots}
