@@ -32,8 +32,10 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.exceptions import TaskCancelledError
 
+from kissray.auth import LOOPBACK_HOSTS
 from kissray.errors import MediaError, UsageError
 from kissray.media import MediaInfo, MediaTooLargeError
+from kissray.media.stage_cache import LIMIT_VARIABLE as STAGE_LIMIT_VARIABLE
 from kissray.score import FilmResult, Scorer, assemble_film, title_id_for
 from kissray.serve.api import ApiError, ScoreParams, build_api, parse_params, result_json
 from kissray.serve.config import MB, ServeConfig
@@ -41,14 +43,12 @@ from kissray.serve.films import FilmDecoder, FilmLimits, FilmTooLongError
 from kissray.serve.limits import ApiKey, DecodeSlots, Slot, cpu_allotment
 from kissray.serve.uploads import read_json, receive_upload
 from kissray.serve.uris import UriPolicy
-from kissray.stage_cache import LIMIT_VARIABLE as STAGE_LIMIT_VARIABLE
 
 logger = logging.getLogger("ray.serve")  # Serve's replica logger: every line names the request id
 
 APP_NAME = "kissray"
 IN_FLIGHT_CHUNKS = 4  # chunks of one request decoded but not yet classified: bounds memory on long films
 HEALTH_TIMEOUT_S = 10.0
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 # Serve's proxy ends a request at request_timeout_s from its arrival (queueing included: 408); the
 # replica's own timer, this much later from its start, covers callers without that deadline.
 DEADLINE_BACKSTOP_S = 5.0

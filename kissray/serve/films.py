@@ -21,8 +21,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 from kissray.errors import DecodeError, MediaError
 from kissray.media import Clip, ClipReader, MediaInfo
+from kissray.media.stage_cache import staged_copy
 from kissray.score import batched
-from kissray.stage_cache import staged_copy
 
 CREDIT_POLL_S = 0.1  # how often a decode thread waiting for the classifier looks for cancellation
 
