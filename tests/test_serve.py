@@ -5,7 +5,7 @@ any moment (queued included) leave nothing behind, the Ingress autoscaled on its
 once through the stage cache.
 
 Serve starts once for this module (on the session's Ray) and is shut down at the end. Its one
-Ingress replica has 2 CPUs, so 2 decode slots, and Serve queues QUEUED more requests; past those it
+Ingress replica has 2 decode slots, and Serve queues QUEUED more requests; past those it
 answers 503: ``Server.post`` retries those after Retry-After, as a client should; the burst tests
 look at the answers themselves.
 """
@@ -33,7 +33,9 @@ from kissray.serve import ServeConfig, UriPolicy, canonical_uri
 
 MAX_UPLOAD_MB = 1
 MAX_FILM_S = 16
-INGRESS_CPUS = 2  # one Ingress replica: 2 decode slots (Serve's max_ongoing_requests)
+# One Ingress replica decoding 2 films at once (the box's 2 cores; Serve's max_ongoing_requests) on 1 Ray
+# CPU: the session's Ray has 4, and the Ray job in this module needs 2 beside Serve.
+DECODE_SLOTS = 2
 QUEUED = ServeConfig.max_queued_requests  # the default: what Serve's proxy holds beyond the slots
 REQUEST_TIMEOUT_S = 90  # generous (a loaded box); the deadline tests shorten their own (x-request-timeout-seconds)
 SHORT_DEADLINE = b"x-request-timeout-seconds: 3\r\n"  # Serve's per-request deadline header, as a balancer sends
@@ -92,7 +94,8 @@ def server(ray_session, checkpoint, tmp_path_factory):
     config = ServeConfig(model=checkpoint, allow_uri_prefixes=(f"{allowed}/", S3_PREFIX),
                          max_upload_mb=MAX_UPLOAD_MB, upload_dir=str(uploads), batch_wait_timeout_s=0.2,
                          num_gpus=0, api_key_file=str(key_file), max_film_s=MAX_FILM_S, require_api_key=True,
-                         request_timeout_s=REQUEST_TIMEOUT_S, retry_after_s=1, ingress_cpus=INGRESS_CPUS)
+                         request_timeout_s=REQUEST_TIMEOUT_S, retry_after_s=1, ingress_cpus=1,
+                         max_ongoing_requests=DECODE_SLOTS)
     port = free_port()
     serve.start(http_options=http_options(config, "127.0.0.1", port))
     serve.run(build_app(config), name=APP, route_prefix="/")
@@ -584,7 +587,7 @@ def test_clients_that_disconnect_leave_nothing_behind(server, media_dir, film, m
     print(f"clean {wait_until_clean(server):.1f} s after 16 hang-ups mid-upload and mid-decode")
 
     ingress_before, proxy_before = len(ingress_log()), proxy_log().count(PROXY_GONE)
-    holders = [stalled_upload(server.port) for _ in range(INGRESS_CPUS)]
+    holders = [stalled_upload(server.port) for _ in range(DECODE_SLOTS)]
     ports = [h.getsockname()[1] for h in holders]
     wait_for(lambda: all(f":{port} " in ingress_log()[ingress_before:] for port in ports), "both slots taken")
     with stalled_upload(server.port, headers=SHORT_DEADLINE) as late:  # the deadline covers the queue
@@ -604,7 +607,7 @@ def test_clients_that_disconnect_leave_nothing_behind(server, media_dir, film, m
         h.close()
     print(f"clean {wait_until_clean(server):.1f} s after 8 hang-ups while queued")
     started = ingress_log()[ingress_before:]
-    never = [port for _, port in queued] + ports[INGRESS_CPUS:]  # never decoded, never read
+    never = [port for _, port in queued] + ports[DECODE_SLOTS:]  # never decoded, never read
     assert not [port for port in never if f":{port} " in started], started
     assert_matches(server.upload(film).json(), score_film(film, model), "film")  # the next request is right
     wait_until_clean(server)
