@@ -203,8 +203,8 @@ def _index(titles: list[dict], segments: dict[str, pd.DataFrame], labels: list[s
         rows.append(f'<tr data-title="{_esc(t["title_id"])}" data-status="{_esc(t["status"])}">'
                     f'<td><a href="#t-{_esc(file_name_for(t["title_id"]))}">{_esc(t["title_id"])}</a></td>'
                     f'<td class="status {_esc(t["status"])}">{_esc(t["status"])}</td>'
-                    f'<td data-v="{_number(t["duration_s"]):.3f}">{_duration_or_dash(t["duration_s"])}</td>'
-                    f'<td>{int(_number(t["n_scored"]))}</td><td>{0 if segs is None else len(segs)}</td>{cells}</tr>')
+                    f'<td data-v="{table_number(t["duration_s"]):.3f}">{_duration_or_dash(t["duration_s"])}</td>'
+                    f'<td>{int(table_number(t["n_scored"]))}</td><td>{0 if segs is None else len(segs)}</td>{cells}</tr>')
     statuses = "".join(f'<option value="{s}">{s}</option>' for s in STATUSES)
     controls = ('<div class="controls"><input id="filter" type="search" placeholder="filter titles">'
                 f'<select id="status"><option value="">all statuses</option>{statuses}</select>'
@@ -217,7 +217,7 @@ def _index(titles: list[dict], segments: dict[str, pd.DataFrame], labels: list[s
             f'<th data-type="num">segments</th>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></section>')
 
 
-def _number(value) -> float:
+def table_number(value) -> float:
     """A table value as float, 0 for null / NaN (failed titles have no duration)."""
     return 0.0 if value is None or pd.isna(value) else float(value)
 
@@ -236,7 +236,7 @@ def _most_labelled(titles: list[dict], probs: dict, segments: dict[str, pd.DataF
         labelled = 0 if segs is None else int(segs["n_seconds"].sum())
         rows.append(f'<div class="top-title"><a href="#t-{_esc(file_name_for(t["title_id"]))}">{_esc(t["title_id"])}'
                     f'</a> <span>{duration_text(labelled)} labelled</span>'
-                    f'{timeline_svg(p, segs, _number(t["duration_s"]), int(_number(t["n_scored"])), colours)}</div>')
+                    f'{timeline_svg(p, segs, table_number(t["duration_s"]), int(table_number(t["n_scored"])), colours)}</div>')
     if not rows:
         return ""
     return f'<section id="most-labelled"><h2>Most labelled</h2>{"".join(rows)}</section>'
@@ -271,7 +271,7 @@ def _title_section(title: dict, probs: dict[str, np.ndarray], segs: pd.DataFrame
     if status != "ok" and title.get("error"):
         parts.append(f'<p class="error">{_esc(title["error"])}</p>')
     if probs:
-        parts.append(timeline_svg(probs, segs, _number(title["duration_s"]), int(_number(title["n_scored"])), colours))
+        parts.append(timeline_svg(probs, segs, table_number(title["duration_s"]), int(table_number(title["n_scored"])), colours))
     if segs is not None and len(segs):
         parts.append(_segment_table(title_id, segs, media, answers))
     return (f'<details class="title" open id="t-{_esc(file_name_for(title_id))}" data-title="{_esc(title_id)}" '
