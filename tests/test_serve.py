@@ -92,7 +92,7 @@ def server(ray_session, checkpoint, tmp_path_factory):
     key_file = tmp_path_factory.mktemp("secrets") / "api-key"
     key_file.write_text(API_KEY + "\n")
     config = ServeConfig(model=checkpoint, allow_uri_prefixes=(f"{allowed}/", S3_PREFIX),
-                         max_upload_mb=MAX_UPLOAD_MB, upload_dir=str(uploads), batch_wait_timeout_s=0.2,
+                         max_upload_mb=MAX_UPLOAD_MB, upload_dir=str(uploads), batch_wait_timeout_s=0.5,
                          num_gpus=0, api_key_file=str(key_file), max_film_s=MAX_FILM_S, require_api_key=True,
                          request_timeout_s=REQUEST_TIMEOUT_S, retry_after_s=1, ingress_cpus=1,
                          max_ongoing_requests=DECODE_SLOTS)
@@ -391,7 +391,8 @@ def test_healthy_after_bad_requests_and_no_temp_files_left(server, film, model):
 
 
 def ingress_decoders() -> list[int]:
-    """Pids of the decoder children of this module's Ingress replica (others' tests run decoders too)."""
+    """Pids of the decoder children of this module's Ingress replica, in this session's Ray (other
+    sessions on the machine may run the same app name)."""
     def cmdline(pid) -> str:
         try:
             return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -401,13 +402,28 @@ def ingress_decoders() -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and "kissray.media.child" in cmdline(entry.name):
-            try:
-                ppid = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()[1]
-            except (OSError, IndexError):
-                continue
-            if f"ServeReplica:{APP}:Ingress" in cmdline(ppid):
+            replica = parent_pid(int(entry.name))
+            if f"ServeReplica:{APP}:Ingress" in cmdline(replica) and descends_from_us(replica):
                 found.append(int(entry.name))
     return found
+
+
+def parent_pid(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def descends_from_us(pid: int) -> bool:
+    """True for a process of the Ray this test session started (replica <- raylet <- this process)."""
+    for _ in range(8):
+        pid = parent_pid(pid)
+        if pid == os.getpid():
+            return True
+        if pid <= 1:
+            return False
+    return False
 
 
 def temp_files(server: Server) -> list[str]:
