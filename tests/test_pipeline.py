@@ -217,7 +217,8 @@ def test_killed_run_loses_no_finished_title(tmp_path, checkpoint, ray_session):
     deadline = time.monotonic() + 240
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            if (out / "titles").is_dir() and any(p.suffix == ".parquet" for p in (out / "titles").iterdir()):
+            if (out / "titles").is_dir() and any(p.suffix == ".parquet" and not p.name.startswith(".")
+                                                 for p in (out / "titles").iterdir()):
                 break
             time.sleep(0.05)
     finally:
@@ -263,6 +264,8 @@ def test_title_waits_for_clips_that_arrive_after_their_window_trailer(tmp_path):
     assert titles_done(writer(scored(_rows(window, clips[:2], spec), 0.9))) == []
     summary = titles_done(writer(scored(_rows(window, clips[2:], spec), 0.9)))
     assert summary == [{"title_id": "t/1", "status": "ok", "error": None, "n_clips": 3, "n_scored": 3}]
+    assert not os.path.exists(tmp_path / "titles" / "t%2F1.parquet")  # staged: the driver commits
+    assert writer.store.commit_staged("t/1", "ok", "ck", attempt=1) == "ok"
     assert list(read(tmp_path, "scores").p) == pytest.approx([0.9] * 3)
     assert read(tmp_path, "segments")[["start_s", "end_s"]].values.tolist() == [[0.0, 3.0]]
     assert os.listdir(tmp_path / "titles") == [f"{file_name_for('t/1')}.parquet"] == ["t%2F1.parquet"]
@@ -273,6 +276,7 @@ def test_remote_film_is_one_window_decoded_without_a_separate_probe(film, model)
     import fsspec
 
     from kissray.batch.faults import NO_FAULTS
+    from kissray.batch.ledger import NO_LEDGER
     from kissray.score import Scorer
     from kissray.batch.stages import WHOLE_FILM, Classifier, DecodeSpec, decode_window, probe_windows
 
@@ -288,7 +292,7 @@ def test_remote_film_is_one_window_decoded_without_a_separate_probe(film, model)
     clips = {k: v[:5] for k, v in rows.items()}
     assert list(clips["second"]) == list(range(5))
     classifier = Classifier.__new__(Classifier)  # the loaded fixture model, not a second load
-    classifier.scorer, classifier.faults = Scorer(model, batch_size=3), NO_FAULTS
+    classifier.scorer, classifier.faults, classifier.ledger = Scorer(model, batch_size=3), NO_FAULTS, NO_LEDGER
     np.testing.assert_allclose(classifier(clips)["p"][:, 0], score_film(film, model).probs[:, 0], atol=1e-5)
 
 
