@@ -342,3 +342,36 @@ def test_keyframe_stills_are_recorded_in_titles(tmp_path, film, checkpoint, mode
     assert titles[["status", "stills"]].values.tolist() == [["ok", "keyframe"]]
     expected = score_film(film, model, stills="keyframe").probs[:, 0]
     np.testing.assert_allclose(read(tmp_path, "scores").sort_values("second").p, expected, atol=1e-5)
+
+
+def test_the_plan_uses_no_deprecated_ray_api_and_keeps_its_settings_to_itself(checkpoint, tmp_path, ray_session):
+    """Issue 21: no per-operator remote args that Ray deprecates (retries, node affinity); Ray
+    Data's settings go on the dataset's own context, not the process-wide one; the writer of a
+    local OUT is pinned to the driver's node by its label."""
+    import warnings
+
+    from ray.data import DataContext
+
+    from kissray.batch.faults import NO_FAULTS
+    from kissray.inputs import Title
+    from kissray.model import ModelConfig
+    from kissray.pipeline import DRIVER_NODE_LABEL, build_dataset, decode_spec, plan_pool, prepare_library
+
+    (tmp_path / "x.mp4").write_bytes(b"x")
+    job = prepare_library([str(tmp_path / "x.mp4")], checkpoint, str(tmp_path / "out"))
+    pool = plan_pool(num_gpus_per_actor=0)
+    spec = decode_spec(job, pool, 4, 10, None, "exact", NO_FAULTS)
+    process_wide = DataContext.get_current()
+    before = (process_wide.max_errored_blocks, process_wide.enable_progress_bars, process_wide.retried_map_errors)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dataset = build_dataset([Title("x", str(tmp_path / "x.mp4"))], checkpoint, job.store.out,
+                                ModelConfig(labels=["kiss"], image_size=64), spec, PARAMS, batch_size=4, pool=pool)
+    assert [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)] == []
+    assert dataset.context is not process_wide
+    assert (dataset.context.max_errored_blocks, dataset.context.enable_progress_bars) == (0, False)
+    assert (process_wide.max_errored_blocks, process_wide.enable_progress_bars,
+            process_wide.retried_map_errors) == before
+    writer = dataset._logical_plan.dag  # the last operator: the writer
+    assert writer.ray_remote_args.get("label_selector") == {
+        DRIVER_NODE_LABEL: ray_session.get_runtime_context().get_node_id()}

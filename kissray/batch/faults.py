@@ -133,8 +133,10 @@ def _write_late(payload_path: str) -> None:
         if row and row["scored_at"].timestamp() > started:
             break
         time.sleep(0.1)
+    written_at = time.time()
     call(*args)
-    os.close(os.open(payload_path + ".done", os.O_CREAT | os.O_WRONLY))
+    with open(payload_path + ".done", "w") as f:
+        f.write(str(written_at))  # when the late write began
 
 
 if __name__ == "__main__":
