@@ -282,7 +282,7 @@ def _run_attempts(job: LibraryJob, spec: DecodeSpec, params: SegmentParams, pool
             dataset = build_dataset(pending, job.model_uri, job.store.out, job.config, spec, params,
                                     batch_size=batch_size, pool=pool, run_id=job.store.run_id, attempt=attempt)
             try:
-                _collect(dataset, job, summary, bar, reported, attempt)
+                _collect(dataset, job, summary, bar, reported)
             except JobError:
                 raise  # OUT lost or unwritable: nothing more may be written
             except Exception as e:  # lost objects, an actor out of restarts...: redo what did not come back
@@ -422,29 +422,29 @@ class Progress:
         self.bar.update(clips)
 
 
-def _collect(dataset, job: LibraryJob, summary: LibrarySummary, bar: Progress, reported: set[str],
-             attempt: int = 1) -> None:
+def _collect(dataset, job: LibraryJob, summary: LibrarySummary, bar: Progress, reported: set[str]) -> None:
     """Run the plan, committing each title as its summary row streams back (ids into ``reported``)."""
     for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
         for row in batch.to_pylist():
             if row["kind"] == "progress":
                 bar.update(clips=row["clips"], film_s=row["film_s"], opened=row["opened"])
                 continue
-            status, error = _commit(job, row, attempt), row["error"]
+            status, error = _commit(job, row), row["error"]
             reported.add(row["title_id"])
             summary.add(status, row["n_scored"], row["title_id"], None if status == "ok" else error)
             bar.update(status=status)
 
 
-def _commit(job: LibraryJob, row: dict, attempt: int) -> str:
-    """Commit the title the writer staged for ``attempt`` (or, if it could not, write its
-    ``failed`` row from here), once sure this run still holds OUT; returns the status that stands."""
+def _commit(job: LibraryJob, row: dict) -> str:
+    """Commit the files the writer staged for this summary row (or, if it could not, write the
+    title's ``failed`` row from here), once sure this run still holds OUT; returns the status
+    that stands."""
     if job.lock is not None:
         job.lock.check()  # raises LockLost: another run took OUT over while this one was paused
-    if not row["written"]:  # the writer could not stage the title: its failed row from here
+    if not row["staged"]:  # the writer could not stage the title: its failed row from here
         return _write_failed(job, row["title_id"], row["error"])
     try:
-        return job.store.commit_staged(row["title_id"], row["status"], job.model_uri, attempt)
+        return job.store.commit_staged(row["title_id"], row["status"], job.model_uri, row["staged"])
     except Exception as e:
         raise JobError(f"cannot write results to {job.store.out}: {one_line(e)}") from e
 

@@ -265,7 +265,7 @@ def test_title_waits_for_clips_that_arrive_after_their_window_trailer(tmp_path):
     summary = titles_done(writer(scored(_rows(window, clips[2:], spec), 0.9)))
     assert summary == [{"title_id": "t/1", "status": "ok", "error": None, "n_clips": 3, "n_scored": 3}]
     assert not os.path.exists(tmp_path / "titles" / "t%2F1.parquet")  # staged: the driver commits
-    assert writer.store.commit_staged("t/1", "ok", "ck", attempt=1) == "ok"
+    assert writer.store.commit_staged("t/1", "ok", "ck", writer.tag) == "ok"
     assert list(read(tmp_path, "scores").p) == pytest.approx([0.9] * 3)
     assert read(tmp_path, "segments")[["start_s", "end_s"]].values.tolist() == [[0.0, 3.0]]
     assert os.listdir(tmp_path / "titles") == [f"{file_name_for('t/1')}.parquet"] == ["t%2F1.parquet"]

@@ -51,18 +51,11 @@ class FaultPlan:
     marker_dir: str = ""  # where markers go (required with crash_at, kill_at, linger_at, hold_at)
 
     def __post_init__(self):
-        for stage, _ in self.raise_at:
-            if stage not in RAISE_STAGES:
-                raise ValueError(f"unknown stage {stage!r} (one of {', '.join(RAISE_STAGES)})")
-        for stage, _ in self.crash_at:
-            if stage not in CRASH_STAGES:
-                raise ValueError(f"unknown crash stage {stage!r} (one of {', '.join(CRASH_STAGES)})")
-        for stage, _ in self.kill_at:
-            if stage not in KILL_STAGES:
-                raise ValueError(f"unknown kill stage {stage!r} (one of {', '.join(KILL_STAGES)})")
-        for point, _ in self.hold_at:
-            if point not in HOLD_POINTS:
-                raise ValueError(f"unknown hold point {point!r} (one of {', '.join(HOLD_POINTS)})")
+        for pairs, allowed, what in ((self.raise_at, RAISE_STAGES, "stage"), (self.crash_at, CRASH_STAGES, "crash stage"),
+                                     (self.kill_at, KILL_STAGES, "kill stage"), (self.hold_at, HOLD_POINTS, "hold point")):
+            for name, _ in pairs:
+                if name not in allowed:
+                    raise ValueError(f"unknown {what} {name!r} (one of {', '.join(allowed)})")
         if (self.crash_at or self.kill_at or self.linger_at or self.hold_at) and not self.marker_dir:
             raise ValueError("crash_at, kill_at, linger_at and hold_at need a marker_dir")
 

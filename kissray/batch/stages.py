@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 import pickle
+import uuid
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -35,8 +36,8 @@ WHOLE_FILM = -1  # a window's stop when the film is decoded in one piece (its le
 # row per batch (clips scored, seconds of film newly known) so the driver's bar moves within titles.
 SUMMARY_SCHEMA = pa.schema([
     ("kind", pa.string()), ("title_id", pa.string()), ("status", pa.string()), ("error", pa.string()),
-    ("n_clips", pa.int32()), ("n_scored", pa.int32()), ("written", pa.bool_()),
-    ("clips", pa.int64()), ("film_s", pa.int64()), ("opened", pa.int32()),
+    ("n_clips", pa.int32()), ("n_scored", pa.int32()),
+    ("clips", pa.int64()), ("film_s", pa.int64()), ("opened", pa.int32()), ("staged", pa.string()),
 ])
 
 
@@ -282,7 +283,8 @@ class TitleWriter:
         self.store = ResultStore(out, run_id)
         self.store.make_folders()  # the driver made them too, but maybe on another machine's disk
         self.labels, self.model_uri, self.params, self.faults = list(labels), model_uri, params, faults
-        self.stills, self.attempt = stills, attempt
+        self.stills = stills
+        self.tag = f"a{attempt}-{uuid.uuid4().hex[:8]}"  # this process's staged files: a restarted writer has another
         self.open: dict[str, _OpenTitle] = {}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -304,8 +306,8 @@ class TitleWriter:
                 state.clip_error = state.clip_error or str(batch["error"][i])
             if state.complete(int(batch["n_windows"][i])):
                 finished.append(self._finish_safely(title_id, self.open.pop(title_id)))
-        progress = {"kind": "progress", "title_id": "", "written": False, "clips": n_clips, "film_s": film_s,
-                    "opened": opened}
+        progress = {"kind": "progress", "title_id": "", "clips": n_clips, "film_s": film_s,
+                    "opened": opened, "staged": ""}
         return pa.Table.from_pylist(finished + [progress], schema=SUMMARY_SCHEMA)
 
     def _finish_safely(self, title_id: str, state: _OpenTitle) -> dict:
@@ -321,8 +323,8 @@ class TitleWriter:
                             segments_table(title_id, []))
             except Exception as write_error:  # the driver writes the row
                 return _summary(title_id, "failed", f"{error}; cannot write here: {one_line(write_error)}", 0, 0,
-                                written=False)
-            return _summary(title_id, "failed", error, 0, 0, written=True)
+                                staged="")
+            return _summary(title_id, "failed", error, 0, 0, staged=self.tag)
 
     def finish(self, title_id: str, state: _OpenTitle) -> dict:
         """Write one complete title; returns its summary row. The result is assembled exactly as
@@ -339,10 +341,10 @@ class TitleWriter:
                              film.n_scored, film.has_audio, self.model_uri, self.stills)
         self.faults.check("write", title_id)
         self._stage(record, scores_table(title_id, self.labels, film.probs), segments_table(title_id, film.segments))
-        return _summary(title_id, film.status, film.error, film.n_clips, film.n_scored, written=True)
+        return _summary(title_id, film.status, film.error, film.n_clips, film.n_scored, staged=self.tag)
 
     def _stage(self, record: TitleRecord, scores: pa.Table, segments: pa.Table) -> None:
-        args = (record, scores, segments, self.attempt)
+        args = (record, scores, segments, self.tag)
         if self.faults.linger(record.title_id, pickle.dumps((self.store.stage_title, args))):
             return  # tests only: a late writer took the call over and this process ended
         self.store.stage_title(*args)
@@ -352,6 +354,7 @@ def _no_scores(labels: list[str]) -> np.ndarray:
     return np.zeros((0, len(labels)), np.float32)
 
 
-def _summary(title_id: str, status: str, error: str | None, n_clips: int, n_scored: int, written: bool) -> dict:
+def _summary(title_id: str, status: str, error: str | None, n_clips: int, n_scored: int, staged: str) -> dict:
+    """A title's summary row; ``staged``: the tag of its staged files ("" when none could be written)."""
     return {"kind": "title", "title_id": title_id, "status": status, "error": error, "n_clips": n_clips,
-            "n_scored": n_scored, "written": written, "clips": 0, "film_s": 0, "opened": 0}
+            "n_scored": n_scored, "clips": 0, "film_s": 0, "opened": 0, "staged": staged}

@@ -9,7 +9,7 @@ rerun would skip. Readers (pandas / pyarrow datasets) ignore the hidden temporar
 Temporary names carry the run's id (``.tmp-<run>-...``): a run removes its own, and those of
 other runs only once they are older than a lock's takeover age (a dead run's leftovers), never a
 file that another live run may be writing. The library job's writer only *stages* a title
-(:meth:`ResultStore.stage_title`, names that also carry the attempt); the driver, the one process
+(:meth:`ResultStore.stage_title`, names that also carry the attempt and the writer process); the driver, the one process
 that knows which attempt is current, *commits* it (:meth:`ResultStore.commit_staged`). So a
 writer that finishes after its attempt ended can leave a hidden file behind, never a result.
 """
@@ -175,25 +175,27 @@ class ResultStore:
             self._write_atomic(table_name, name, table)
         return record.status
 
-    def stage_title(self, record: TitleRecord, scores: pa.Table, segments: pa.Table, attempt: int) -> None:
-        """Write the title's three files under temporary names of this run and ``attempt``, for
-        :meth:`commit_staged` (the driver) to commit or drop."""
+    def stage_title(self, record: TitleRecord, scores: pa.Table, segments: pa.Table, tag: str) -> None:
+        """Write the title's three files under temporary names of this run and ``tag`` (one per
+        writer process and attempt), for :meth:`commit_staged` (the driver) to commit or drop."""
         name = file_name_for(record.title_id)
         for table_name, table in zip(TABLES, (scores, segments, titles_table(record))):
-            self._write_parquet(self._staged(table_name, name, attempt), table)
+            self._write_parquet(self._staged(table_name, name, tag), table)
 
-    def commit_staged(self, title_id: str, status: str, model: str, attempt: int) -> str:
-        """Rename the files :meth:`stage_title` wrote for ``attempt`` into place, the titles file
+    def commit_staged(self, title_id: str, status: str, model: str, tag: str) -> str:
+        """Rename the files :meth:`stage_title` wrote under ``tag`` into place, the titles file
         last, unless an ``ok`` row stands (the rule of :meth:`write_title`); returns the status
-        that now stands. Only the driver calls this, for the attempt it is running."""
+        that now stands. Only the driver calls this, with the tag of a summary row of the attempt
+        it is running: files another writer process staged (one that died, or an ended
+        attempt's, finishing late) have other names and are never committed."""
         name = file_name_for(title_id)
         standing = self.title_row(title_id)
         if standing and standing["status"] == "ok" and (standing["model"] == model or status != "ok"):
             for table_name in TABLES:
-                self._remove_quietly(self._staged(table_name, name, attempt))
+                self._remove_quietly(self._staged(table_name, name, tag))
             return "ok"
         for table_name in TABLES:
-            self.fs.mv(self._staged(table_name, name, attempt), f"{self._dir(table_name)}/{name}.parquet")
+            self.fs.mv(self._staged(table_name, name, tag), f"{self._dir(table_name)}/{name}.parquet")
         return status
 
     def _write_atomic(self, table_name: str, name: str, table: pa.Table) -> None:
@@ -218,8 +220,8 @@ class ResultStore:
     def _temp(self, table_name: str, name: str) -> str:
         return f"{self._dir(table_name)}/{TEMP_PREFIX}{self.run_id}-{name}-{uuid.uuid4().hex[:8]}.parquet"
 
-    def _staged(self, table_name: str, name: str, attempt: int) -> str:
-        return f"{self._dir(table_name)}/{TEMP_PREFIX}{self.run_id}-a{attempt}-{name}.parquet"
+    def _staged(self, table_name: str, name: str, tag: str) -> str:
+        return f"{self._dir(table_name)}/{TEMP_PREFIX}{self.run_id}-{tag}-{name}.parquet"
 
     def _remove_quietly(self, path: str) -> None:
         try:
