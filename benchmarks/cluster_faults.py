@@ -100,7 +100,7 @@ def run_job(args, done: threading.Event, outcome: dict) -> None:
 
     try:
         with out_lock(args.out) as lock:
-            job = prepare_library([args.films], args.model, args.out, lock)
+            job = prepare_library([args.films], args.model, args.out, lock=lock)
             outcome["summary"] = run_library(job, params=SegmentParams(threshold=0.47, min_len=3, min_fraction=0.6),
                                              window_s=args.window_s, batch_size=args.batch_size,
                                              decode_timeout_s=60, progress=False)

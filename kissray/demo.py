@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 
+from kissray import provenance
 from kissray.annotations import read_annotations, split_films
 from kissray.defaults import DemoOptions
 from kissray.evaluate import FilmPrediction, evaluate_predictions
@@ -64,6 +65,7 @@ def run_demo(out_dir: str, options: DemoOptions = DemoOptions(), log=print) -> d
     report_html = write_report(scores_dir)
     timings["total_s"] = time.perf_counter() - started
     report.update({"split": "test", "model": model_dir, "timings": timings,
+                   "provenance": provenance.describe(provenance.read_provenance(model_dir)),
                    "paths": {"corpus": csv_path, "model": model_dir, "scores": scores_dir,
                              "excerpts": excerpts.dest, "report": report_html,
                              "eval": os.path.join(out_dir, "eval.json")}})
@@ -114,6 +116,7 @@ def summary(report: dict) -> str:
               "", "outputs:",
               f"  films + annotations  {paths['corpus']}",
               f"  checkpoint           {paths['model']}  (metrics.json inside)",
+              f"                       {report.get('provenance', '')}",
               f"  scores, segments     {paths['scores']}/scores, {paths['scores']}/segments, {paths['scores']}/titles",
               f"  excerpts             {paths['excerpts']}",
               f"  evaluation           {paths['eval']}",

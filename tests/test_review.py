@@ -183,8 +183,9 @@ def test_keyboard_answers_survive_a_killed_server(library, server, browser, tmp_
 def test_train_learns_from_the_reviews(library, checkpoint, tmp_path, capsys):
     out = str(tmp_path / "reviewed")
     reviews = str(library["reviews"])
-    assert cli_main(["train", "--annotations", reviews, "--init", checkpoint, "--out", out,
-                     "--mode", "head", "--epochs", "2", "--batch-size", "8"]) == 0
+    code = cli_main(["train", "--annotations", reviews, "--init", checkpoint, "--out", out,
+                     "--mode", "head", "--epochs", "2", "--batch-size", "8"])
+    assert code == 0, capsys.readouterr().err
     metrics = read_metrics(out)
     assert metrics["annotations"] == reviews and metrics["reviews"]["answers"] == 6
     assert len(metrics["reviews"]["files"]) == 6 and metrics["reviews"]["by_answer"]["wrong"] == 2
@@ -234,6 +235,11 @@ def test_players_excerpt_film_or_thumbnail(library, server, browser):
         v.addEventListener('error', () => done(['error', v.error.code]));
         v.preload = 'auto'; v.load();""")
     assert played == [8, 14]  # Chromium read the film by ranges and stands at the segment's start
+    current = "return document.querySelector('li.segment.current video')"
+    press(browser, "p")  # the current segment's player, by key
+    wait_until(lambda: browser.execute_script(current + ".currentTime") > 0.2)
+    press(browser, "p")
+    assert wait_until(lambda: browser.execute_script(current + ".paused"))
     media = Media("x", "", frozenset({"gamma/kiss-0-1-4.jpg"}))
     players = Players(media, frozenset())  # no excerpt, film out of reach: the thumbnail
     assert players.for_segment("gamma", "kiss", "kiss-0-1-4", 1, 4).startswith('<img src="/excerpts/gamma/kiss-0-1-4.jpg"')
@@ -297,8 +303,8 @@ def in_process(library):
     """The review server on a thread of this process, for checks that need no browser."""
     servers = []
 
-    def start(out: str = library["out"], api_key=None):
-        server = make_server(ReviewSite(out, api_key=api_key), "127.0.0.1", 0)
+    def start(out: str = library["out"], api_key=None, site: ReviewSite | None = None):
+        server = make_server(site or ReviewSite(out, api_key=api_key), "127.0.0.1", 0)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
         return server.server_address[1]
@@ -309,8 +315,12 @@ def in_process(library):
         server.server_close()
 
 
-def test_the_server_reads_nothing_but_its_lists(library, in_process):
-    port = in_process()
+def test_the_server_reads_nothing_but_its_lists(library, in_process, tmp_path):
+    site = ReviewSite(library["out"])
+    site.films["gone"] = str(tmp_path / "gone.mp4")  # a film deleted after the server started
+    port = in_process(site=site)
+    status, _, body = raw_get(port, "/films/gone")
+    assert status == 404 and b"cannot read it now" in body
     film = Path(library["films"]["beta"]).read_bytes()
     status, headers, body = raw_get(port, "/films/beta", {"Range": "bytes=100-1099"})
     assert status == 206 and body == film[100:1100] and headers["Content-Range"] == f"bytes 100-1099/{len(film)}"

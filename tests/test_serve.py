@@ -206,10 +206,14 @@ def test_cluster_configs_read_the_key_from_a_mounted_secret():
 # ---------------------------------------------------------------- over HTTP
 
 
-def test_healthz(server, checkpoint):
+def test_healthz_says_the_head_was_never_trained(server, checkpoint):
+    """SPEC 4: the fixture checkpoint is `kissray init`'s (untrained head): /healthz says so."""
     r = httpx.get(f"{server.url}/healthz", timeout=60)
     assert r.status_code == 200
-    assert r.json() == {"status": "ok", "model": checkpoint, "labels": ["kiss"]}
+    body = r.json()
+    assert {k: body[k] for k in ("status", "model", "labels", "trained", "provenance")} == \
+        {"status": "ok", "model": checkpoint, "labels": ["kiss"], "trained": False, "provenance": "untrained"}
+    assert "never trained" in body["warning"] and "placeholders" in body["warning"]
 
 
 def test_upload_equals_score_film(server, film, model):
@@ -547,6 +551,12 @@ def test_cli_serves_on_loopback_until_sigterm(checkpoint, film, tmp_path):
         assert_error(httpx.post(url, json={"uri": film}, timeout=60), 403, "disabled")  # no prefix given
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0
+        log.seek(0)
+        lines = [line for line in log.read().splitlines() if line.strip()]
+        # SPEC 13: kissray's lines only (the untrained head's warning among them), none of Ray's or
+        # Serve's (no "Task ServeController.graceful_shutdown failed" at the end)
+        assert [line for line in lines if not line.startswith("kissray serve: ")] == [], lines
+        assert any("WARNING: the model's head was never trained" in line for line in lines), lines
     finally:
         if proc.poll() is None:
             proc.kill()

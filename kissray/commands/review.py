@@ -19,7 +19,7 @@ DEFAULT_PORT = 8080
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("review", help="review segments in the browser; answers are saved as annotations",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="Keys on the page: j/k next/previous segment, 1 Right, 2 Wrong, 3 Edges, [ ] start "
+                       epilog="Keys on the page: j/k next/previous segment, p play/pause, 1 Right, 2 Wrong, 3 Edges, [ ] start "
                               "-/+1 s, - = end -/+1 s, m mark a missed span.")
     p.add_argument("--scores", required=True, metavar="OUT", help="a `kissray score --out` directory (any fsspec URI)")
     p.add_argument("--excerpts", default=None, metavar="DIR",

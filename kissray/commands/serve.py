@@ -1,4 +1,4 @@
-"""``kissray serve``: the HTTP scoring API (SPEC section 8) on Ray Serve, until Ctrl-C.
+"""``kissray serve``: the HTTP scoring API on Ray Serve (docs/serve.md), until Ctrl-C.
 
 Endpoints: GET /healthz, POST /v1/score (multipart ``file`` or JSON ``{"uri": ...}``), docs at /docs.
 With an API key (--api-key-file FILE or $KISSRAY_API_KEY) every route but /healthz needs
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from kissray.commands.options import non_negative, port, positive, positive_int
 from kissray.defaults import STILLS_MODES
 
 # option name -> ServeConfig field; unset options keep ServeConfig's defaults (one place for them)
@@ -23,33 +24,33 @@ def register(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint directory (any fsspec URI)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback only)")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--port", type=port, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--address", default=None,
                    help="Ray cluster to run on (default: $RAY_ADDRESS, else a new local Ray)")
     p.add_argument("--api-key-file", default=None, metavar="FILE",
                    help="file holding the API key clients send as 'Authorization: Bearer KEY' (default: "
                         "$KISSRAY_API_KEY; neither: no authentication, fine on loopback only)")
-    p.add_argument("--replicas", type=int, default=None, help="classifier replicas (default 1)")
-    p.add_argument("--ingress-replicas", type=int, default=None, help="HTTP/decode replicas (default 1)")
-    p.add_argument("--ingress-cpus", type=float, default=None,
+    p.add_argument("--replicas", type=positive_int, default=None, help="classifier replicas (default 1)")
+    p.add_argument("--ingress-replicas", type=positive_int, default=None, help="HTTP/decode replicas (default 1)")
+    p.add_argument("--ingress-cpus", type=positive, default=None,
                    help="Ray CPUs per ingress replica (default 1); its decode slots follow its CPU allotment")
-    p.add_argument("--max-concurrent-decodes", type=int, default=None,
+    p.add_argument("--max-concurrent-decodes", type=positive_int, default=None,
                    help="films decoded at once per ingress replica; more requests get 503 + Retry-After "
                         "(default: the replica's CPU allotment: affinity, cgroup quota, Ray CPUs)")
-    p.add_argument("--max-batch-size", type=int, default=None,
+    p.add_argument("--max-batch-size", type=positive_int, default=None,
                    help="chunks of clips (8 clips each) per forward pass (default 16)")
-    p.add_argument("--batch-wait-ms", type=float, default=None,
+    p.add_argument("--batch-wait-ms", type=non_negative, default=None,
                    help="longest wait for a batch to fill, ms (default 50)")
-    p.add_argument("--num-gpus", type=float, default=None,
+    p.add_argument("--num-gpus", type=non_negative, default=None,
                    help="GPUs per classifier replica (default: 1 when the cluster has GPUs, else 0)")
     p.add_argument("--allow-uri-prefix", action="append", default=[], metavar="PREFIX",
                    help="let JSON requests read URIs under PREFIX (repeatable), e.g. s3://bucket/films/; "
                         "none by default, and local paths / file:// only when a prefix names them")
-    p.add_argument("--max-upload-mb", type=float, default=None,
+    p.add_argument("--max-upload-mb", type=positive, default=None,
                    help="size limit in MiB for uploads and for the objects behind URIs (default 2048)")
-    p.add_argument("--max-film-s", type=float, default=None,
+    p.add_argument("--max-film-s", type=positive, default=None,
                    help="longest film accepted, seconds (default 14400 = 4 h); longer: 413")
-    p.add_argument("--request-timeout-s", type=float, default=None,
+    p.add_argument("--request-timeout-s", type=positive, default=None,
                    help="a request running longer is abandoned with 504 (default 3600)")
     p.add_argument("--upload-dir", default=None,
                    help="where uploads, staged URI objects and decoder scratch files go (default: system temp)")
@@ -71,7 +72,14 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from kissray.pipeline import read_model_config
+    from kissray.provenance import warning
     from kissray.serve import run_server
 
+    caution = warning(read_model_config(args.model).provenance)  # a bad checkpoint: usage error, before Ray
+    if caution:
+        print(f"kissray serve: WARNING: {caution}", file=sys.stderr)
     run_server(config_from_args(args), host=args.host, port=args.port, address=args.address)
     return 0

@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.exceptions import TaskCancelledError
 
+from kissray import provenance
 from kissray.auth import LOOPBACK_HOSTS
 from kissray.errors import MediaError
 from kissray.media import MediaInfo, MediaTooLargeError
@@ -39,6 +40,7 @@ from kissray.serve.films import FilmDecoder, FilmLimits, FilmTooLongError
 from kissray.serve.limits import ApiKey, DecodeSlots, Slot, cpu_allotment
 from kissray.serve.uploads import read_json, receive_upload
 from kissray.serve.uris import UriPolicy
+from kissray.terminal import divert_ray_loggers, quiet
 
 logger = logging.getLogger("ray.serve")  # Serve's replica logger: every line names the request id
 
@@ -90,11 +92,14 @@ class Classifier:
         self.predict_batch.set_max_batch_size(max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         logger.info("loaded %s on %s (labels %s)", model_uri, device, self.model.labels)
+        if provenance.warning(self.model.config.provenance):
+            logger.warning("%s: %s", model_uri, provenance.warning(self.model.config.provenance))
 
     def describe(self) -> dict:
         config = self.model.config
         return {"model": self.model_uri, "labels": list(config.labels),
-                "frames_per_clip": config.frames_per_clip, "image_size": config.image_size}
+                "frames_per_clip": config.frames_per_clip, "image_size": config.image_size,
+                "provenance": config.provenance}
 
     def stats(self) -> dict:
         return self.stats_.as_dict()
@@ -145,13 +150,19 @@ class Ingress:
         return build_api(self, self.api_key)
 
     async def healthz(self) -> JSONResponse:
-        """200 with the model and its labels when the classifier answers, else 503."""
+        """200 with the model, its labels and whether its head was trained (with a ``warning`` when
+        its scores are placeholders) when the classifier answers, else 503."""
         try:
             info = await asyncio.wait_for(self.classifier.describe.remote(), HEALTH_TIMEOUT_S)
         except Exception as e:  # noqa: BLE001 - any failure of the classifier is "unhealthy"
             logger.warning("health check failed: %r", e)
             return JSONResponse({"error": f"classifier unavailable: {type(e).__name__}"}, status_code=503)
-        return JSONResponse({"status": "ok", "model": info["model"], "labels": info["labels"]})
+        body = {"status": "ok", "model": info["model"], "labels": info["labels"],
+                "trained": provenance.state(info["provenance"]) == "trained",
+                "provenance": provenance.state(info["provenance"])}
+        if provenance.warning(info["provenance"]):
+            body["warning"] = provenance.warning(info["provenance"])
+        return JSONResponse(body)
 
     async def score(self, request: Request) -> JSONResponse:
         """One film, under a decode slot and the request deadline: 503 when busy, 504 when late."""
@@ -319,11 +330,14 @@ def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, a
     # "local": a new Ray of our own. Without it, ray.init joins whichever Ray already runs on this machine.
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     own_ray = address == "local"
-    ray.init(address=address, include_dashboard=False, configure_logging=False)
+    divert_ray_loggers()  # without -v, Ray's and Serve's console lines go to the command's log file
+    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, configure_logging=True,
+             log_to_driver=not quiet())
     stop = threading.Event()  # handlers set after ray.init, which installs its own crash handlers
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         serve.start(http_options={"host": host, "port": port})
+        divert_ray_loggers()  # loggers Serve configured as it started
         serve.run(build_app(config), name=APP_NAME, route_prefix="/")
         ready(f"kissray serve: http://{host}:{port}/v1/score ready (docs at /docs); Ctrl-C stops")
         while not stop.wait(0.5):  # short waits: signal handlers run between them

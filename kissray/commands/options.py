@@ -1,0 +1,110 @@
+"""Option types shared by every ``kissray`` command, so each checks its options the same way.
+
+Use them as argparse ``type=``: a bad value is argparse's usage error (exit 2, before anything
+is written) whose message names the option and the reason, e.g. ``argument --threshold: expected
+a number from 0 to 1, got '50%'``. Each validator raises :class:`argparse.ArgumentTypeError`
+itself (never a bare ``ValueError``), so argparse never shows a function's name. NaN and
+infinities are refused wherever a finite number is meant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def _number(text: str, expected: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
+def _integer(text: str, expected: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+
+
+def fraction(text: str) -> float:
+    """A number from 0 to 1 (a threshold, a fraction of seconds)."""
+    expected = "a number from 0 to 1"
+    value = _number(text, expected)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """A whole number >= 1 (counts, sizes, seconds of a window)."""
+    expected = "a whole number >= 1"
+    value = _integer(text, expected)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """A whole number >= 0 (an offset, a count that may be none)."""
+    expected = "a whole number >= 0"
+    value = _integer(text, expected)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
+def any_int(text: str) -> int:
+    """Any whole number (a seed)."""
+    return _integer(text, "a whole number")
+
+
+def non_negative(text: str) -> float:
+    """A finite number >= 0 (GPUs per actor, padding seconds)."""
+    expected = "a finite number >= 0"
+    value = _number(text, expected)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
+def positive(text: str) -> float:
+    """A finite number > 0 (seconds, megabytes, a frame rate, a learning rate)."""
+    expected = "a finite number > 0"
+    value = _number(text, expected)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
+def port(text: str) -> int:
+    """A TCP port, 0 (any free one) to 65535."""
+    expected = "a port number from 0 to 65535"
+    value = _integer(text, expected)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
+def image_size(text: str) -> int:
+    """Still size in pixels: at least 16 (the model's smallest input)."""
+    expected = "a whole number of pixels >= 16"
+    value = _integer(text, expected)
+    if value < 16:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
+def add_segment_options(p: argparse.ArgumentParser) -> None:
+    """--threshold, --min-len, --min-fraction: the segmenter's options (SPEC 5), one definition
+    for every command that segments (score, eval, rescore, ...)."""
+    from kissray.defaults import MIN_FRACTION, MIN_LEN_S, THRESHOLD
+
+    p.add_argument("--threshold", type=fraction, default=THRESHOLD,
+                   help="segmenter threshold on each second's probability (%(default)s)")
+    p.add_argument("--min-len", type=positive_int, default=MIN_LEN_S, help="shortest segment, seconds (%(default)s)")
+    p.add_argument("--min-fraction", type=fraction, default=MIN_FRACTION,
+                   help="least fraction of positive seconds in a segment (%(default)s)")
