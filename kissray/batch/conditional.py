@@ -132,8 +132,8 @@ class GCSFile:
     def delete(self, version: str) -> bool:
         try:
             self.fs.call("DELETE", "b/{}/o/{}", self.bucket, self.key, ifGenerationMatch=version)
-        except (OSError, FileNotFoundError) as e:
-            if _http_status(e) in (404, 412) or isinstance(e, FileNotFoundError):
+        except Exception as e:
+            if _precondition_failed(e):
                 return False
             raise
         return True
@@ -144,16 +144,17 @@ class GCSFile:
             created = self.fs.call("POST", url, self.bucket, uploadType="media", name=self.key,
                                    ifGenerationMatch=generation, data=data, json_out=True,
                                    headers={"Content-Type": "application/json"})
-        except Exception as e:  # gcsfs raises its HttpError (with .code) for a failed precondition
-            if _http_status(e) == 412:
+        except Exception as e:
+            if _precondition_failed(e):
                 return None
             raise
         return str(created["generation"])
 
 
-def _http_status(error: BaseException) -> int | None:
-    code = getattr(error, "code", None)
-    return int(code) if isinstance(code, int) or str(code).isdigit() else None
+def _precondition_failed(error: BaseException) -> bool:
+    """gcsfs raises FileExistsError for 412 (older versions: its HttpError with ``code`` 412) and
+    FileNotFoundError for 404 (the object is gone)."""
+    return isinstance(error, (FileExistsError, FileNotFoundError)) or str(getattr(error, "code", "")) == "412"
 
 
 class LocalFile:
