@@ -30,6 +30,7 @@ from kissray.excerpts import write_excerpts
 from kissray.report import write_report
 from kissray.score import Segment, SegmentParams
 from kissray.synth import make_corpus
+from kissray.terminal import child_stderr
 from kissray.train import TrainOptions, train
 
 DEMO_IMAGE_SIZE = 64  # small stills keep the demo within minutes on two CPU cores
@@ -77,7 +78,8 @@ def run_demo(out_dir: str, options: DemoOptions = DemoOptions(), log=print) -> d
 def score_films(uris: list[str], model_dir: str, out_dir: str, labels: list[str]) -> list[FilmPrediction]:
     """Score films with the ``kissray score`` command (a local Ray) and read its Parquet back."""
     argv = [sys.executable, "-m", "kissray.cli", "score", *uris, "--model", model_dir, "--out", out_dir]
-    proc = subprocess.run(argv)
+    sys.stderr.flush()
+    proc = subprocess.run(argv, stderr=child_stderr())  # its messages and bar on this terminal
     if proc.returncode not in (0, 3):
         raise RuntimeError(f"kissray score failed (exit {proc.returncode}): {' '.join(argv)}")
     return read_score_outputs(out_dir, labels)

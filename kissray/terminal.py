@@ -18,12 +18,14 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import time
 from typing import Iterator
 
 LOG_DIR_ENV = "KISSRAY_LOG_DIR"  # where the logs go instead of LOG_DIR
 LOG_DIR = os.path.join(tempfile.gettempdir(), "kissray-logs")
-_DIVERTED = "_kissray_diverted"  # marks a handler that already has the filter
+_DIVERTED = "_kissray_diverted"
+RAY_THREAD_PREFIX = "ray_"  # Ray's driver threads: ray_listen_error_messages, ray_print_logs  # marks a handler that already has the filter
 
 _log_file: io.BufferedWriter | None = None  # the open log while a command runs quietly (fd 2 points at it)
 _log_path: str | None = None
@@ -57,19 +59,22 @@ def engine_logs(command: str, verbose: bool) -> Iterator[str | None]:
     sys.stdout.flush()
     sys.stderr.flush()
     os.dup2(log.fileno(), 2)
+    terminal = saved_stderr
     if _writes_to_fd2(saved_stderr):  # a real terminal stream: keep it on the terminal
-        sys.stderr = io.TextIOWrapper(os.fdopen(os.dup(saved_fd), "wb", buffering=0), write_through=True,
-                                      encoding=getattr(saved_stderr, "encoding", None) or "utf-8",
-                                      errors="backslashreplace")
+        terminal = io.TextIOWrapper(os.fdopen(os.dup(saved_fd), "wb", buffering=0), write_through=True,
+                                    encoding=getattr(saved_stderr, "encoding", None) or "utf-8",
+                                    errors="backslashreplace")
+    saved_stdout = sys.stdout
+    sys.stderr, sys.stdout = _RayThreadsToLog(terminal), _RayThreadsToLog(saved_stdout)
     _log_file, _log_path, _log_handler = log, path, _file_handler(path)
     warnings_logger = _route_warnings(_log_handler)
     try:
         yield path
     finally:
         sys.stderr.flush()
-        if sys.stderr is not saved_stderr:
-            sys.stderr.close()
-            sys.stderr = saved_stderr
+        if terminal is not saved_stderr:
+            terminal.close()
+        sys.stderr, sys.stdout = saved_stderr, saved_stdout
         os.dup2(saved_fd, 2)
         os.close(saved_fd)
         logging.captureWarnings(False)
@@ -80,6 +85,35 @@ def engine_logs(command: str, verbose: bool) -> Iterator[str | None]:
         with contextlib.suppress(OSError):
             if os.path.getsize(path) == 0:
                 os.remove(path)
+
+
+class _RayThreadsToLog:
+    """``sys.stderr`` / ``sys.stdout`` while engine output is diverted. Ray's driver threads print
+    what they relay (the raylet's error messages, e.g. workers killed for memory; workers' output)
+    to them too: what those threads write goes to the log file instead."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        log = _log_file
+        if log is not None and threading.current_thread().name.startswith(RAY_THREAD_PREFIX):
+            log.write(text.encode("utf-8", "backslashreplace"))
+            return len(text)
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str):  # fileno, flush, isatty, encoding...: the stream's
+        return getattr(self._stream, name)
+
+
+def child_stderr():
+    """``stderr=`` for a child kissray command whose messages belong on this terminal: while engine
+    output is diverted, fd 2 is the log file, and a child would inherit that."""
+    try:
+        sys.stderr.fileno()
+        return sys.stderr
+    except (AttributeError, OSError, ValueError):  # a capture object (pytest): inherit as usual
+        return None
 
 
 def _writes_to_fd2(stream) -> bool:

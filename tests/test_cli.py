@@ -109,3 +109,24 @@ def test_score_shows_kissray_not_ray_or_ffmpeg(tmp_path, checkpoint):
     assert "kiss: " in done.stdout and "kissray excerpts --scores" in done.stdout
     (log,) = (tmp_path / "logs").iterdir()
     assert "ray.data" in log.read_text()  # Ray Data's lines: in the log, not on the terminal
+
+
+def test_engine_lines_go_to_the_log_and_kissray_lines_to_the_terminal(tmp_path):
+    """What writes to file descriptor 2 (Ray's C++ core worker, ffmpeg, child processes) and what
+    Ray's driver threads print land in the log; kissray's own lines stay on the terminal."""
+    code = ("import os, sys, threading\n"
+            "from kissray.terminal import engine_logs\n"
+            "with engine_logs('probe', False):\n"
+            "    print('kissray probe: mine', file=sys.stderr)\n"
+            "    for stream in (sys.stderr, sys.stdout):  # the raylet's messages come on stdout\n"
+            "        t = threading.Thread(target=lambda: print('(raylet) relayed', file=stream),\n"
+            "                             name='ray_listen_error_messages')\n"
+            "        t.start(); t.join()\n"
+            "    print('kissray probe: result')\n"
+            "    os.write(2, b'[core_worker.cc:1] engine line\\n')\n")
+    env = {**os.environ, "KISSRAY_LOG_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0 and done.stderr == "kissray probe: mine\n", done.stderr
+    assert done.stdout == "kissray probe: result\n"
+    (log,) = tmp_path.iterdir()
+    assert log.read_text() == "(raylet) relayed\n(raylet) relayed\n[core_worker.cc:1] engine line\n"

@@ -21,6 +21,7 @@ import pytest
 
 from conftest import make_film
 from kissray.cli import main as cli_main
+from kissray.provenance import read_provenance
 from kissray.annotations import ReviewFiles
 from kissray.excerpts import ExcerptOptions, write_excerpts
 from kissray.report import Media
@@ -188,6 +189,7 @@ def test_train_learns_from_the_reviews(library, checkpoint, tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     metrics = read_metrics(out)
     assert metrics["annotations"] == reviews and metrics["reviews"]["answers"] == 6
+    assert read_provenance(out)["annotations"] == reviews  # what the score, report and review pages show
     assert len(metrics["reviews"]["files"]) == 6 and metrics["reviews"]["by_answer"]["wrong"] == 2
     clips = sum(metrics["n_clips"].values())
     positives = sum(n["kiss"] for n in metrics["n_positive"].values())
@@ -205,6 +207,8 @@ def test_first_screens_show_timelines(library, server, browser, tmp_path):
     assert "60%" in reviews
     open_page(browser, server.url)
     assert first_screen_has_a_timeline(browser)
+    warning = browser.find_element("css selector", "header .warning").text  # the scores' checkpoint is unknown here
+    assert "whether its head was ever trained is unknown" in warning
     shot = tmp_path / "review.png"
     browser.save_screenshot(str(shot))
     small = _shrink_png(shot)

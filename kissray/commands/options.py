@@ -13,89 +13,55 @@ import argparse
 import math
 
 
-def _number(text: str, expected: str) -> float:
+def _checked(text: str, parse, ok, expected: str):
+    """``parse(text)`` when it parses and ``ok`` accepts it, else the usage error argparse shows."""
     try:
-        value = float(text)
+        value = parse(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-    if not math.isfinite(value):
+        value = None
+    if value is None or (isinstance(value, float) and not math.isfinite(value)) or not ok(value):
         raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
-
-
-def _integer(text: str, expected: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
 
 
 def fraction(text: str) -> float:
     """A number from 0 to 1 (a threshold, a fraction of seconds)."""
-    expected = "a number from 0 to 1"
-    value = _number(text, expected)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-    return value
+    return _checked(text, float, lambda v: 0.0 <= v <= 1.0, "a number from 0 to 1")
 
 
 def positive_int(text: str) -> int:
     """A whole number >= 1 (counts, sizes, seconds of a window)."""
-    expected = "a whole number >= 1"
-    value = _integer(text, expected)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-    return value
+    return _checked(text, int, lambda v: v >= 1, "a whole number >= 1")
 
 
 def non_negative_int(text: str) -> int:
     """A whole number >= 0 (an offset, a count that may be none)."""
-    expected = "a whole number >= 0"
-    value = _integer(text, expected)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-    return value
+    return _checked(text, int, lambda v: v >= 0, "a whole number >= 0")
 
 
 def any_int(text: str) -> int:
     """Any whole number (a seed)."""
-    return _integer(text, "a whole number")
+    return _checked(text, int, lambda v: True, "a whole number")
 
 
 def non_negative(text: str) -> float:
     """A finite number >= 0 (GPUs per actor, padding seconds)."""
-    expected = "a finite number >= 0"
-    value = _number(text, expected)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-    return value
+    return _checked(text, float, lambda v: v >= 0, "a finite number >= 0")
 
 
 def positive(text: str) -> float:
     """A finite number > 0 (seconds, megabytes, a frame rate, a learning rate)."""
-    expected = "a finite number > 0"
-    value = _number(text, expected)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-    return value
+    return _checked(text, float, lambda v: v > 0, "a finite number > 0")
 
 
 def port(text: str) -> int:
     """A TCP port, 0 (any free one) to 65535."""
-    expected = "a port number from 0 to 65535"
-    value = _integer(text, expected)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-    return value
+    return _checked(text, int, lambda v: 0 <= v <= 65535, "a port number from 0 to 65535")
 
 
 def image_size(text: str) -> int:
     """Still size in pixels: at least 16 (the model's smallest input)."""
-    expected = "a whole number of pixels >= 16"
-    value = _integer(text, expected)
-    if value < 16:
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-    return value
+    return _checked(text, int, lambda v: v >= 16, "a whole number of pixels >= 16")
 
 
 def add_segment_options(p: argparse.ArgumentParser) -> None:

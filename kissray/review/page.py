@@ -21,8 +21,8 @@ import pandas as pd
 from kissray.excerpts import excerpt_stem
 from kissray.names import file_name_for
 from kissray.outputs import ScoreOutputs
-from kissray.report import (PAGE, STYLE, Media, by_labelled_time, duration_text, probs_by_title, table_number,
-                            timeline_svg)
+from kissray.report import (PAGE, STYLE, Media, by_labelled_time, duration_text, model_provenance, probs_by_title,
+                            table_number, timeline_svg)
 
 NUDGE_S = 1.0  # seconds an edge moves per key press
 
@@ -62,7 +62,7 @@ def render_page(outputs: ScoreOutputs, players: Players, reviewer: str = "") -> 
                        for t in titles)
     head = (f'<header><h1>kissray review</h1><p>Scores: <code>{_attr(outputs.out_dir)}</code> · '
             f'reviewer <input id="reviewer" value="{_attr(reviewer)}" placeholder="your name" size="14"></p>'
-            f'<p id="status" role="status">loading answers…</p></header>')
+            f'<p id="status" role="status">loading answers…</p>{_provenance(outputs)}</header>')
     counts = ('<section id="counts"><table><thead><tr><th>label</th><th>reviewed</th><th>right</th>'
               '<th>of which edges</th><th>wrong</th><th>missed</th><th>precision</th></tr></thead><tbody>'
               + "".join(f'<tr data-label="{_attr(label)}"><td>{_attr(label)}</td>' + "<td>0</td>" * 5 + "<td>—</td></tr>"
@@ -70,6 +70,11 @@ def render_page(outputs: ScoreOutputs, players: Players, reviewer: str = "") -> 
     config = json.dumps({"nudge": NUDGE_S, "labels": labels})
     return PAGE.format(style=STYLE + _STYLE, body=head + counts + _KEYS + f'<main id="titles">{sections}</main>',
                        script=f"const REVIEW = {config};\n{_SCRIPT}", title=_attr(f"kissray review: {outputs.out_dir}"))
+
+
+def _provenance(outputs: ScoreOutputs) -> str:
+    """What the scores' checkpoint was trained on, or that its scores are placeholders (SPEC 4)."""
+    return "".join(model_provenance(m) for m in sorted({str(m) for m in outputs.titles["model"].dropna()}))
 
 
 def _title(title: dict, probs: dict, segs: pd.DataFrame | None, labels: list[str], colours: dict,
