@@ -50,35 +50,20 @@ def start_cluster(scenario: str, workers: int):
     return cluster, nodes
 
 
-def _cmdline(pid: int | str) -> str:
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-        return f.read().replace(b"\0", b" ").decode(errors="replace")
-
-
 def actor_pids(name: str) -> list[int]:
-    """Pids of this cluster's Ray Data actors for the stage ``name`` (Classifier, TitleWriter):
-    processes titled ``ray::...MapBatches(<name>)`` whose parent is a raylet of this session
-    (every raylet of a ``Cluster`` runs on this machine; /proc needs no dashboard)."""
-    import ray
+    """Pids of this cluster's live Ray Data actors for the stage ``name`` (Classifier, TitleWriter),
+    from the GCS actor table (class ``MapWorker(MapBatches(<name>))``). A process title is no guide:
+    an actor busy with a batch is titled after the method it runs, so a busy classifier was missed."""
+    import ray._private.state
 
-    session = os.path.basename(ray._private.worker._global_node.get_session_dir_path())
-    pids = []
-    for entry in os.listdir("/proc"):
-        try:
-            if not _cmdline(entry).startswith("ray::") or f"MapBatches({name})" not in _cmdline(entry):
-                continue
-            with open(f"/proc/{entry}/stat") as f:
-                parent = f.read().rsplit(")", 1)[1].split()[1]
-            if session in _cmdline(parent):
-                pids.append(int(entry))
-        except (OSError, ValueError, IndexError):
-            continue
-    return sorted(pids)
+    actors = ray._private.state.actors().values()
+    return sorted(int(a["Pid"]) for a in actors
+                  if a["State"] == "ALIVE" and a["Pid"] and f"MapBatches({name})" in a["ActorClassName"])
 
 
 def written_titles(out: str) -> int:
     folder = Path(out) / "titles"
-    return sum(p.suffix == ".parquet" for p in folder.iterdir()) if folder.is_dir() else 0
+    return sum(p.suffix == ".parquet" and not p.name.startswith(".") for p in folder.iterdir()) if folder.is_dir() else 0
 
 
 def disturb(cluster, nodes, scenario: str, out: str, after_titles: int, done: threading.Event) -> dict:
@@ -88,7 +73,7 @@ def disturb(cluster, nodes, scenario: str, out: str, after_titles: int, done: th
         seen["max_classifiers"] = max(seen["max_classifiers"], len(actor_pids("Classifier")))
         if seen["action"] is None and written_titles(out) >= after_titles:
             seen["at_titles"] = written_titles(out)
-            seen["action"] = act(cluster, nodes, scenario)
+            seen["action"] = act(cluster, nodes, scenario)  # None: nothing to act on yet
         done.wait(0.5)
     return seen
 
@@ -101,7 +86,7 @@ def act(cluster, nodes, scenario: str) -> str:
         pids = actor_pids("Classifier" if scenario == "classifier_killed" else "TitleWriter")
         for pid in pids[:1]:
             os.kill(pid, signal.SIGKILL)
-        return f"SIGKILL to {len(pids[:1])} actor(s)"
+        return f"SIGKILL to {len(pids[:1])} actor(s)" if pids else None  # none up yet: try again
     if scenario == "gpu_added":
         cluster.add_node(num_cpus=1, num_gpus=1)
         return "added a GPU node"
@@ -114,8 +99,8 @@ def run_job(args, done: threading.Event, outcome: dict) -> None:
     from kissray.score import SegmentParams
 
     try:
-        with out_lock(args.out):
-            job = prepare_library([args.films], args.model, args.out)
+        with out_lock(args.out) as lock:
+            job = prepare_library([args.films], args.model, args.out, lock=lock)
             outcome["summary"] = run_library(job, params=SegmentParams(threshold=0.47, min_len=3, min_fraction=0.6),
                                              window_s=args.window_s, batch_size=args.batch_size,
                                              decode_timeout_s=60, progress=False)

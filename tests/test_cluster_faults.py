@@ -74,6 +74,8 @@ def test_every_title_ok_in_the_same_run(scenario, films, long_films, checkpoint,
     expected = {p.stem: score_film(str(p), model).probs[:, 0] for p in sorted(films.iterdir())}
     result = run_scenario(scenario, films, checkpoint, tmp_path)
     assert result["action"] and result["action"] != "nothing", result  # the harm was done mid-run
+    if scenario.endswith("_killed"):  # a process was actually killed
+        assert result["action"] == "SIGKILL to 1 actor(s)", result
     assert result["at_titles"] < len(expected), result
     assert (result["n_ok"], result["n_failed"], result["n_partial"]) == (len(expected), 0, 0), result
     titles = pd.read_parquet(tmp_path / "titles")

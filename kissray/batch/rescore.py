@@ -32,6 +32,7 @@ from kissray.names import file_name_for
 from kissray.score import SegmentParams, assemble_film
 
 TITLES_PER_TASK = 8  # titles per rescore task: a task is a few Parquet reads, not worth one task each
+WRITTEN = "written"  # a summary row's ``staged``: a rescore task commits its titles itself ("": it could not)
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ def _rescore_one(title: dict, spec: RescoreSpec, store: ResultStore, source: Emb
     standing = store.write_title(record, scores_table(title_id, spec.head.labels, film.probs),
                                  segments_table(title_id, film.segments))
     return _summary(title_id, standing, None if standing == "ok" else film.error, film.n_clips, film.n_scored,
-                    written=True)
+                    staged=WRITTEN)
 
 
 def _write_failed(title: dict, error: str, spec: RescoreSpec, store: ResultStore) -> dict:
@@ -89,8 +90,8 @@ def _write_failed(title: dict, error: str, spec: RescoreSpec, store: ResultStore
         standing = store.write_title(record, scores_table(title_id, labels, _no_scores(labels)),
                                      segments_table(title_id, []))
     except Exception as e:  # the driver writes it
-        return _summary(title_id, "failed", f"{error}; cannot write here: {one_line(e)}", n_clips, 0, written=False)
-    return _summary(title_id, standing, None if standing == "ok" else error, n_clips, 0, written=True)
+        return _summary(title_id, "failed", f"{error}; cannot write here: {one_line(e)}", n_clips, 0, staged="")
+    return _summary(title_id, standing, None if standing == "ok" else error, n_clips, 0, staged=WRITTEN)
 
 
 def _text(value) -> str | None:
@@ -161,7 +162,7 @@ def run_rescore(spec: RescoreSpec, todo: list[dict], n_titles: int, progress: bo
         with Progress(len(todo), progress) as bar:
             for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                 for row in batch.to_pylist():
-                    if not row["written"]:  # the task could not write the title's row: try from here
+                    if not row["staged"]:  # the task could not write the title's row: try from here
                         _write_failed(by_id[row["title_id"]], row["error"], spec, ResultStore(spec.out))
                     summary.add(row["status"], row["n_scored"], row["title_id"], row["error"])
                     bar.update(clips=row["n_scored"], film_s=row["n_clips"], opened=1, status=row["status"])
