@@ -235,7 +235,7 @@ def test_killed_run_loses_no_finished_title(tmp_path, checkpoint, ray_session):
     summary = score_library([str(films)], checkpoint, str(out), embeddings=True, window_s=2, progress=False)
     assert summary.n_skipped == len(finished) and summary.n_ok == N_KILLED_RUN - len(finished)
     # SPEC 11: one embeddings file per ok title, one row per scored second, none doubled
-    files = sorted(p.stem for p in (out / "embeddings").glob("*.parquet"))
+    files = sorted(p.stem for p in (out / "embeddings").glob("*.parquet") if not p.name.startswith("."))
     assert files == sorted(f"film{i}" for i in range(N_KILLED_RUN))
     embeddings = read(out, "embeddings")
     assert len(embeddings) == sum(3 + i % 3 for i in range(N_KILLED_RUN))
