@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,18 @@ def make_film(path: str | Path, duration_s: float = 5.0, fps: str = "25", size=(
     return write_film(str(path), lambda n: frames[int(np.floor((n + 0.5) / rate))], n_frames, fps,
                       audio=track, sample_rate=sample_rate, video_args=video_args,
                       extra_args=extra_args, **kwargs)
+
+
+def poll(condition, failure: str = "the condition never held", timeout_s: float = 120, every_s: float = 0.1):
+    """Wait until ``condition()`` is truthy and return its value; fail with ``failure`` after ``timeout_s``.
+
+    Tests wait for outcomes, never for a fixed time: the deadline is generous because the machine
+    running the suite may be loaded (2 cores shared with other work)."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        assert time.monotonic() < deadline, failure
+        time.sleep(every_s)
+    return value
 
 
 _S3_PORT = None  # the test S3 server's port: chosen (and the AWS variables set) before anything starts Ray

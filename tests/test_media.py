@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import time
 
 import fsspec
 import numpy as np
@@ -270,11 +269,10 @@ def test_hung_or_crashed_decoder_is_a_typed_error_and_never_reused(film, long_fi
         next(clips)
         pid = decoder_pid(reader)
         os.kill(pid, signal.SIGSTOP if how == "hang" else signal.SIGKILL)
-        started = time.monotonic()
         error = DecodeTimeoutError if how == "hang" else DecodeError
         with pytest.raises(error, match="no progress for 2 s" if how == "hang" else "decoder died"):
             list(clips)
-        assert time.monotonic() - started < 10
+    assert reader._child._proc.poll() is not None  # the hung child was killed, not left stopped
     with ClipReader(film, 0, 1, size=32) as again:
         assert len(list(again)) == 1 and decoder_pid(again) != pid
 

@@ -10,8 +10,10 @@ after Retry-After, as a client should; the flood test looks at the 503s themselv
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
+import select
 import shutil
 import socket
 import time
@@ -23,7 +25,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import make_film
+from conftest import make_film, poll
 from kissray.errors import UsageError
 from kissray.score import score_film
 from kissray.serve import ServeConfig, UriPolicy, canonical_uri
@@ -381,8 +383,11 @@ def test_api_key_required_everywhere_but_healthz(server):
 def test_api_key_never_logged(server, film):
     import ray
 
-    server.upload(film)
-    httpx.post(f"{server.url}/v1/score", json={"uri": "x"}, headers={"authorization": "Bearer wrong"}, timeout=60)
+    name = f"logged-{os.urandom(4).hex()}.mp4"
+    assert server.upload(film, name=name).status_code == 200  # a request that went all the way through
+    r = httpx.post(f"{server.url}/v1/score", json={"uri": "x"}, headers={"authorization": "Bearer wrong"}, timeout=60)
+    assert_error(r, 401, "API key")
+    poll(lambda: f"of {name!r}" in ingress_log(), "the Ingress never logged the scored upload")  # logs written
     logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
     for path in logs.rglob("*"):
         if path.is_file():
@@ -391,11 +396,17 @@ def test_api_key_never_logged(server, film):
 
 
 def test_ingress_decoders_get_a_minimal_environment(server, film):
-    assert server.upload(film).status_code == 200
-    pids = ingress_decoders()
-    assert pids  # the idle pool
-    for pid in pids:
-        environ = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+    environs = []  # the idle pool's children (the pool may retire one: then upload again)
+
+    def some_decoder_read() -> bool:
+        assert server.upload(film).status_code == 200
+        for pid in ingress_decoders():
+            with contextlib.suppress(OSError):  # it may have just exited
+                environs.append(Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0"))
+        return bool(environs)
+
+    poll(some_decoder_read, "no decoder child of the Ingress found")
+    for environ in environs:
         env = dict(item.split("=", 1) for item in environ if "=" in item)
         assert env["TMPDIR"] == str(server.uploads)  # decoder scratch files go to the upload dir too
         assert "PATH" in env and not [k for k in env if k.startswith(("RAY_", "AWS_", "KISSRAY_API"))], sorted(env)
@@ -461,6 +472,7 @@ def test_slow_upload_past_the_deadline_is_504(server):
         reply = read_reply(s)  # nothing more is sent: the server gives up at its deadline
     assert reply.startswith(b"HTTP/1.1 504"), reply
     assert b"limit of" in reply
+    wait_until_clean(server)  # the abandoned upload's spooled bytes are gone too
 
 
 def read_reply(sock: socket.socket) -> bytes:
@@ -476,23 +488,40 @@ def read_reply(sock: socket.socket) -> bytes:
             break
         reply += chunk
     return reply
-    wait_until_clean(server)
+
+
+CANCELLED = "cancelled (the client went away)"  # the Ingress's log line for a request whose client left
+
+
+def request_head(body: bytes, content_type: str) -> bytes:
+    return (f"POST /v1/score HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
 
 
 def disconnecting_client(port: int, body: bytes, content_type: str, cut_at: int, wait_s: float) -> None:
     """Send the request up to byte ``cut_at`` of its body, wait ``wait_s``, then drop the connection."""
-    head = (f"POST /v1/score HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
-            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-        s.sendall(head + body[:cut_at])
+        s.sendall(request_head(body, content_type) + body[:cut_at])
         time.sleep(wait_s)
+
+
+def hang_up_once_admitted(server: Server, body: bytes, content_type: str) -> None:
+    """Send the whole request and drop the connection as soon as the Ingress has spooled the upload
+    (renamed it with its suffix): the request holds a decode slot and is being scored (unless it is
+    answered first: then this was no hang-up after admission, and the caller tries again)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+        s.sendall(request_head(body, content_type) + body)
+        poll(lambda: list(server.uploads.glob("kissray-upload-*.mp4")) or select.select([s], [], [], 0)[0],
+             "the upload was neither spooled nor answered", every_s=0.005)
 
 
 def test_clients_that_disconnect_leave_nothing_behind(server, media_dir, film, model):
     long = Path(make_film(media_dir / "serve-disconnect.mp4", duration_s=MAX_FILM_S - 1))
     boundary = "kissray-boundary"
+    content_type = f"multipart/form-data; boundary={boundary}"
     body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="gone.mp4"\r\n\r\n'.encode()
             + long.read_bytes() + f"\r\n--{boundary}--\r\n".encode())
+    cancelled_before = ingress_log().count(CANCELLED)
     rng = random.Random(16)
     moments = []  # (bytes sent, seconds before hanging up): mid-upload, then open/decode/classify
     for i in range(24):
@@ -501,12 +530,19 @@ def test_clients_that_disconnect_leave_nothing_behind(server, media_dir, film, m
         else:
             moments.append((len(body), rng.uniform(0, 2.5)))
     with ThreadPoolExecutor(3) as pool:
-        list(pool.map(lambda m: disconnecting_client(server.port, body, f"multipart/form-data; boundary={boundary}",
-                                                     *m), moments))
+        list(pool.map(lambda m: disconnecting_client(server.port, body, content_type, *m), moments))
     wait_until_clean(server)
+
+    def three_cancelled() -> bool:  # hang-ups after admission did happen (the moments above are random)
+        if ingress_log().count(CANCELLED) - cancelled_before >= 3:
+            return True
+        hang_up_once_admitted(server, body, content_type)
+        wait_until_clean(server)
+        return False
+
+    poll(three_cancelled, "hang-ups after admission were never cancelled", timeout_s=240)
     assert_matches(server.upload(film).json(), score_film(film, model), "film")  # the next request is right
     wait_until_clean(server)
-    assert ingress_log().count("cancelled (the client went away)") >= 3  # hang-ups after admission happened
 
 
 def ingress_log() -> str:
