@@ -5,8 +5,10 @@ and to measure what a lost node costs.
 Scenarios: ``none``; ``node_removed`` (a worker node is removed once titles have started to
 finish); ``classifier_killed`` / ``writer_killed`` (the actor's process gets SIGKILL mid-run);
 ``gpu_added`` (the head has no GPU, one worker a GPU resource; a second GPU node joins mid-run and
-the classifier pool must grow onto it). Prints one JSON object: the run's summary, the largest
-number of classifier actors seen alive at once, and what was done to the cluster.
+the classifier pool must grow onto it). Prints one JSON object per scenario: the run's summary, the
+largest number of classifier actors seen alive at once, how many nodes ever ran one, and what was
+done to the cluster. Several scenarios (not ``gpu_added``: its cluster has GPUs) run one after the
+other on one cluster, each into ``OUT/<scenario>``; a removed node is replaced in between.
 
     python benchmarks/cluster_faults.py --films DIR --model CKPT --out OUT --scenario node_removed
 """
@@ -32,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--films", required=True, help="a directory of films (or any kissray score INPUT)")
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--scenario", choices=SCENARIOS, default="none")
+    p.add_argument("--scenario", choices=SCENARIOS, nargs="+", default=["none"],
+                   help="one or more; several run in turn on one cluster, into OUT/<scenario>")
     p.add_argument("--workers", type=int, default=2, help="worker nodes, 1 CPU each (the head has 1 CPU)")
     p.add_argument("--window-s", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=4)
@@ -55,25 +58,47 @@ def _cmdline(pid: int | str) -> str:
         return f.read().replace(b"\0", b" ").decode(errors="replace")
 
 
-def actor_pids(name: str) -> list[int]:
-    """Pids of this cluster's Ray Data actors for the stage ``name`` (Classifier, TitleWriter):
-    processes titled ``ray::...MapBatches(<name>)`` whose parent is a raylet of this session
-    (every raylet of a ``Cluster`` runs on this machine; /proc needs no dashboard)."""
-    import ray
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            kids += [int(k) for k in f.read().split()]
+    return kids
 
-    session = os.path.basename(ray._private.worker._global_node.get_session_dir_path())
-    pids = []
-    for entry in os.listdir("/proc"):
+
+def actors_by_raylet(name: str) -> dict[int, list[int]]:
+    """Raylet pid -> pids of this cluster's Ray Data actors for the stage ``name`` (Classifier,
+    TitleWriter): the raylets' children titled ``ray::...MapBatches(<name>)``. Every raylet of a
+    ``Cluster`` is a child of this process, so this reads a few /proc files, not all of them, and
+    can be sampled often (no dashboard needed)."""
+    found: dict[int, list[int]] = {}
+    for raylet in _children(os.getpid()):
         try:
-            if not _cmdline(entry).startswith("ray::") or f"MapBatches({name})" not in _cmdline(entry):
+            if "raylet" not in _cmdline(raylet).split(" ", 1)[0]:
                 continue
-            with open(f"/proc/{entry}/stat") as f:
-                parent = f.read().rsplit(")", 1)[1].split()[1]
-            if session in _cmdline(parent):
-                pids.append(int(entry))
-        except (OSError, ValueError, IndexError):
+            kids = _children(raylet)
+        except OSError:
             continue
-    return sorted(pids)
+        for kid in kids:
+            try:
+                if _cmdline(kid).startswith("ray::") and f"MapBatches({name})" in _cmdline(kid):
+                    found.setdefault(raylet, []).append(kid)
+            except OSError:
+                continue
+    return found
+
+
+def actor_pids(name: str) -> list[int]:
+    """Pids of this cluster's Ray Data actors for the stage ``name``, on every node."""
+    return sorted(pid for pids in actors_by_raylet(name).values() for pid in pids)
+
+
+def wait_until_no_actors(timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while actor_pids("Classifier") or actor_pids("TitleWriter"):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the finished job's actors did not exit")
+        time.sleep(0.2)
 
 
 def written_titles(out: str) -> int:
@@ -82,15 +107,20 @@ def written_titles(out: str) -> int:
 
 
 def disturb(cluster, nodes, scenario: str, out: str, after_titles: int, done: threading.Event) -> dict:
-    """Wait until ``after_titles`` are written, then do the scenario's harm; returns what was done."""
+    """Wait until ``after_titles`` are written, then do the scenario's harm; returns what was done,
+    with the classifier actors seen: most alive at once, and how many nodes ever ran one (sampled
+    every 0.05 s: an actor lives at least as long as its model takes to load)."""
     seen = {"max_classifiers": 0, "action": None, "at_titles": None}
+    classifier_nodes: set[int] = set()
     while not done.is_set():
-        seen["max_classifiers"] = max(seen["max_classifiers"], len(actor_pids("Classifier")))
+        classifiers = actors_by_raylet("Classifier")
+        classifier_nodes |= set(classifiers)
+        seen["max_classifiers"] = max(seen["max_classifiers"], sum(map(len, classifiers.values())))
         if seen["action"] is None and written_titles(out) >= after_titles:
             seen["at_titles"] = written_titles(out)
             seen["action"] = act(cluster, nodes, scenario)
-        done.wait(0.5)
-    return seen
+        done.wait(0.05)
+    return {**seen, "classifier_nodes": len(classifier_nodes)}
 
 
 def act(cluster, nodes, scenario: str) -> str:
@@ -108,14 +138,14 @@ def act(cluster, nodes, scenario: str) -> str:
     return "nothing"
 
 
-def run_job(args, done: threading.Event, outcome: dict) -> None:
+def run_job(args, out: str, done: threading.Event, outcome: dict) -> None:
     """The library job, as ``kissray score`` runs it (in a thread: Cluster changes need the main one)."""
     from kissray.pipeline import out_lock, prepare_library, run_library
     from kissray.score import SegmentParams
 
     try:
-        with out_lock(args.out):
-            job = prepare_library([args.films], args.model, args.out)
+        with out_lock(out):
+            job = prepare_library([args.films], args.model, out)
             outcome["summary"] = run_library(job, params=SegmentParams(threshold=0.47, min_len=3, min_fraction=0.6),
                                              window_s=args.window_s, batch_size=args.batch_size,
                                              decode_timeout_s=60, progress=False)
@@ -125,29 +155,42 @@ def run_job(args, done: threading.Event, outcome: dict) -> None:
         done.set()
 
 
+def run_scenario(cluster, nodes, scenario: str, args, out: str) -> dict:
+    """One scenario on the running cluster: the job in a thread, the harm from this (main) thread."""
+    done, outcome = threading.Event(), {}
+    started = time.monotonic()
+    job = threading.Thread(target=run_job, args=(args, out, done, outcome))
+    job.start()
+    seen = disturb(cluster, nodes, scenario, out, args.after_titles, done)
+    job.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    summary = outcome["summary"]
+    return {"scenario": scenario, "wall_s": round(time.monotonic() - started, 2), "n_titles": summary.n_titles,
+            "n_ok": summary.n_ok, "n_failed": summary.n_failed, "n_partial": summary.n_partial,
+            "attempts": summary.attempts, "failures": summary.failures, **seen}
+
+
 def main(argv: list[str] | None = None) -> int:
     import ray
 
     args = build_parser().parse_args(argv)
-    cluster, nodes = start_cluster(args.scenario, args.workers)
+    scenarios = args.scenario
+    if "gpu_added" in scenarios and len(scenarios) > 1:
+        raise SystemExit("gpu_added runs alone: its cluster has GPU nodes")
+    cluster, nodes = start_cluster(scenarios[0], args.workers)
     ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
-    done, outcome = threading.Event(), {}
-    started = time.monotonic()
-    job = threading.Thread(target=run_job, args=(args, done, outcome))
     try:
-        job.start()
-        seen = disturb(cluster, nodes, args.scenario, args.out, args.after_titles, done)
-        job.join()
+        for scenario in scenarios:
+            out = args.out if len(scenarios) == 1 else os.path.join(args.out, scenario)
+            print(json.dumps(run_scenario(cluster, nodes, scenario, args, out)), flush=True)
+            if scenario == "node_removed":  # the next scenario gets the cluster it would have had alone
+                nodes[-1] = cluster.add_node(num_cpus=1)
+                cluster.wait_for_nodes()
+            wait_until_no_actors()  # the next scenario's harm must not land on this job's leftovers
     finally:
         ray.shutdown()
         cluster.shutdown()
-    if "error" in outcome:
-        raise outcome["error"]
-    summary = outcome["summary"]
-    print(json.dumps({"scenario": args.scenario, "wall_s": round(time.monotonic() - started, 2),
-                      "n_titles": summary.n_titles, "n_ok": summary.n_ok, "n_failed": summary.n_failed,
-                      "n_partial": summary.n_partial, "attempts": summary.attempts,
-                      "failures": summary.failures, **seen}))
     return 0
 
 

@@ -214,10 +214,10 @@ def test_healthz(server, checkpoint):
     assert r.json() == {"status": "ok", "model": checkpoint, "labels": ["kiss"]}
 
 
-def test_upload_equals_score_film(server, film, model):
+def test_upload_equals_score_film(server, film, film_result):
     r = server.upload(film)
     assert r.status_code == 200, r.text
-    assert_matches(r.json(), score_film(film, model), "film")
+    assert_matches(r.json(), film_result, "film")
 
 
 def test_segment_params_as_form_fields_and_query(server, film, model):
@@ -322,10 +322,10 @@ def test_concurrent_requests_are_batched(server, film, model):
     assert stats["max_calls"] > 1
 
 
-def test_healthy_after_bad_requests_and_no_temp_files_left(server, film, model):
+def test_healthy_after_bad_requests_and_no_temp_files_left(server, film, film_result):
     r = httpx.get(f"{server.url}/healthz", timeout=60)
     assert r.status_code == 200
-    assert_matches(server.upload(film).json(), score_film(film, model), "film")
+    assert_matches(server.upload(film).json(), film_result, "film")
     assert list(server.uploads.iterdir()) == []
 
 
@@ -515,7 +515,7 @@ def hang_up_once_admitted(server: Server, body: bytes, content_type: str) -> Non
              "the upload was neither spooled nor answered", every_s=0.005)
 
 
-def test_clients_that_disconnect_leave_nothing_behind(server, media_dir, film, model):
+def test_clients_that_disconnect_leave_nothing_behind(server, media_dir, film, film_result):
     long = Path(make_film(media_dir / "serve-disconnect.mp4", duration_s=MAX_FILM_S - 1))
     boundary = "kissray-boundary"
     content_type = f"multipart/form-data; boundary={boundary}"
@@ -541,7 +541,7 @@ def test_clients_that_disconnect_leave_nothing_behind(server, media_dir, film, m
         return False
 
     poll(three_cancelled, "hang-ups after admission were never cancelled", timeout_s=240)
-    assert_matches(server.upload(film).json(), score_film(film, model), "film")  # the next request is right
+    assert_matches(server.upload(film).json(), film_result, "film")  # the next request is right
     wait_until_clean(server)
 
 
@@ -591,7 +591,7 @@ def test_cli_serves_on_loopback_until_sigterm(checkpoint, film, tmp_path):
         print(log.read()[-3000:])
 
 
-def test_one_film_has_the_same_scores_on_every_path(server, film, model, checkpoint, tmp_path):
+def test_one_film_has_the_same_scores_on_every_path(server, film, model, film_result, checkpoint, tmp_path):
     """SPEC 3: score_film, the Ray job, Serve and eval score one film with one scorer and one result
     assembly, so the scores agree (CPU, fp32: equal up to batch composition, 1e-6)."""
     import pandas as pd
@@ -599,7 +599,7 @@ def test_one_film_has_the_same_scores_on_every_path(server, film, model, checkpo
     from kissray.evaluate import predict_films
     from kissray.pipeline import score_library
 
-    expected = score_film(film, model).probs[:, 0]
+    expected = film_result.probs[:, 0]
     served = np.asarray([row[0] for row in server.upload(film).json()["scores"]], np.float32)
     score_library([film], checkpoint, str(tmp_path / "out"), progress=False)
     job = pd.read_parquet(tmp_path / "out" / "scores").sort_values("second").p.to_numpy()
