@@ -37,10 +37,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from throughput import write_json  # noqa: E402
 
-from kissray.decode import IndexCache, decode_clips  # noqa: E402
-from kissray.ffmpeg import ffmpeg_exe, run_ffmpeg  # noqa: E402
-from kissray.index import read_index  # noqa: E402
-from kissray.stills import SparseStills  # noqa: E402
+from kissray.media.child import IndexCache, decode_clips  # noqa: E402
+from kissray.media.ffmpeg import ffmpeg_exe, run_ffmpeg  # noqa: E402
+from kissray.media.demux import read_index  # noqa: E402
+from kissray.media.video import SparseStills  # noqa: E402
 
 TARGETS = {("h264", "exact"): 0.9, ("mjpeg", "exact"): 0.25, ("h264", "keyframe"): 0.25,  # issue 12, 1080p
            ("mjpeg", "keyframe"): 0.25}

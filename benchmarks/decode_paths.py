@@ -28,9 +28,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from throughput import make_film, write_json  # noqa: E402
 
-from kissray.audio_track import AudioTrack  # noqa: E402
-from kissray.decode import CLIP_GROUP, IndexCache, VideoTrack, _group_log_mels  # noqa: E402
-from kissray.ffmpeg import ffmpeg_exe  # noqa: E402
+from kissray.media.audio_track import AudioTrack  # noqa: E402
+from kissray.media.child import IndexCache, _group_log_mels  # noqa: E402
+from kissray.media.video import CLIP_GROUP, VideoTrack  # noqa: E402
+from kissray.media.ffmpeg import ffmpeg_exe  # noqa: E402
 
 
 def measured(fn, *args) -> dict:

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 
-from kissray.ffmpeg import run_ffmpeg
+from kissray.media.ffmpeg import run_ffmpeg
 
 
 def make_long_film(path: str, seconds: int) -> str:

@@ -11,7 +11,7 @@ local disk used for staged copies, time to the first clip and wall time:
   staged, 1 window  what kissray did before: the decode task copies the whole film to local disk
                     (``media.local_path``), then one decoder reads all of it
   ranges, N windows a probe, then N windows each in a fresh decoder (as on N nodes), reading only
-                    their byte ranges (``kissray.remote``); run one after another here (2 cores)
+                    their byte ranges (``kissray.media.ranges``); run one after another here (2 cores)
   ranges, 1 window  one decoder reading the whole film by ranges (and again without read-ahead)
 
 Every response waits ``--latency-ms`` (default 30) before its first byte, as a cloud store's
@@ -38,7 +38,7 @@ from throughput import write_json  # noqa: E402
 
 
 def make_film(path: str, minutes: float, size: str, bitrate: str) -> str:
-    from kissray.ffmpeg import run_ffmpeg
+    from kissray.media.ffmpeg import run_ffmpeg
 
     if not os.path.exists(path):
         run_ffmpeg(["-f", "lavfi", "-i", f"testsrc2=size={size}:rate=25,noise=alls=20:allf=t", "-f", "lavfi",
@@ -101,7 +101,7 @@ def decode(uri: str, windows: list[tuple[int, int]], size: int, stage: bool) -> 
 def ranged_gets(key: str, size: int) -> None:
     import fsspec
 
-    from kissray.remote import BLOCK_BYTES
+    from kissray.media.ranges import BLOCK_BYTES
 
     fs = fsspec.filesystem("s3")
     for start in range(0, size, BLOCK_BYTES):

@@ -21,7 +21,7 @@ SAMPLE_EVERY_S = 0.2
 
 def make_films(folder: Path, n: int, seconds: int) -> None:
     """n films of 160x90 H.264 + AAC, seconds .. seconds + 6 long (made once)."""
-    from kissray.ffmpeg import run_ffmpeg
+    from kissray.media.ffmpeg import run_ffmpeg
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
         path = folder / f"film{i:03d}.mp4"

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from kissray.ffmpeg import run_ffmpeg
+from kissray.media.ffmpeg import run_ffmpeg
 
 
 def make_film(path: str, seconds: int, width: int, height: int) -> str:

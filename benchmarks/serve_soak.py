@@ -106,7 +106,7 @@ def sample_memory() -> dict[str, float]:
     serve_pids = {pid: cmd.split()[0].split(".")[0] for pid, cmd in procs.items()  # title: actor[.method]
                   if cmd.startswith(SERVE_PROCESSES) and descends_from_us(pid)}
     sample = {f"{name} ({pid})": rss_mb(pid) for pid, name in serve_pids.items()}
-    decoders = [pid for pid, cmd in procs.items() if "kissray.decode" in cmd and parent(pid) in serve_pids]
+    decoders = [pid for pid, cmd in procs.items() if "kissray.media.child" in cmd and parent(pid) in serve_pids]
     sample["decoder children (sum)"] = sum(rss_mb(pid) or 0 for pid in decoders)
     sample["decoder children (count, not MB)"] = len(decoders)
     return {k: v for k, v in sample.items() if v is not None}
@@ -209,7 +209,7 @@ def main() -> None:
         (workdir / "key").write_text(key)
         good = make_film(str(workdir / "good.mp4"), args.seconds, 320, 240)
         faststart = workdir / "faststart.mp4"
-        from kissray.ffmpeg import run_ffmpeg
+        from kissray.media.ffmpeg import run_ffmpeg
 
         run_ffmpeg(["-i", good, "-c", "copy", "-movflags", "+faststart", str(faststart)])
         data = faststart.read_bytes()

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from kissray.ffmpeg import ffmpeg_exe, run_ffmpeg
+from kissray.media.ffmpeg import ffmpeg_exe, run_ffmpeg
 
 
 def make_film(path: str, seconds: int, width: int, height: int, gop: int, bframes: int) -> str:
@@ -49,7 +49,7 @@ ROLES = {  # process role -> what its /proc cmdline contains (Ray sets actor/tas
     "model_actor": "MapBatches(Classifier)",
     "writer_actor": "MapBatches(TitleWriter)",
     "decode_task": "MapBatches(decode_window)",
-    "decoder_child": "kissray.decode",
+    "decoder_child": "kissray.media.child",
 }
 
 

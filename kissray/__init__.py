@@ -12,7 +12,7 @@ __all__ = ["score_film", "FilmResult", "media", "audio", "segment", "model", "er
 
 _LAZY = {"score_film": "kissray.score", "FilmResult": "kissray.score"}
 _SUBMODULES = {"media", "audio", "segment", "model", "errors", "score", "pipeline", "serve",
-               "train", "evaluate", "synth", "excerpts", "export", "report", "cli", "decode"}
+               "train", "evaluate", "synth", "excerpts", "export", "report", "cli"}
 
 
 def __getattr__(name: str):

@@ -6,9 +6,16 @@ Format (one span a row, header required)::
     films/a.mp4,12.0,19.5,kiss
     films/a.mp4,40,55,none,train
 
-Relative paths are relative to the CSV's directory. ``label`` is any name; ``none`` marks an annotated negative span. ``split`` (optional) is
-``train``, ``val`` or ``test`` and must agree across a film's rows; films without one are split
-80/10/10 by a seeded shuffle. Splits are always by film, never by clip.
+Relative paths are relative to the CSV's directory. ``label`` is any name; ``none`` marks an
+annotated negative span (no label there), ``not:<label>`` a span negative for that label only
+(a segment an editor answered wrong: the head's other labels learn nothing there). ``split``
+(optional) is ``train``, ``val`` or ``test`` and must agree across a film's rows; films without
+one are split 80/10/10 by a seeded shuffle. Splits are always by film, never by clip.
+
+Review answers (``kissray review``, :mod:`kissray.review.store`) are read as they are: a folder
+of them (``OUT/reviews``) or one file, with their extra columns; only each segment's latest
+answer counts. A span of one label may overlap a span of another label; it may not overlap its
+own negation, nor may a ``none`` span overlap a labelled one.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import csv
 import io
 import math
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -25,8 +32,10 @@ import numpy as np
 from kissray.errors import UsageError
 
 NEGATIVE = "none"  # the label of annotated negative spans
+NOT_PREFIX = "not:"  # ``not:kiss``: negative for ``kiss`` only
 COLUMNS = ("uri", "start_s", "end_s", "label")
 OPTIONAL_COLUMNS = ("split",)
+REVIEW_COLUMNS = ("answer", "reviewer", "reviewed_at", "title_id", "segment_start_s", "segment_end_s")
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)  # train / val / test, by film
 MIN_COVER_S = 0.5  # a span labels a clip when it covers at least this much of the clip's second
@@ -51,8 +60,9 @@ class Annotations:
     """The validated spans of a CSV, grouped by film, with the model's labels."""
 
     spans: dict[str, list[Span]]  # uri -> spans sorted by start
-    labels: list[str]  # non-``none`` labels, in order of first appearance
+    labels: list[str]  # non-``none`` labels (``not:kiss`` counts as ``kiss``), in order of first appearance
     path: str = ""
+    reviews: dict | None = None  # where the spans came from when they are review answers (provenance)
 
     @property
     def films(self) -> list[str]:
@@ -60,7 +70,7 @@ class Annotations:
 
     def subset(self, films: list[str]) -> "Annotations":
         """The annotations of ``films`` only (labels kept, so heads stay comparable)."""
-        return Annotations({uri: self.spans[uri] for uri in films}, list(self.labels), self.path)
+        return Annotations({uri: self.spans[uri] for uri in films}, list(self.labels), self.path, self.reviews)
 
     def split_of(self, uri: str) -> str | None:
         """The film's split from the ``split`` column, or None when not given."""
@@ -74,6 +84,9 @@ def read_annotations(path: str, check_films: bool = True) -> Annotations:
     """
     import fsspec
 
+    fs, root = fsspec.core.url_to_fs(str(path))
+    if fs.isdir(root):
+        return read_review_folder(str(path), check_films)
     try:
         with fsspec.open(str(path), "rt", encoding="utf-8-sig") as f:
             text = f.read()
@@ -83,11 +96,42 @@ def read_annotations(path: str, check_films: bool = True) -> Annotations:
     return parse_annotations(text, path=str(path), check_films=check_films, base_dir=base)
 
 
+def read_review_folder(path: str, check_films: bool = True) -> Annotations:
+    """The annotations in a folder of review answers (``OUT/reviews``): each segment's latest answer."""
+    rows = ReviewFiles(path).rows()
+    if not rows:
+        raise UsageError(f"{path}: a folder with no review answers (*.csv) in it")
+    try:
+        text = _csv_text(training_rows(rows))
+    except (KeyError, ValueError) as e:
+        raise UsageError(f"{path}: a review file with a bad row: {e}") from e
+    annotations = parse_annotations(text, path=path, check_films=check_films)
+    annotations.reviews = {"folder": path, "answers": len(rows), "counted": len(latest(rows)),
+                           "files": sorted({r["file"] for r in rows}),
+                           "by_answer": dict(Counter(r.get("answer") for r in latest(rows)))}
+    return annotations
+
+
+def _csv_text(rows: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, COLUMNS + OPTIONAL_COLUMNS, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
 def parse_annotations(text: str, path: str = "<annotations>", check_films: bool = True,
                       base_dir: str | None = None) -> Annotations:
     """Validate the CSV text; see :func:`read_annotations`. Relative local URIs are joined to ``base_dir``."""
     reader = csv.reader(io.StringIO(text))
     header = [h.strip() for h in next(reader, [])]
+    if "answer" in header and not _header_errors(header):  # review answers: the latest per segment
+        try:
+            text = _csv_text(training_rows(parse_rows(text)))
+        except (KeyError, ValueError) as e:
+            raise UsageError(f"{path}: a review file with a bad row: {e}") from e
+        reader = csv.reader(io.StringIO(text))
+        header = [h.strip() for h in next(reader, [])]
     errors = _header_errors(header)
     if errors:
         raise UsageError(_format(path, errors))
@@ -107,15 +151,25 @@ def parse_annotations(text: str, path: str = "<annotations>", check_films: bool 
         errors += _missing_film_errors(by_film)
     if errors:
         raise UsageError(_format(path, errors))
-    labels = list(dict.fromkeys(s.label for s in spans if s.label != NEGATIVE))
+    labels = span_labels(spans)
     if not labels:
         raise UsageError(f"{path}: no positive label (every span is '{NEGATIVE}')")
     return Annotations(by_film, labels, path)
 
 
+def span_labels(spans: list[Span]) -> list[str]:
+    """The labels the spans speak of (``not:kiss`` speaks of ``kiss``), in order of first appearance."""
+    return list(dict.fromkeys(base_label(s.label) for s in spans if s.label != NEGATIVE))
+
+
+def base_label(label: str) -> str:
+    """``kiss`` for ``kiss`` and ``not:kiss``."""
+    return label[len(NOT_PREFIX):] if label.startswith(NOT_PREFIX) else label
+
+
 def _header_errors(header: list[str]) -> list[tuple[int, str]]:
     errors = []
-    unknown = [h for h in header if h not in COLUMNS + OPTIONAL_COLUMNS]
+    unknown = [h for h in header if h not in COLUMNS + OPTIONAL_COLUMNS + REVIEW_COLUMNS]
     missing = [c for c in COLUMNS if c not in header]
     if unknown:
         errors.append((1, f"unknown column(s) {unknown}; allowed: {list(COLUMNS + OPTIONAL_COLUMNS)}"))
@@ -142,8 +196,8 @@ def _parse_row(row: dict, n_cells: int, n_columns: int, line: int) -> tuple[Span
         problems.append(f"end_s {times['end_s']:g} <= start_s {times['start_s']:g}")
     if not row.get("uri"):
         problems.append("empty uri")
-    if not row.get("label"):
-        problems.append("empty label")
+    if not row.get("label") or row["label"] == NOT_PREFIX or row["label"] == NOT_PREFIX + NEGATIVE:
+        problems.append(f"empty label: {row.get('label')!r}")
     split = row.get("split") or None
     if split is not None and split not in SPLITS:
         problems.append(f"split must be one of {list(SPLITS)}, not {split!r}")
@@ -172,11 +226,20 @@ def _overlap_errors(by_film: dict[str, list[Span]]) -> list[tuple[int, str]]:
             for b in spans[i + 1:]:
                 if b.start_s >= a.end_s:
                     break
-                if a.label != b.label:
+                if _conflict(a.label, b.label):
                     errors.append((max(a.line, b.line), f"span {b.start_s:g}-{b.end_s:g} '{b.label}' overlaps "
                                                         f"{a.start_s:g}-{a.end_s:g} '{a.label}' (line "
-                                                        f"{min(a.line, b.line)}) with a different label"))
+                                                        f"{min(a.line, b.line)}) with a label it contradicts"))
     return errors
+
+
+def _conflict(a: str, b: str) -> bool:
+    """Labels two overlapping spans may not carry: a label and its negation, or ``none`` and a label."""
+    if a == b:
+        return False
+    if NEGATIVE in (a, b):
+        return not (a.startswith(NOT_PREFIX) or b.startswith(NOT_PREFIX))
+    return base_label(a) == base_label(b)
 
 
 def _split_errors(by_film: dict[str, list[Span]]) -> list[tuple[int, str]]:
@@ -215,7 +278,7 @@ def format_annotations(spans: list[Span]) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(COLUMNS + OPTIONAL_COLUMNS)
     for s in spans:
-        writer.writerow([s.uri, _number(s.start_s), _number(s.end_s), s.label, s.split or ""])
+        writer.writerow([s.uri, seconds_text(s.start_s), seconds_text(s.end_s), s.label, s.split or ""])
     return out.getvalue()
 
 
@@ -227,8 +290,93 @@ def write_annotations(spans: list[Span], path: str) -> None:
         f.write(format_annotations(spans))
 
 
-def _number(x: float) -> str:
+def seconds_text(x: float) -> str:
+    """A time in a CSV cell: ``12`` or ``12.5``."""
     return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+# ---------------------------------------------------------------- review answers (kissray review)
+
+
+class ReviewFiles:
+    """Reads a reviews folder; files already read are not read again (they never change)."""
+
+    def __init__(self, reviews_dir: str):
+        import fsspec
+
+        self.uri = str(reviews_dir).rstrip("/")
+        self.fs, self.folder = fsspec.core.url_to_fs(self.uri)
+        self._rows: dict[str, list[dict]] = {}
+
+    def names(self) -> list[str]:
+        """The answer files, oldest first (names start with their UTC time)."""
+        if hasattr(self.fs, "invalidate_cache"):
+            self.fs.invalidate_cache(self.folder)  # another server may have written since
+        if not self.fs.isdir(self.folder):
+            return []
+        names = (p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.folder, detail=False))
+        return sorted(n for n in names if n.endswith(".csv") and not n.startswith("."))
+
+    def rows(self) -> list[dict]:
+        """Every answer ever saved (the history), each with its file name under ``file``."""
+        names = self.names()
+        new = [n for n in names if n not in self._rows]
+        if new:
+            paths = [f"{self.folder.rstrip('/')}/{n}" for n in new]
+            for path, data in self.fs.cat(paths).items():
+                name = path.rstrip("/").rsplit("/", 1)[-1]
+                self._rows[name] = [{**row, "file": name} for row in parse_rows(data.decode("utf-8-sig"))]
+        return [row for name in names for row in self._rows[name]]
+
+
+def parse_rows(text: str) -> list[dict]:
+    """The rows of one review CSV (any columns; blank lines skipped)."""
+    return [row for row in csv.DictReader(io.StringIO(text)) if any((v or "").strip() for v in row.values())]
+
+
+def answer_key(row: dict) -> tuple:
+    """What an answer is about: a segment (title, label, bounds) or a missed span."""
+    label = base_label(row["label"])
+    if row.get("answer") == "missed" or not row.get("segment_start_s"):
+        return row["uri"], label, "span", float(row["start_s"]), float(row["end_s"])
+    return row["uri"], label, "segment", float(row["segment_start_s"]), float(row["segment_end_s"])
+
+
+def latest(rows: list[dict]) -> list[dict]:
+    """The answer that counts for each segment (and missed span): the latest; oldest first."""
+    found: dict[tuple, dict] = {}
+    for row in sorted(rows, key=_when):
+        found[answer_key(row)] = row
+    return sorted(found.values(), key=_when)
+
+
+def _when(row: dict) -> tuple[str, str]:
+    return row.get("reviewed_at") or "", row.get("file") or ""
+
+
+def training_rows(rows: list[dict]) -> list[dict]:
+    """Annotation rows (``uri, start_s, end_s, label, split``) from the answers that count:
+    a later answer takes the seconds it overlaps from earlier answers of the other polarity."""
+    kept: list[dict] = []
+    for row in latest(rows):
+        span = {k: row.get(k) or "" for k in COLUMNS + OPTIONAL_COLUMNS}
+        start, end = float(span["start_s"]), float(span["end_s"])
+        trimmed = []
+        for old in kept:
+            if old["uri"] == span["uri"] and base_label(old["label"]) == base_label(span["label"]) \
+                    and old["label"] != span["label"]:
+                trimmed += _minus(old, start, end)
+            else:
+                trimmed.append(old)
+        kept = trimmed + [span]
+    return kept
+
+
+def _minus(row: dict, start: float, end: float) -> list[dict]:
+    """``row``'s span without ``[start, end)``: zero, one or two rows."""
+    a, b = float(row["start_s"]), float(row["end_s"])
+    pieces = [(a, min(b, start)), (max(a, end), b)] if start < b and end > a else [(a, b)]
+    return [{**row, "start_s": seconds_text(s), "end_s": seconds_text(e)} for s, e in pieces if e - s > 1e-9]
 
 
 # ---------------------------------------------------------------- clip labels
@@ -239,12 +387,16 @@ def clip_targets(spans: list[Span], labels: list[str], n_clips: int,
     """Which clips are labelled, and their targets: ``(indices int64[n], targets float32[n, n_labels])``.
 
     Clip ``i`` covers ``[i, i+1)`` s. A label applies to a clip when its spans cover at least
-    0.5 s of it; a clip covered at least 0.5 s by any span (``none`` included) is labelled.
-    Clips in no annotated span are left out, or are all-negative when ``unlabelled="negative"``.
+    0.5 s of it; a clip covered at least 0.5 s by any span (``none`` included) is labelled:
+    negative for every label that does not apply. A clip covered only by ``not:<label>`` spans
+    is negative for those labels and unknown (NaN) for the others, which the loss and the
+    metrics skip. Clips in no annotated span are left out, or are all-negative when
+    ``unlabelled="negative"``.
     """
     if unlabelled not in UNLABELLED_CHOICES:
         raise UsageError(f"unlabelled must be one of {UNLABELLED_CHOICES}, not {unlabelled!r}")
-    names = labels + [NEGATIVE]
+    n = len(labels)
+    names = labels + [NEGATIVE] + [NOT_PREFIX + label for label in labels]
     cover_s = np.zeros((n_clips, len(names)), np.float64)
     for span in spans:
         if span.label not in names:
@@ -254,15 +406,17 @@ def clip_targets(spans: list[Span], labels: list[str], n_clips: int,
         for i in range(max(first, 0), last):
             cover_s[i, j] += max(0.0, min(span.end_s, i + 1) - max(span.start_s, i))
     hit = cover_s >= MIN_COVER_S - _EPS
-    labelled = hit.any(axis=1) if unlabelled == "ignore" else np.ones(n_clips, bool)
+    whole = hit[:, :n + 1].any(axis=1) | (unlabelled == "negative")  # every label known
+    known = whole[:, None] | hit[:, n + 1:] | hit[:, :n]
+    labelled = known.any(axis=1)
+    targets = np.where(known, hit[:, :n], np.nan).astype(np.float32)
     indices = np.flatnonzero(labelled)
-    return indices.astype(np.int64), hit[indices, :len(labels)].astype(np.float32)
+    return indices.astype(np.int64), targets[indices]
 
 
 def annotated_seconds(spans: list[Span], n_clips: int) -> np.ndarray:
     """bool[n_clips]: clips covered at least 0.5 s by any annotated span."""
-    labels = list(dict.fromkeys(s.label for s in spans if s.label != NEGATIVE))
-    idx, _ = clip_targets(spans, labels, n_clips, "ignore")
+    idx, _ = clip_targets(spans, span_labels(spans), n_clips, "ignore")
     mask = np.zeros(n_clips, bool)
     mask[idx] = True
     return mask

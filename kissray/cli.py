@@ -16,7 +16,8 @@ import sys
 
 from kissray.errors import CheckpointError, JobError, KissrayError, UsageError
 
-COMMANDS = ("init", "score", "serve", "train", "eval", "annotations", "demo", "excerpts", "export", "report")
+COMMANDS = ("init", "score", "serve", "train", "eval", "annotations", "demo", "excerpts", "export", "report",
+            "review")
 EXIT_OK, EXIT_JOB, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 
 

@@ -33,6 +33,7 @@ class ExcerptOptions:
     copy: bool = False  # stream copy (fast, starts at a keyframe) instead of an accurate re-encode
     thumbnails: bool = True
     timeout_s: float = 3600.0  # longest one ffmpeg call may run
+    by_label: bool = False  # DEST/<label>/<title_id>/... (one folder per label) instead of DEST/<title_id>/...
 
 
 @dataclass(frozen=True)

@@ -37,17 +37,18 @@ def per_second_metrics(y_true: np.ndarray, y_prob: np.ndarray, labels: list[str]
     """``{label: {precision, recall, f1, accuracy, ap, tp, fp, fn, tn, n_seconds}}`` for [n, n_labels] arrays.
 
     ``ap`` is the average precision of the probabilities (None when the label has no positive second).
+    A NaN target (a second known only for other labels: ``not:<label>`` spans) is left out of its label.
     """
-    y_true = np.asarray(y_true).reshape(-1, len(labels)) >= 0.5
+    y_true = np.asarray(y_true, np.float32).reshape(-1, len(labels))
     y_prob = np.asarray(y_prob).reshape(-1, len(labels))
-    y_pred = y_prob >= threshold
     out = {}
     for j, label in enumerate(labels):
-        t, p = y_true[:, j], y_pred[:, j]
+        known = ~np.isnan(y_true[:, j])
+        t, p = y_true[known, j] >= 0.5, y_prob[known, j] >= threshold
         tp, fp = int((t & p).sum()), int((~t & p).sum())
         fn, tn = int((t & ~p).sum()), int((~t & ~p).sum())
         out[label] = {**_prf(tp, fp, fn), "accuracy": (tp + tn) / len(t) if len(t) else 0.0,
-                      "ap": average_precision(t, y_prob[:, j]),
+                      "ap": average_precision(t, y_prob[known, j]),
                       "tp": tp, "fp": fp, "fn": fn, "tn": tn, "n_seconds": int(len(t))}
     return out
 

@@ -1,4 +1,5 @@
-"""Cut every segment of a score output from its film: ``DEST/<title_id>/<label>-<n>-<start>-<end>.mp4``.
+"""Cut every segment of a score output from its film: ``DEST/<title_id>/<label>-<n>-<start>-<end>.mp4``
+(``DEST/<label>/<title_id>/...`` with ``by_label``: one folder per label, names unchanged).
 
 Each excerpt covers the segment padded by ``pad_s`` on both sides (clamped to the film), with
 audio; next to it a JPEG thumbnail (same name, ``.jpg``) shows the still at the segment's most
@@ -6,7 +7,7 @@ confident second. Cuts are frame-accurate re-encodes (H.264 + AAC) by default, o
 from the keyframe at or before the start with ``copy=True``. ffmpeg always gets argument lists.
 Outputs are written to a temporary name and renamed, so an interrupted run never leaves a file
 that a rerun would take as done; existing outputs are skipped. Films on remote fsspec URIs are
-staged into the node's cache (:func:`kissray.stage_cache.staged_copy`), only when something is left
+staged into the node's cache (:func:`kissray.media.stage_cache.staged_copy`), only when something is left
 to cut: a copy a score run on this node already made is reused.
 """
 
@@ -24,10 +25,10 @@ import pandas as pd
 
 from kissray.defaults import ExcerptOptions
 from kissray.errors import UsageError, one_line
-from kissray.ffmpeg import run_ffmpeg
+from kissray.media.ffmpeg import run_ffmpeg
 from kissray.names import file_name_for
 from kissray.outputs import EXCERPTS_DIR, ScoreOutputs, read_outputs
-from kissray.stage_cache import staged_copy
+from kissray.media.stage_cache import staged_copy
 from kissray.uris import is_local_fs, join_uri, make_dirs
 
 THUMBNAIL_MAX_WIDTH = 320  # pixels; thumbnails are for the report and for browsing
@@ -51,6 +52,7 @@ class Cut:
     """One excerpt to make: the segment, its padded interval and the still for its thumbnail."""
 
     stem: str
+    label: str
     start_s: float  # padded, on the film's timeline (t = 0 at the first video frame)
     end_s: float
     thumbnail_s: float  # middle of the most confident second
@@ -98,7 +100,7 @@ def _best_second(probs: pd.DataFrame | None, seg) -> int:
 def _cut(seg, duration_s: float, pad_s: float, best_second: int) -> Cut:
     start_s = max(0.0, float(seg.start_s) - pad_s)
     end_s = min(duration_s, float(seg.end_s) + pad_s) if duration_s > 0 else float(seg.end_s) + pad_s
-    return Cut(excerpt_stem(seg.label, seg.segment, seg.start_s, seg.end_s), start_s, end_s,
+    return Cut(excerpt_stem(seg.label, seg.segment, seg.start_s, seg.end_s), str(seg.label), start_s, end_s,
                min(best_second + 0.5, max(end_s - 0.01, start_s)))
 
 
@@ -147,10 +149,10 @@ def thumbnail_args(film_path: str, cut: Cut, out_path: str, timing: FilmTiming =
 
 def film_timing(film_path: str, uri: str) -> FilmTiming:
     """The :class:`FilmTiming` of a local film, from the decoder's own frame index
-    (:func:`kissray.index.read_index`: the same t = 0 and frame times as scoring)."""
+    (:func:`kissray.media.demux.read_index`: the same t = 0 and frame times as scoring)."""
     import av
 
-    from kissray.index import read_index
+    from kissray.media.demux import read_index
 
     index = read_index(film_path, uri)
     with av.open(film_path, metadata_errors="ignore") as container:
@@ -163,8 +165,7 @@ def cut_film(film: FilmCuts, dest: str, options: ExcerptOptions = ExcerptOptions
 
     Returns (written, skipped) output URIs. Raises on the first failure; what was written stays.
     """
-    folder = join_uri(dest, file_name_for(film.title_id))
-    todo, skipped = _outputs_to_make(film, folder, options.thumbnails)
+    todo, skipped = _outputs_to_make(film, dest, options.thumbnails, options.by_label)
     if not todo:
         return [], skipped
     written = []
@@ -182,17 +183,26 @@ def cut_film(film: FilmCuts, dest: str, options: ExcerptOptions = ExcerptOptions
     return written, skipped
 
 
-def _outputs_to_make(film: FilmCuts, folder: str, thumbnails: bool) -> tuple[list[tuple[Cut, str, str]], list[str]]:
+def excerpt_folder(dest: str, title_id: str, label: str, by_label: bool = False) -> str:
+    """Where a title's excerpts of ``label`` go: ``dest/<title>``, or ``dest/<label>/<title>`` by label."""
+    return join_uri(dest, *((file_name_for(label),) if by_label else ()), file_name_for(title_id))
+
+
+def _outputs_to_make(film: FilmCuts, dest: str, thumbnails: bool,
+                     by_label: bool) -> tuple[list[tuple[Cut, str, str]], list[str]]:
     import fsspec
 
-    fs, path = fsspec.core.url_to_fs(folder)
-    existing = {os.path.basename(p) for p in fs.ls(path, detail=False)} if fs.isdir(path) else set()
+    existing: dict[str, set[str]] = {}  # folder -> names in it
     todo, skipped = [], []
     for cut in film.cuts:
+        folder = excerpt_folder(dest, film.title_id, cut.label, by_label)
+        if folder not in existing:
+            fs, path = fsspec.core.url_to_fs(folder)
+            existing[folder] = {os.path.basename(p) for p in fs.ls(path, detail=False)} if fs.isdir(path) else set()
         for kind in ("mp4", "jpg") if thumbnails else ("mp4",):
             name = f"{cut.stem}.{kind}"
             uri = join_uri(folder, name)
-            (skipped.append(uri) if name in existing else todo.append((cut, kind, uri)))
+            (skipped.append(uri) if name in existing[folder] else todo.append((cut, kind, uri)))
     return todo, skipped
 
 

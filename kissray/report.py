@@ -2,13 +2,16 @@
 
 The page has inline CSS, inline SVG timelines and a few lines of inline JavaScript; it loads
 nothing from the network. Parts: a library summary (titles by status, seconds scored, labelled
-time per label); a sortable, filterable, paged index of titles (100 a page, so 1,000 titles stay
-quick); one collapsed ``<details>`` per title with its timeline (probability over time, segments
-shaded, unscored time greyed) and its segments, with thumbnails and links to the excerpts that
-``kissray excerpts`` wrote; and the failed and partial titles with their reasons.
+time per label); on the first screen, the timelines of the titles with the most labelled time;
+the counts of ``kissray review``'s answers per label (reviewed, right, wrong, missed, precision),
+when there are any; a sortable, filterable, paged index of titles (100 a page, so 1,000 titles
+stay quick), most labelled first; one ``<details>`` per title, open (collapsing is the reader's
+choice), with its timeline (probability over time, segments shaded, unscored time greyed) and its
+segments, with thumbnails, links to the excerpts that ``kissray excerpts`` wrote and each
+segment's review answer; and the failed and partial titles with their reasons.
 Thumbnails and excerpts are linked relative to the page (keep the page next to OUT), or, with
 ``embed_thumbnails``, the thumbnails are inlined as data URIs so the page travels alone.
-Without JavaScript every title is listed, collapsed.
+Without JavaScript every title is listed, open.
 """
 
 from __future__ import annotations
@@ -27,9 +30,12 @@ import pandas as pd
 from kissray.excerpts import excerpt_stem
 from kissray.names import file_name_for
 from kissray.outputs import EXCERPTS_DIR, STATUSES, ScoreOutputs, read_outputs
+from kissray.annotations import ReviewFiles
+from kissray.review.store import REVIEWS_DIR, review_counts, segment_answers
 from kissray.uris import is_local_fs, join_uri, write_text
 
 PAGE_SIZE = 100  # titles per page of the index
+TOP_TITLES = 5  # timelines on the first screen: the titles with the most labelled time
 TIMELINE_WIDTH, TIMELINE_HEIGHT = 800, 120  # SVG user units
 MAX_POINTS = 600  # timeline points per label; longer films are max-pooled so peaks survive
 LABEL_COLOURS = ("#d6336c", "#1c7ed6", "#37b24d", "#f59f00", "#7048e8", "#0ca678", "#e8590c", "#495057")
@@ -45,9 +51,11 @@ class Media:
     files: frozenset[str]  # "<title folder>/<name>" of every file present
     embed_thumbnails: bool = False
 
-    def find(self, title_id: str, stem: str, ext: str) -> str | None:
+    def find(self, title_id: str, stem: str, ext: str, label: str = "") -> str | None:
+        """The file of an excerpt: ``<title>/<stem>.<ext>``, or ``<label>/<title>/...`` (``--by-label``)."""
         name = f"{file_name_for(title_id)}/{stem}.{ext}"
-        return name if name in self.files else None
+        by_label = f"{file_name_for(label)}/{name}"
+        return name if name in self.files else by_label if label and by_label in self.files else None
 
     def href(self, name: str) -> str:
         name = quote(name)  # file names keep their %XX escapes: the link must not decode them
@@ -96,30 +104,39 @@ def write_report(scores_dir: str, out: str | None = None, *, excerpts_dir: str |
     outputs = read_outputs(scores_dir, with_scores=True)
     out = out or join_uri(outputs.out_dir, "report.html")
     media = find_media(excerpts_dir or join_uri(outputs.out_dir, EXCERPTS_DIR), out, embed_thumbnails)
-    write_text(out, render_report(outputs, media))
+    reviews = ReviewFiles(join_uri(outputs.out_dir, REVIEWS_DIR)).rows()
+    write_text(out, render_report(outputs, media, reviews))
     return out
 
 
-def render_report(outputs: ScoreOutputs, media: Media) -> str:
-    """The whole page as one string."""
+def render_report(outputs: ScoreOutputs, media: Media, reviews: list[dict] = ()) -> str:
+    """The whole page as one string; ``reviews``: the answers of ``kissray review`` (their rows)."""
     labels = outputs.labels
     colours = {label: LABEL_COLOURS[i % len(LABEL_COLOURS)] for i, label in enumerate(labels)}
-    probs = _probs_by_title(outputs.scores)
+    probs = probs_by_title(outputs.scores)
     segments = dict(tuple(outputs.segments.groupby("title_id", sort=False)))
-    titles = outputs.titles.to_dict("records")
-    sections = [_title_section(t, probs.get(t["title_id"], {}), segments.get(t["title_id"]), colours, media)
+    titles = by_labelled_time(outputs.titles.to_dict("records"), segments)
+    answers = segment_answers(list(reviews))
+    sections = [_title_section(t, probs.get(t["title_id"], {}), segments.get(t["title_id"]), colours, media, answers)
                 for t in titles]
     body = "\n".join([
-        _header(outputs), _summary(outputs, labels),
+        _header(outputs), _most_labelled(titles[:TOP_TITLES], probs, segments, colours),
+        _summary(outputs, labels), _review_summary(list(reviews), labels),
         _index(titles, segments, labels),
         f'<section id="titles"><h2>Titles</h2>{"".join(sections)}</section>',
         _failures(titles),
     ])
-    return _PAGE.format(style=_STYLE, script=_SCRIPT.replace("PAGE_SIZE", str(PAGE_SIZE)), body=body,
+    return PAGE.format(style=STYLE, script=_SCRIPT.replace("PAGE_SIZE", str(PAGE_SIZE)), body=body,
                         title=html.escape(f"kissray report: {outputs.out_dir}"))
 
 
-def _probs_by_title(scores: pd.DataFrame | None) -> dict[str, dict[str, np.ndarray]]:
+def by_labelled_time(titles: list[dict], segments: dict[str, pd.DataFrame]) -> list[dict]:
+    """The titles with the most labelled seconds first (then by title id): what a reader opens on."""
+    seconds = {title_id: int(segs["n_seconds"].sum()) for title_id, segs in segments.items()}
+    return sorted(titles, key=lambda t: (-seconds.get(t["title_id"], 0), str(t["title_id"])))
+
+
+def probs_by_title(scores: pd.DataFrame | None) -> dict[str, dict[str, np.ndarray]]:
     """{title_id: {label: float32[n_scored]}} (second i at index i)."""
     found: dict[str, dict[str, np.ndarray]] = {}
     if scores is None or scores.empty:
@@ -209,8 +226,42 @@ def _duration_or_dash(value) -> str:
     return "—" if value is None or pd.isna(value) else duration_text(float(value))
 
 
+def _most_labelled(titles: list[dict], probs: dict, segments: dict[str, pd.DataFrame], colours: dict) -> str:
+    """The first screen: the timelines of the titles with the most labelled time."""
+    rows = []
+    for t in titles:
+        segs, p = segments.get(t["title_id"]), probs.get(t["title_id"])
+        if not p:
+            continue
+        labelled = 0 if segs is None else int(segs["n_seconds"].sum())
+        rows.append(f'<div class="top-title"><a href="#t-{_esc(file_name_for(t["title_id"]))}">{_esc(t["title_id"])}'
+                    f'</a> <span>{duration_text(labelled)} labelled</span>'
+                    f'{timeline_svg(p, segs, _number(t["duration_s"]), int(_number(t["n_scored"])), colours)}</div>')
+    if not rows:
+        return ""
+    return f'<section id="most-labelled"><h2>Most labelled</h2>{"".join(rows)}</section>'
+
+
+def _review_summary(reviews: list[dict], labels: list[str]) -> str:
+    """Per label: segments reviewed, right, wrong, missed and the precision implied."""
+    if not reviews:
+        return ""
+    counts = review_counts(reviews, labels)
+    rows = "".join(f'<tr><td>{_esc(label)}</td><td>{c["reviewed"]}</td><td>{c["right"]}</td><td>{c["edges"]}</td>'
+                   f'<td>{c["wrong"]}</td><td>{c["missed"]}</td>'
+                   f'<td>{precision_text(c["precision"])}</td></tr>'
+                   for label, c in counts.items())
+    return ('<section id="reviews"><h2>Reviews</h2><table><thead><tr><th>label</th><th>reviewed</th><th>right</th>'
+            '<th>of which edges</th><th>wrong</th><th>missed</th><th>precision</th></tr></thead>'
+            f'<tbody>{rows}</tbody></table></section>')
+
+
+def precision_text(precision: float | None) -> str:
+    return "—" if precision is None else f"{100 * precision:.0f}%"
+
+
 def _title_section(title: dict, probs: dict[str, np.ndarray], segs: pd.DataFrame | None,
-                   colours: dict[str, str], media: Media) -> str:
+                   colours: dict[str, str], media: Media, answers: dict) -> str:
     title_id, status = str(title["title_id"]), str(title["status"])
     n_segments = 0 if segs is None else len(segs)
     summary = (f'<summary><b>{_esc(title_id)}</b> <span class="status {_esc(status)}">{_esc(status)}</span> '
@@ -222,25 +273,35 @@ def _title_section(title: dict, probs: dict[str, np.ndarray], segs: pd.DataFrame
     if probs:
         parts.append(timeline_svg(probs, segs, _number(title["duration_s"]), int(_number(title["n_scored"])), colours))
     if segs is not None and len(segs):
-        parts.append(_segment_table(title_id, segs, media))
-    return (f'<details class="title" id="t-{_esc(file_name_for(title_id))}" data-title="{_esc(title_id)}" '
+        parts.append(_segment_table(title_id, segs, media, answers))
+    return (f'<details class="title" open id="t-{_esc(file_name_for(title_id))}" data-title="{_esc(title_id)}" '
             f'data-status="{_esc(status)}">{summary}{"".join(parts)}</details>')
 
 
-def _segment_table(title_id: str, segs: pd.DataFrame, media: Media) -> str:
+def _segment_table(title_id: str, segs: pd.DataFrame, media: Media, answers: dict) -> str:
     rows = []
     for seg in segs.itertuples(index=False):
         stem = excerpt_stem(seg.label, seg.segment, seg.start_s, seg.end_s)
-        thumb, clip = media.find(title_id, stem, "jpg"), media.find(title_id, stem, "mp4")
+        thumb, clip = media.find(title_id, stem, "jpg", seg.label), media.find(title_id, stem, "mp4", seg.label)
+        answer = answers.get((title_id, seg.label, float(seg.start_s), float(seg.end_s)))
         image = (f'<img src="{_esc(media.thumbnail_src(thumb))}" alt="{_esc(stem)}" loading="lazy">'
                  if thumb else "")
         link = f'<a href="{_esc(media.href(clip))}">{_esc(stem)}.mp4</a>' if clip else "—"
         rows.append(f"<tr><td>{_esc(seg.label)}</td><td>{int(seg.segment)}</td>"
                     f"<td>{duration_text(seg.start_s)}</td><td>{duration_text(seg.end_s)}</td>"
                     f"<td>{int(seg.n_seconds)} s</td><td>{float(seg.mean_p):.3f}</td>"
-                    f'<td class="thumb">{image}</td><td>{link}</td></tr>')
+                    f'<td class="thumb">{image}</td><td>{link}</td><td>{_answer_text(answer)}</td></tr>')
     return ('<table class="segments"><thead><tr><th>label</th><th>#</th><th>start</th><th>end</th><th>length</th>'
-            f'<th>mean p</th><th>thumbnail</th><th>excerpt</th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
+            f'<th>mean p</th><th>thumbnail</th><th>excerpt</th><th>review</th></tr></thead>'
+            f'<tbody>{"".join(rows)}</tbody></table>')
+
+
+def _answer_text(answer: dict | None) -> str:
+    if answer is None:
+        return "—"
+    edges = f' {answer["start_s"]}–{answer["end_s"]} s' if answer["answer"] == "edges" else ""
+    return (f'<span class="review {_esc(answer["answer"])}">{_esc(answer["answer"].capitalize())}{_esc(edges)}</span> '
+            f'<small>{_esc(answer["reviewer"])}</small>')
 
 
 def _pooled(p: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray]:
@@ -294,7 +355,7 @@ def _failures(titles: list[dict]) -> str:
             f'<th>uri</th><th>reason</th></tr></thead><tbody>{rows}</tbody></table></section>')
 
 
-_PAGE = """<!DOCTYPE html>
+PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <link rel="icon" href="data:,">
@@ -306,7 +367,7 @@ _PAGE = """<!DOCTYPE html>
 </body></html>
 """
 
-_STYLE = """
+STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 0 auto; max-width: 1100px; padding: 0 16px 48px; color: #222; }
 h1 { margin-bottom: 0; } h2 { margin-top: 32px; border-bottom: 1px solid #ddd; }
 code { font-size: 12px; color: #555; word-break: break-all; }
@@ -322,6 +383,8 @@ details.title { border: 1px solid #e3e3e3; border-radius: 6px; margin: 6px 0; pa
 details.title > summary { cursor: pointer; padding: 4px 0; }
 .error { color: #c92a2a; }
 svg.timeline { width: 100%; height: 120px; display: block; }
+#most-labelled svg.timeline { height: 56px; } .top-title span { color: #666; font-size: 12px; }
+.review.right, .review.edges { color: #2b8a3e; } .review.wrong { color: #c92a2a; }
 svg.timeline .frame { fill: #fafafa; stroke: #ccc; } svg.timeline .unscored { fill: #ddd; }
 svg.timeline .half { stroke: #aaa; stroke-dasharray: 4 4; } svg.timeline text { font-size: 10px; fill: #666; }
 td.thumb img { max-height: 72px; max-width: 128px; display: block; }

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kissray.ffmpeg import write_film
+from kissray.media.ffmpeg import write_film
 
 SAMPLE_RATE_HZ = 16000  # the model's audio rate: nothing is lost to resampling
 FPS = 8  # low frame rate: one still per clip is all the model sees

@@ -188,13 +188,15 @@ def class_balance(targets: np.ndarray, labels: list[str], method: str = "auto") 
     draws each epoch's clips with replacement, each combination of labels (none included)
     equally often (:func:`sampling_weights`). The returned dict goes into ``metrics.json``.
     """
-    targets = np.asarray(targets, np.float64).reshape(-1, len(labels)) >= 0.5
-    n, n_positive = len(targets), targets.sum(0)
-    rate = n_positive / max(n, 1)
+    targets = np.asarray(targets, np.float64).reshape(-1, len(labels))
+    n, n_positive = (~np.isnan(targets)).sum(0), (targets >= 0.5).sum(0)  # NaN: not known for that label
+    rate = n_positive / np.maximum(n, 1)
     chosen = method
     if method == "auto":
         chosen = "pos-weight" if np.any(np.minimum(rate, 1 - rate) < BALANCED_RATE) else "none"
-    pos_weight = (n - n_positive) / np.maximum(n_positive, 1)
+    # a label with no negative (or no positive) clip has nothing to balance: weight 1, never 0,
+    # which would silence its positives (a review folder of right answers only, say)
+    pos_weight = np.where((n_positive > 0) & (n_positive < n), (n - n_positive) / np.maximum(n_positive, 1), 1.0)
     return {"method": chosen, "requested": method,
             "rule": f"auto: pos-weight when a label's positive rate is below {BALANCED_RATE:g} or above "
                     f"{1 - BALANCED_RATE:g} in the training clips, else none",
@@ -211,12 +213,28 @@ def sampling_weights(targets: np.ndarray) -> torch.Tensor:
     return torch.tensor([1.0 / counts[key] for key in keys], dtype=torch.float64)
 
 
+class MaskedBCE(nn.Module):
+    """BCE-with-logits averaged over the known targets: a NaN target (a second labelled only for
+    other labels) adds nothing. Equal to ``nn.BCEWithLogitsLoss`` when every target is known."""
+
+    def __init__(self, pos_weight: torch.Tensor | None = None):
+        super().__init__()
+        self.pos_weight = pos_weight
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        known = ~torch.isnan(targets)
+        loss = nn.functional.binary_cross_entropy_with_logits(
+            logits, torch.where(known, targets, torch.zeros_like(targets)), pos_weight=self.pos_weight,
+            reduction="none")
+        return (loss * known).sum() / known.sum().clamp(min=1)
+
+
 def loss_function(balance: dict, labels: list[str], device=None) -> nn.Module:
-    """BCE-with-logits, with the positive weights of ``balance`` when it has them."""
+    """BCE-with-logits over known targets, with the positive weights of ``balance`` when it has them."""
     if not balance.get("pos_weight"):
-        return nn.BCEWithLogitsLoss()
+        return MaskedBCE()
     weight = torch.tensor([balance["pos_weight"][label] for label in labels], dtype=torch.float32, device=device)
-    return nn.BCEWithLogitsLoss(pos_weight=weight)
+    return MaskedBCE(pos_weight=weight)
 
 
 # ---------------------------------------------------------------- the training loop
@@ -296,7 +314,8 @@ def selection_score(record: dict, split: str, select_on: str) -> tuple[float, fl
 def bce(targets: np.ndarray, probs: np.ndarray) -> float:
     """Mean binary cross-entropy of probabilities (clipped away from 0 and 1)."""
     p = np.clip(np.asarray(probs, np.float64), 1e-7, 1 - 1e-7)
-    return float(-np.mean(targets * np.log(p) + (1 - targets) * np.log(1 - p))) if p.size else 0.0
+    terms = targets * np.log(p) + (1 - targets) * np.log(1 - p)  # NaN where a target is not known
+    return float(-np.nanmean(terms)) if np.isfinite(terms).any() else 0.0
 
 
 def head_job(model: KissModel, sets: dict[str, ClipSet], criterion: nn.Module) -> tuple[_Fit, object]:
@@ -409,10 +428,10 @@ def train(annotations: Annotations, out: str, options: TrainOptions = TrainOptio
         criterion = loss_function(balance, model.labels, model.head.weight.device)
         metrics = fit(full_job(model, sets, options.seed, criterion), sets, model.labels, options, balance,
                       show_progress)
-    metrics = {"labels": model.labels, "annotations": annotations.path, "init": init,
+    metrics = {"labels": model.labels, "annotations": annotations.path, "reviews": annotations.reviews, "init": init,
                "options": {**asdict(options), "device": device}, "seed": options.seed,
                "splits": splits, "n_clips": {k: len(s) for k, s in sets.items()},
-               "n_positive": {k: dict(zip(model.labels, s.targets.sum(0).astype(int).tolist()))
+               "n_positive": {k: dict(zip(model.labels, (s.targets >= 0.5).sum(0).astype(int).tolist()))
                               for k, s in sets.items()},
                "balance": balance, "skipped_films": skipped, "train_seconds": time.perf_counter() - started, **metrics}
     save_model(model.eval(), out, extra_files={METRICS_FILE: json.dumps(metrics, indent=2).encode()})

@@ -57,3 +57,12 @@ def make_dirs(fs, path: str) -> None:
                                     "kissray creates no buckets")
         return
     fs.makedirs(path, exist_ok=True)
+
+
+VERSION_FIELDS = ("ETag", "etag", "VersionId", "version_id", "generation", "md5Hash",
+                  "mtime", "LastModified", "last_modified", "updated", "created")  # fs.info() keys, by filesystem
+
+
+def object_version(info: dict) -> dict[str, str]:
+    """What changes when the object does, from fsspec's ``info`` (ETag, generation, mtime, ...)."""
+    return {name: str(info[name]) for name in VERSION_FIELDS if info.get(name) is not None}

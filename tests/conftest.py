@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kissray.ffmpeg import H264_ARGS, write_film
+from kissray.media.ffmpeg import H264_ARGS, write_film
 
 PALETTE = np.array([(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0),
                     (0, 255, 255), (255, 0, 255), (255, 255, 255), (0, 0, 0)], np.uint8)

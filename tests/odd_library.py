@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conftest import make_film  # noqa: E402
-from kissray.ffmpeg import run_ffmpeg  # noqa: E402
+from kissray.media.ffmpeg import run_ffmpeg  # noqa: E402
 
 OK, PARTIAL, FAILED = "ok", "partial", "failed"
 SIZE = (64, 48)

@@ -1,4 +1,4 @@
-"""kissray.decode / kissray.stills: which frame is each still, whatever the decoder skips.
+"""kissray.media.child / kissray.media.video: which frame is each still, whatever the decoder skips.
 
 Every frame of these films is a solid grey whose level is five times its frame number, encoded
 losslessly (MJPEG, ProRes: within 2 levels), so a still names the frame it came from; SPEC 2 says which
@@ -11,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kissray.decode import IndexCache, VideoTrack
-from kissray.ffmpeg import LOSSLESS_RGB_ARGS, write_film
+from kissray.media.child import IndexCache
+from kissray.media.video import VideoTrack
+from kissray.media.ffmpeg import LOSSLESS_RGB_ARGS, write_film
 
 FPS = 10
 N_FRAMES = 50  # 5 s; grey level 5 * n stays below 256 (and 5 levels apart beats the codec's +-2)
@@ -87,7 +88,7 @@ def test_exact_stills_with_frame_threads(numbered, start, k):
 
 def test_exact_mode_skips_what_no_still_needs(numbered, request):
     """Intra-only: exactly the stills' packets are decoded. Short GOPs: whole GOPs are skipped."""
-    from kissray.stills import SparseStills, decode_runs
+    from kissray.media.video import SparseStills, decode_runs
 
     kind = request.node.callspec.params["numbered"]
     track = open_track(numbered)
@@ -160,8 +161,8 @@ def test_invalid_stills_mode(tmp_path):
 def test_exact_stills_are_pixel_identical_to_a_full_decode(tmp_path_factory, start, k, threads):
     """On a lossy film (crf 23, 3 B-frames, moving picture), skipping non-reference frames and GOP
     tails changes no pixel of any still: the same stills as decoding every frame."""
-    from kissray.ffmpeg import run_ffmpeg
-    from kissray.stills import SparseStills
+    from kissray.media.ffmpeg import run_ffmpeg
+    from kissray.media.video import SparseStills
 
     path = str(tmp_path_factory.mktemp("lossy") / "lossy.mp4")
     run_ffmpeg(["-f", "lavfi", "-i", "testsrc2=s=160x90:r=25:d=8", "-c:v", "libx264", "-preset", "veryfast",
@@ -179,7 +180,7 @@ def test_exact_stills_are_pixel_identical_to_a_full_decode(tmp_path_factory, sta
 
 def test_variable_frame_rate(tmp_path):
     """Frames 0.1 s apart for 2 s, then 0.2 s apart: stills are chosen by pts, not by counting."""
-    from kissray.ffmpeg import run_ffmpeg
+    from kissray.media.ffmpeg import run_ffmpeg
 
     cfr = frame_numbered_film(tmp_path / "cfr.mkv", ("-bf", "0", "-g", "12"))
     path = str(tmp_path / "vfr.mkv")  # MKV: 1 ms ticks; frame n >= 20 moves to 2n/10 - 2 s

@@ -240,7 +240,7 @@ def test_an_excerpt_starts_on_the_frame_the_scores_mean(kind, tmp_path, media_di
     """Excerpts and scoring share one timeline (the decoder's frame index): the first frame of an
     excerpt of [s, e) is the frame on screen at s in the decoder's stills, even in an MP4 cut
     with an edit list (pre-roll frames the player never shows) or with video that starts late."""
-    from kissray.ffmpeg import run_ffmpeg
+    from kissray.media.ffmpeg import run_ffmpeg
     from kissray.media import iter_clips
 
     src = make_film(media_dir / f"timeline-{kind}.mp4", duration_s=9, extra_args=("-bf", "2", "-g", "50"))

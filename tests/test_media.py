@@ -150,7 +150,7 @@ def test_not_a_film(tmp_path, name, data):
 
 
 def test_audio_only_file(tmp_path):
-    from kissray.ffmpeg import run_ffmpeg
+    from kissray.media.ffmpeg import run_ffmpeg
 
     path = str(tmp_path / "audio-only.mp4")
     run_ffmpeg(["-f", "lavfi", "-i", "sine=f=440:d=2", "-c:a", "aac", path])
@@ -165,7 +165,7 @@ def test_too_short(tmp_path):
 
 
 def test_still_image_named_mp4(tmp_path):
-    from kissray.ffmpeg import run_ffmpeg
+    from kissray.media.ffmpeg import run_ffmpeg
 
     png = str(tmp_path / "x.png")
     run_ffmpeg(["-f", "lavfi", "-i", "color=c=red:s=32x32:d=1", "-frames:v", "1", png])
@@ -279,7 +279,7 @@ def test_hung_or_crashed_decoder_is_a_typed_error_and_never_reused(film, long_fi
 
 def test_audio_with_a_hole_in_its_timestamps(media_dir):
     """Audio is placed by timestamp, not appended: a 3 s jump in the audio's pts is 3 s of silence."""
-    from kissray.ffmpeg import run_ffmpeg
+    from kissray.media.ffmpeg import run_ffmpeg
 
     path = str(media_dir / "audio-hole.mkv")
     run_ffmpeg(["-f", "lavfi", "-i", "color=c=gray:s=64x48:r=25:d=8",

@@ -1,4 +1,4 @@
-"""Remote films read by byte ranges (kissray.remote) against a real S3 server (moto, tests/s3_server.py).
+"""Remote films read by byte ranges (kissray.media.ranges) against a real S3 server (moto, tests/s3_server.py).
 
 Every remote film must decode to exactly the clips of its local copy; an MP4 is read in windows
 that together fetch about the film's size (counted by the server's relay, not by kissray).
@@ -12,9 +12,9 @@ import pytest
 
 from conftest import make_film
 from kissray.errors import MediaError
-from kissray.ffmpeg import run_ffmpeg
+from kissray.media.ffmpeg import run_ffmpeg
 from kissray.media import REMOTE_DECODERS, ClipReader, iter_clips, probe
-from kissray.remote import HEAD_BYTES
+from kissray.media.ranges import HEAD_BYTES
 
 SMALL_BLOCK_BYTES = 256 << 10  # test films are a few MB: blocks this size keep rounding visible but small
 
@@ -158,7 +158,7 @@ def test_windows_of_the_same_film_in_one_decoder_share_its_metadata(s3, noisy, m
 @pytest.mark.parametrize("suffix,fragments", [(".mkv", 1), (".ts", 1), (".mp4", 3), (".mp4", 100)])
 def test_containers_without_an_index_are_staged_once_per_node(s3, media_dir, suffix, fragments):
     """Matroska and MPEG-TS list their frames only in the data, a fragmented MP4 in a moof per
-    fragment: the first window stages the film (kissray.stage_cache), the next window (another
+    fragment: the first window stages the film (kissray.media.stage_cache), the next window (another
     decoder, same node) reuses the copy: ~1x the film, its clips exactly."""
     fragmented = () if fragments == 1 else ("-movflags", "+frag_keyframe+empty_moov", "-g", str(150 // fragments))
     local = make_film(media_dir / f"remote-staged-{fragments}{suffix}", duration_s=6.0, extra_args=fragmented)

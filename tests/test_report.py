@@ -65,8 +65,8 @@ def test_page_is_self_contained_and_escapes_titles(library, tmp_path):
     assert "decoder died (signal 9)" in page and "no video stream" in page
 
 
-@pytest.fixture()
-def browser(tmp_path):
+def open_chromium(profile_dir: Path):
+    """Headless Debian chromium under selenium (the test is skipped where it is not installed)."""
     chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and chromedriver):
         why = "no chromium + chromedriver on PATH: `make browser` (apt-get install chromium chromium-driver)"
@@ -78,10 +78,24 @@ def browser(tmp_path):
 
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for arg in (*CHROME_ARGS, f"--user-data-dir={tmp_path / 'chrome-profile'}"):
+    for arg in (*CHROME_ARGS, f"--user-data-dir={profile_dir}"):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(chromedriver), options=options)
+    return webdriver.Chrome(service=Service(chromedriver), options=options)
+
+
+def first_screen_has_a_timeline(driver) -> bool:
+    """A timeline is drawn in the first viewport (what a reader sees without scrolling)."""
+    return driver.execute_script("""
+        window.scrollTo(0, 0);
+        return Array.from(document.querySelectorAll('svg.timeline')).some(svg => {
+          const r = svg.getBoundingClientRect();
+          return r.width > 100 && r.height > 20 && r.top >= 0 && r.bottom <= window.innerHeight; });""")
+
+
+@pytest.fixture()
+def browser(tmp_path):
+    driver = open_chromium(tmp_path / "chrome-profile")
     yield driver
     driver.quit()
 
@@ -105,6 +119,7 @@ def test_report_in_chromium(library, browser, tmp_path):
     report = Path(library["out"]) / "report.html"
     browser.get(report.as_uri())
     assert browser.title.startswith("kissray report")
+    assert first_screen_has_a_timeline(browser)  # the most labelled titles, drawn, not collapsed
     ids = browser.execute_script("return Array.from(document.querySelectorAll('details.title')).map(d => d.dataset.title)")
     assert sorted(ids) == sorted(library["titles"])
     rows = browser.execute_script("return Array.from(document.querySelectorAll('#index-table tbody tr'))"
@@ -117,7 +132,7 @@ def test_report_in_chromium(library, browser, tmp_path):
                                    ".filter(h => h.endsWith('.mp4'))")
     # a link is a URL: the %XX of a file name (kissray.names.file_name_for) is escaped once more in it
     assert len(links) == 4 and all(Path(unquote(h.removeprefix("file://"))).is_file() for h in links)
-    assert browser.execute_script("return document.querySelectorAll('svg.timeline polyline').length") == 4
+    assert browser.execute_script("return document.querySelectorAll('#titles svg.timeline polyline').length") == 4
     failures = browser.find_element("id", "failures").text
     assert "broken<&>" in failures and "no video stream" in failures and "signal 9" in failures
     shot = tmp_path / "report.png"

@@ -251,7 +251,7 @@ def test_json_uri_refused(server, film):
 
 
 def test_bad_uploads_are_400(server, media_dir, tmp_path, film):
-    from kissray.ffmpeg import run_ffmpeg
+    from kissray.media.ffmpeg import run_ffmpeg
 
     audio_only = str(tmp_path / "audio-only.mp4")
     run_ffmpeg(["-f", "lavfi", "-i", "sine=f=440:d=2", "-c:a", "aac", audio_only])
@@ -342,7 +342,7 @@ def ingress_decoders() -> list[int]:
 
     found = []
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and "kissray.decode" in cmdline(entry.name):
+        if entry.name.isdigit() and "kissray.media.child" in cmdline(entry.name):
             try:
                 ppid = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()[1]
             except (OSError, IndexError):

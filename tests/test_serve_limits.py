@@ -85,8 +85,10 @@ def test_staging_is_capped_by_reported_size_and_by_bytes_copied(tmp_path, monkey
     with pytest.raises(MediaTooLargeError, match="over the limit of 4096 bytes"):
         with local_path("memory://serve-limits/big.mp4", staging_dir=str(staging), max_bytes=4096):
             pass
-    monkeypatch.setattr(type(fs), "size", lambda self, path: 10)  # a filesystem that under-reports
-    monkeypatch.setattr("kissray.media.STAGE_CHUNK_BYTES", 1024)
+    info = type(fs).info
+    # a filesystem that under-reports the object's size
+    monkeypatch.setattr(type(fs), "info", lambda self, path, **kw: {**info(self, path, **kw), "size": 10})
+    monkeypatch.setattr("kissray.media.stage_cache.CHUNK_BYTES", 1024)
     with pytest.raises(MediaTooLargeError):
         with local_path("memory://serve-limits/big.mp4", staging_dir=str(staging), max_bytes=4096):
             pass
@@ -199,4 +201,4 @@ def test_film_decoder_cancelled_at_any_moment_closes_everything(tmp_path, media_
 
 def _own_decoders() -> list[Path]:
     return [p for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(p) == os.getpid()
-            and b"kissray.decode" in _read(p / "cmdline")]
+            and b"kissray.media.child" in _read(p / "cmdline")]

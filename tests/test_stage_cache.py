@@ -1,4 +1,4 @@
-"""kissray.stage_cache: one local copy of a remote film per node, shared by processes, capped, LRU.
+"""kissray.media.stage_cache: one local copy of a remote film per node, shared by processes, capped, LRU.
 
 Remote objects live on the test S3 server (``s3`` fixture: it counts the bytes it sends) or on
 ``memory://`` where no server is needed. Each test stages into its own directory (``tmp_path``).
@@ -7,6 +7,7 @@ Remote objects live on the test S3 server (``s3`` fixture: it counts the bytes i
 from __future__ import annotations
 
 import hashlib
+import http.server
 import io
 import os
 import stat
@@ -19,9 +20,9 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from kissray import stage_cache
+from kissray.media import stage_cache
 from kissray.errors import MediaOpenError, MediaTooLargeError
-from kissray.stage_cache import cache_dir, cache_limit_bytes, staged_copy
+from kissray.media.stage_cache import cache_dir, cache_limit_bytes, staged_copy
 
 REPO = Path(__file__).resolve().parents[1]
 MB = 1 << 20
@@ -76,7 +77,7 @@ def test_second_staging_reuses_the_copy(s3, tmp_path):
 
 CHILD_STAGES = """
 import hashlib, sys, time
-from kissray import stage_cache
+from kissray.media import stage_cache
 stage_cache.CHUNK_BYTES = 1 << 20
 print("ready", flush=True)
 sys.stdin.readline()  # both children start staging at once
@@ -192,7 +193,7 @@ def test_max_bytes_refuses_larger_objects(tmp_path):
 
 CHILD_DIES = """
 import os, signal, sys
-from kissray import stage_cache
+from kissray.media import stage_cache
 stage_cache.CHUNK_BYTES = 1 << 20
 with stage_cache.staged_copy(sys.argv[1], directory=sys.argv[2],
                              on_progress=lambda n: os.kill(os.getpid(), signal.SIGKILL)):
@@ -275,3 +276,81 @@ def test_cache_dir_and_limit_come_from_the_environment(tmp_path, monkeypatch):
     with staged_copy(uri) as path:
         assert Path(path).parent == tmp_path / "stage"
     assert stat.S_IMODE((tmp_path / "stage").stat().st_mode) == 0o700
+
+
+def test_a_copy_is_on_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    """A node that loses power must not find a complete-looking entry of zeros: the ``.part`` is
+    fsync'd before the rename (what can be observed: the call, on the ``.part``, before the name)."""
+    synced, fsync = [], os.fsync
+
+    def recording_fsync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        synced.append((path, len([p for p in os.listdir(tmp_path) if not p.endswith((".lock", ".part"))])))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    uri, data = memory_object(5000, "film.mkv")
+    with staged_copy(uri, directory=str(tmp_path)) as path:
+        assert Path(path).read_bytes() == data
+    assert [(Path(p).suffix, n_finished) for p, n_finished in synced] == [(".part", 0)]
+
+
+class _NoLengthHandler(http.server.BaseHTTPRequestHandler):
+    """Serves the files of ``root`` without Content-Length (the body ends when the connection
+    closes), ignoring Range: a store that says nothing of sizes."""
+
+    protocol_version = "HTTP/1.0"
+    root = "."
+
+    def _file(self) -> str | None:
+        path = os.path.join(self.root, self.path.lstrip("/"))
+        return path if os.path.isfile(path) else None
+
+    def do_HEAD(self):
+        self.send_response(200 if self._file() else 404)
+        self.end_headers()
+
+    def do_GET(self):
+        path = self._file()
+        self.send_response(200 if path else 404)
+        self.end_headers()
+        if path:
+            self.wfile.write(Path(path).read_bytes())
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def sizeless_store(tmp_path):
+    """http://127.0.0.1:PORT/ over ``tmp_path/store``, a server that sends no Content-Length."""
+    root = tmp_path / "store"
+    root.mkdir()
+    handler = type("Handler", (_NoLengthHandler,), {"root": str(root)})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_a_store_that_gives_no_size_is_staged_and_scored(sizeless_store, tmp_path, model):
+    """fsspec's http:// says ``size: None`` here: the copy is made and used (a missing entry was
+    once 'complete' when the size was unknown, and the decoder met a raw FileNotFoundError)."""
+    from conftest import make_film
+    from kissray.media import iter_clips, probe
+    from kissray.score import score_film
+
+    root, base = sizeless_store
+    make_film(root / "film.mp4", duration_s=3.0)
+    assert fsspec.filesystem("http").info(f"{base}/film.mp4")["size"] is None  # what this test is about
+    with staged_copy(f"{base}/film.mp4", directory=str(tmp_path / "cache")) as path:
+        assert Path(path).read_bytes() == (root / "film.mp4").read_bytes()
+    assert probe(f"{base}/film.mp4").n_clips == 3
+    assert [clip.index for clip in iter_clips(f"{base}/film.mp4", size=32)] == [0, 1, 2]
+    result = score_film(f"{base}/film.mp4", model)
+    assert result.status == "ok" and result.probs.shape == (3, 1)
+    with pytest.raises(MediaOpenError, match=f"^{base}/gone.mp4: no such file$"):
+        probe(f"{base}/gone.mp4")

@@ -2,7 +2,7 @@
 
 Each film shows one colour per second with a tone in seconds 1 and 4 (conftest.make_film); a
 film scores with the right n_clips and the right colour in every second, or is refused with the
-reason. The index's repairs are also checked on synthetic packet lists (kissray.index.build_index).
+reason. The index's repairs are also checked on synthetic packet lists (kissray.media.timeline.build_index).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import pytest
 
 from conftest import colour_of_second, make_film
 from kissray.errors import MediaOpenError
-from kissray.ffmpeg import run_ffmpeg
-from kissray.index import MAX_DURATION_S, NOPTS, build_index
+from kissray.media.ffmpeg import run_ffmpeg
+from kissray.media.timeline import MAX_DURATION_S, NOPTS, build_index
 from kissray.media import MAX_CLIPS, iter_clips, n_clips_for, probe
 
 TONES = (1, 4)
@@ -119,6 +119,33 @@ def test_no_timestamps_at_all(tmp_path):
     assert_colours(path, 6)
 
 
+def vfr_film(path, times_s, setpts: str) -> str:
+    """A 64x48 film with a frame at each of ``times_s`` (variable frame rate: ``setpts`` gives frame
+    N its time, on a 1/30000 s grid), frame n showing colour_of_second(floor(times_s[n]))."""
+    from kissray.media.ffmpeg import write_film
+
+    frames = [np.broadcast_to(colour_of_second(int(np.floor(t + 1e-9))), (48, 64, 3)).copy() for t in times_s]
+    return write_film(str(path), lambda n: frames[n], len(times_s), 30, audio=None,
+                      extra_args=("-vf", f"setpts='{setpts}'", "-fps_mode", "passthrough",
+                                  "-video_track_timescale", "30000"))
+
+
+def test_variable_frame_rate_at_the_edges_is_a_valid_film(media_dir):
+    """SPEC 2: a 10-frame slideshow (1 frame/s) then 60 s at 30 fps is 70 s, 70 clips; 60 s at
+    30 fps then a 10-s end card (1 frame/s; the container ends its last still at 69.03 s) is 69
+    clips. No repairs, and every clip shows its own second (a slideshow's B-frames come seconds
+    after the P-frame decoded before them: reordering, not a discontinuity)."""
+    slideshow = vfr_film(media_dir / "slideshow-then-30fps.mp4", [*range(10), *(10 + np.arange(1800) / 30)],
+                         "if(lt(N,10),N*30,290+N)/(30*TB)")
+    end_card = vfr_film(media_dir / "30fps-then-end-card.mp4", [*(np.arange(1800) / 30), *range(60, 70)],
+                        "if(lt(N,1800),N,1800+(N-1800)*30)/(30*TB)")
+    for path, duration_s, n_clips in ((slideshow, 70.0, 70), (end_card, 69.033, 69)):
+        info = probe(path)
+        assert (info.n_clips, info.repairs) == (n_clips, ""), path
+        assert info.duration_s == pytest.approx(duration_s, abs=1e-3)
+        assert_colours(path, n_clips)
+
+
 # ------------------------------------------------------------- the repairs, on packet lists
 
 TB = Fraction(1, 1000)  # 40 ticks a frame at 25 fps
@@ -203,3 +230,28 @@ def test_a_matroska_file_cut_short_is_partial_and_a_short_video_track_is_not(med
     run_ffmpeg(["-i", full, "-t", "4", "-i", full, "-map", "1:v", "-map", "0:a", "-c", "copy", short_video])
     info = probe(short_video)
     assert info.n_clips == 4 and len(list(iter_clips(short_video, size=16))) == 4
+
+
+def test_a_slideshow_in_decode_order_is_not_repaired():
+    """Slideshows (frames 1 s apart, B-frames reordered: decode order 0 3 1 2 ...) at the start and
+    in the middle of 25-fps video, and an end card: nothing repaired (the median of a window cut
+    short at the edges once made them strays, and a B-frame seconds back a discontinuity)."""
+    slides = [0, 3000, 1000, 2000, 6000, 4000, 5000, 9000, 7000, 8000]
+    fast = [10_000 + 40 * k for k in range(200)]
+    middle = [fast[-1] + 1000 + t for t in slides]  # a slideshow between two 25-fps stretches
+    fast_again = [max(middle) + 1000 + 40 * k for k in range(200)]
+    end_card = [fast_again[-1] + 1000 * k for k in range(1, 11)]
+    index = index_of(slides + fast + middle + fast_again + end_card)
+    assert index.repairs == []
+    assert index.duration_s == pytest.approx((end_card[-1] + 40) / 1000)
+
+
+def test_a_garbage_pts_at_either_edge_is_still_repaired():
+    pts = np.arange(100) * 40
+    first_wrong, last_wrong = pts.copy(), pts.copy()
+    first_wrong[0], last_wrong[-1] = 30_000, 2_000  # above what follows / below what precedes
+    for wrong in (first_wrong, last_wrong):
+        index = index_of(wrong, dts=np.full(100, NOPTS))
+        np.testing.assert_array_equal(np.sort(index.pts), pts)
+        assert "1 of 100 video packets had a missing or stray pts" in index.repairs[0]
+

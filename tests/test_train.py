@@ -146,7 +146,8 @@ def test_class_balance_is_chosen_from_label_frequencies():
     assert balance["method"] == "pos-weight" and balance["pos_weight"] == {"kiss": 19.0}
     assert balance["positive_rate"] == {"kiss": 0.05}
     common = np.array([[1, 1]] * 9 + [[0, 1]], np.float32)  # kiss 90 %, hug 100 %: both skewed
-    assert class_balance(common, ["kiss", "hug"])["pos_weight"] == {"kiss": pytest.approx(1 / 9), "hug": 0.0}
+    # hug has no negative: nothing to balance, and a weight of 0 would silence its positives
+    assert class_balance(common, ["kiss", "hug"])["pos_weight"] == {"kiss": pytest.approx(1 / 9), "hug": 1.0}
     assert class_balance(rare, ["kiss"], "none")["method"] == "none"  # the flag overrides
     assert class_balance(rare, ["kiss"], "sample") == {**balance, "method": "sample", "requested": "sample",
                                                        "pos_weight": None}

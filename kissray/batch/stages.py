@@ -21,7 +21,7 @@ from kissray.batch.faults import NO_FAULTS, FaultPlan
 from kissray.batch.tables import ResultStore, TitleRecord, scores_table, segments_table
 from kissray.errors import one_line
 from kissray.media import ClipReader, probe
-from kissray.remote import is_remote
+from kissray.media.source import is_remote
 from kissray.score import SegmentParams, assemble_film
 from kissray.uris import is_local
 
@@ -56,7 +56,7 @@ def probe_windows(title: dict, spec: DecodeSpec) -> list[dict]:
     """The windows ``[start, stop)`` of one film, or a single failed window when it cannot be opened.
 
     A remote film (s3://, gs://, ...) is windowed like a local one: each window reads only its
-    byte ranges (:mod:`kissray.remote`), or a copy staged once per node. A film in a process's
+    byte ranges (:mod:`kissray.media.source`), or a copy staged once per node. A film in a process's
     memory (``memory://``) is one window: no other process can read it. So is every film when
     ``spec.split`` is off (a library with enough titles to keep every decoder busy): the probe
     would cost a decoder start-up per title and buy no parallelism (benchmarks/NOTES.md).

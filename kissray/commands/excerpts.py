@@ -14,7 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     defaults = ExcerptOptions()
     p = sub.add_parser("excerpts", help="cut segments into playable excerpts (+ thumbnails)", description=__doc__,
                        epilog="Files: DIR/<title_id>/<label>-<n>-<start>-<end>.mp4 and .jpg (n: the segment "
-                              "number, start/end: the segment's seconds, before padding). Existing files are "
+                              "number, start/end: the segment's seconds, before padding); with --by-label "
+                              "DIR/<label>/<title_id>/... Existing files are "
                               "skipped; exit code 3 when some film could not be cut.")
     p.add_argument("--scores", required=True, metavar="OUT", help="a `kissray score --out` directory (any fsspec URI)")
     p.add_argument("--label", action="append", default=None,
@@ -26,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="stream copy: fast, but starts at the keyframe before the segment (default: re-encode, "
                         "frame-accurate, H.264 + AAC)")
     p.add_argument("--no-thumbnails", action="store_true", help="skip the JPEG thumbnails")
+    p.add_argument("--by-label", action="store_true",
+                   help="one folder per label: DIR/<label>/<title_id>/<name> (names unchanged)")
     p.add_argument("--jobs", type=int, default=1, help="films cut at once (default 1)")
     p.set_defaults(func=run)
 
@@ -33,7 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from kissray.excerpts import write_excerpts
 
-    options = ExcerptOptions(pad_s=args.pad, copy=args.copy, thumbnails=not args.no_thumbnails)
+    options = ExcerptOptions(pad_s=args.pad, copy=args.copy, thumbnails=not args.no_thumbnails,
+                             by_label=args.by_label)
     summary = write_excerpts(args.scores, args.out, labels=args.label, options=options, jobs=args.jobs,
                              progress=sys.stderr.isatty())
     for title_id, reason in sorted(summary.failed.items()):

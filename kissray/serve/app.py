@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.exceptions import TaskCancelledError
 
+from kissray.auth import LOOPBACK_HOSTS
 from kissray.errors import MediaError
 from kissray.media import MediaInfo, MediaTooLargeError
 from kissray.score import FilmResult, Scorer, assemble_film, title_id_for
@@ -44,7 +45,6 @@ logger = logging.getLogger("ray.serve")  # Serve's replica logger: every line na
 APP_NAME = "kissray"
 IN_FLIGHT_CHUNKS = 4  # chunks of one request decoded but not yet classified: bounds memory on long films
 HEALTH_TIMEOUT_S = 10.0
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def _request_id() -> str:

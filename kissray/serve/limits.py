@@ -3,50 +3,13 @@ once (``DecodeSlots``, sized by ``cpu_allotment``)."""
 
 from __future__ import annotations
 
-import hmac
 import math
 import os
 import threading
-from dataclasses import dataclass, field
 
-from kissray.errors import UsageError
+from kissray.auth import API_KEY_ENV, ApiKey  # noqa: F401 - re-exported: the replica's key
 
-API_KEY_ENV = "KISSRAY_API_KEY"
 _CGROUP_ROOT = "/sys/fs/cgroup"
-
-
-# ---------------------------------------------------------------- authentication
-
-
-@dataclass(frozen=True)
-class ApiKey:
-    """The shared secret clients send as ``Authorization: Bearer KEY``; its repr never shows it."""
-
-    secret: bytes = field(repr=False)
-
-    @classmethod
-    def load(cls, path: str | None, environ=os.environ) -> "ApiKey | None":
-        """The key in ``path`` (stripped), else in ``$KISSRAY_API_KEY``; None when neither is set.
-
-        A configured file that is missing or empty is a UsageError: the replica fails closed.
-        """
-        if path:
-            try:
-                with open(path, "rb") as f:
-                    secret = f.read().strip()
-            except OSError as e:
-                raise UsageError(f"api_key_file {path}: cannot read ({e.strerror})") from None
-            if not secret:
-                raise UsageError(f"api_key_file {path} is empty")
-            return cls(secret)
-        secret = environ.get(API_KEY_ENV, "").strip().encode()
-        return cls(secret) if secret else None
-
-    def allows(self, authorization: str | None) -> bool:
-        """True when an ``Authorization`` header value carries this key (constant-time comparison)."""
-        scheme, _, token = (authorization or "").strip().partition(" ")
-        same = hmac.compare_digest(token.strip().encode(), self.secret)
-        return same and scheme.lower() == "bearer"
 
 
 # ---------------------------------------------------------------- decode capacity

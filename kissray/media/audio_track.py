@@ -1,6 +1,6 @@
 """A film's audio on its timeline: mono 16 kHz samples decoded forward on demand with PyAV.
 
-Used by the decoder child (:mod:`kissray.decode`); the log-mel of those samples is :mod:`kissray.audio`.
+Used by the decoder child (:mod:`kissray.media.child`); the log-mel of those samples is :mod:`kissray.audio`.
 """
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from typing import Iterator
 import numpy as np
 
 from kissray.audio import SAMPLE_RATE_HZ
-from kissray.index import MAX_FRAME_GAP_S
-from kissray.remote import Film, open_container
+from kissray.media.ranges import ReadPolicy
+from kissray.media.source import Film, open_container
+from kissray.media.timeline import MAX_FRAME_GAP_S
 
 AUDIO_SEEK_MARGIN_S = 1.0  # seek this far before the first sample needed, then decode forward
 AUDIO_FRAMES_PER_RUN = 64  # audio frames (~1.5 s of AAC at 44.1 kHz) resampled in one call
@@ -27,7 +28,7 @@ class AudioTrack:
     """
 
     def __init__(self, path: str | Film, stream_index: int, origin_s: float, first_sample: int):
-        self._container = open_container(path, "ranges")
+        self._container = open_container(path, ReadPolicy.RANGES)
         self._stream = self._container.streams[stream_index]
         self._origin_s = origin_s  # absolute time of the film's t = 0
         self._buf = np.zeros(0, np.float32)
@@ -37,7 +38,7 @@ class AudioTrack:
         self._decoded_any = False  # some audio came out of the decoder
         self._chunks = self._decode(first_sample)
         self._held: tuple[int | None, np.ndarray] | None = None  # a decoded chunk that starts after the last read
-        self._shift = 0  # samples added to timestamps after discontinuities (kissray.index splices video alike)
+        self._shift = 0  # samples added to timestamps after discontinuities (kissray.media.timeline splices video alike)
         self._placed = False  # a chunk has been placed: later jumps are discontinuities, not the start
 
     def close(self) -> None:

@@ -1,6 +1,6 @@
-"""Stills of one window of a film, decoding only the packets they depend on (SPEC 2, stills modes).
+"""A film's video: the stills of one window, decoding only the packets they depend on (SPEC 2, stills modes).
 
-For each still (a frame of :class:`~kissray.index.FrameIndex`) decoding must start at the last
+For each still (a frame of :class:`~kissray.media.timeline.FrameIndex`) decoding must start at the last
 keyframe before it in decode order whose pts is not after it (an open GOP's leading frames need
 the GOP before). So the packets sent to the decoder are the union of the runs [that keyframe,
 the still's packet]; everything else is demuxed and dropped:
@@ -13,15 +13,24 @@ the still's packet]; everything else is demuxed and dropped:
 
 Every packet sent is stamped with the index's repaired pts, and a decoded frame is a still only if
 its pts is a still's, so which frame a still is never depends on what was skipped.
+:class:`VideoTrack` falls back to a full decode, then to decord, where this cannot vouch for a still.
 """
 
 from __future__ import annotations
 
+from typing import Callable, Iterator
+
 import numpy as np
 
-from kissray.index import NOPTS, FrameIndex, only_first_video
-from kissray.remote import Film, open_container
+from kissray.defaults import STILLS_MODES
+from kissray.errors import DecodeError, MediaOpenError
+from kissray.media.demux import only_first_video, open_decord, short_reason
+from kissray.media.ranges import ReadPolicy
+from kissray.media.source import Film, open_container
+from kissray.media.timeline import NOPTS, FrameIndex
 
+CLIP_GROUP = 32  # clips decoded together: one batched log-mel FFT, one decord get_batch
+DECORD_MATCH_S = 2e-3  # decord's frame times (float32) agree with the index within this
 SEEK_ATTEMPTS = 3  # keyframes tried, latest first, before demuxing a window from the film's start
 MAX_PENDING_STILLS = 64  # stills decoded past a missing one before it is declared missing
 
@@ -138,7 +147,7 @@ class SparseStills:
 
     def _open(self):
         self.close()
-        self._container = open_container(self._path, "blocks")
+        self._container = open_container(self._path, ReadPolicy.BLOCKS)
         if getattr(self._path, "source", None) is not None:  # a remote film: no read-ahead past the last run
             after = int(self._runs[-1, 1]) + 1
             self._path.source.read_ahead_until = int(self._index.pos[after]) if after < len(self._index) else None
@@ -203,3 +212,98 @@ def decode_runs(index: FrameIndex, still_packets: np.ndarray) -> np.ndarray:
         else:
             merged.append([start, end])
     return np.array(merged, np.int64).reshape(-1, 2)
+
+
+class VideoTrack:
+    """A film's video: its :class:`~kissray.media.timeline.FrameIndex` and the stills of one window.
+
+    Stills come from :class:`SparseStills`. When it cannot vouch for a still, the
+    rest of the window is decoded again without skipping anything, and if that cannot vouch for one
+    either, by decord (provided decord's frame index agrees with the packets'; otherwise those
+    clips are gaps). Each such step calls ``on_fallback(to, reason, n_clips)``; the caller logs
+    and counts it. A decode error libavcodec reports is that clip's gap, never a fallback.
+    """
+
+    def __init__(self, path: str | Film, uri: str, index: FrameIndex, size: int | None, threads: int = 0,
+                 stills: str = "exact", decord_only: bool = False,
+                 on_fallback: Callable[[str, str, int], None] | None = None):
+        if stills not in STILLS_MODES:
+            raise ValueError(f"stills must be one of {STILLS_MODES}, not {stills!r}")
+        self.uri, self.index, self._path, self._size, self._threads = uri, index, path, size, threads
+        self.keyframes_only, self.decord_only = stills == "keyframe", decord_only
+        self._on_fallback = on_fallback or (lambda to, reason, n_clips: None)
+        self.fallbacks: list[str] = []  # "to: reason" of each fallback in this track's windows
+
+    def still_indices(self, clip_indices: np.ndarray, frames_per_clip: int) -> np.ndarray:
+        """int[n, K]: for each clip, the presentation positions of its stills (SPEC 2)."""
+        return self.index.still_positions(clip_indices, frames_per_clip, self.keyframes_only)
+
+    def stills(self, indices: np.ndarray, first_clip: int) -> Iterator[np.ndarray | DecodeError]:
+        """Per clip, uint8[K, H, W, 3] RGB stills, or a DecodeError for a clip that cannot be decoded
+        (``indices``: int[n, K], the stills of consecutive clips from ``first_clip``)."""
+        if self.decord_only:
+            self._fell_back("decord", "PyAV cannot read this container", len(indices))
+            yield from self._decord_stills(indices, first_clip, "PyAV cannot read this container")
+            return
+        row, dense = 0, False
+        while row < len(indices):
+            stills = SparseStills(self._path, self.index, indices[row:].ravel(), self._size, self._threads, dense)
+            try:
+                for row in range(row, len(indices)):
+                    try:
+                        yield np.stack([stills.still(int(p)) for p in indices[row]])
+                    except StillDecodeError as e:
+                        yield DecodeError(self.uri, f"clip {first_clip + row}: {e}")
+                row = len(indices)
+            except Unvouched as e:
+                self._fell_back("decord" if dense else "full decode", str(e), len(indices) - row)
+                if dense:
+                    yield from self._decord_stills(indices[row:], first_clip + row, str(e))
+                    return
+                dense = True
+            finally:
+                stills.close()
+
+    def _fell_back(self, to: str, reason: str, n_clips: int) -> None:
+        self.fallbacks.append(f"{to}: {reason}")
+        self._on_fallback(to, reason, n_clips)
+
+    def _decord_stills(self, indices: np.ndarray, first_clip: int, why: str) -> Iterator[np.ndarray | DecodeError]:
+        """decord's ``get_batch`` per group of clips, then ``seek(0)``: its threaded decoder
+        otherwise keeps decoding ahead while the caller is busy (benchmarks/NOTES.md section 2).
+        A failed group is redone clip by clip, reopening the reader after each failure."""
+        try:
+            reader = self._agreeing_decord()
+        except Exception as e:  # decord cannot open it, or its index is not the packets'
+            for row in range(len(indices)):
+                yield DecodeError(self.uri, f"clip {first_clip + row}: {why}; decord: {short_reason(e)}")
+            return
+        for lo in range(0, len(indices), CLIP_GROUP):
+            group = indices[lo:lo + CLIP_GROUP]
+            unique, inverse = np.unique(group, return_inverse=True)
+            try:
+                batch = reader.get_batch(unique.tolist()).asnumpy()
+                reader.seek(0)
+            except Exception:
+                yield from self._stills_one_by_one(group, first_clip + lo)
+                reader = open_decord(self._path, self._size, self._threads)
+                continue
+            yield from batch[inverse.reshape(group.shape)]
+
+    def _agreeing_decord(self):
+        reader = open_decord(self._path, self._size, self._threads)
+        if self.decord_only:
+            return reader
+        times = np.asarray(reader.get_frame_timestamp(np.arange(len(reader))), np.float64)[:, 0]
+        if len(times) != len(self.index) or not np.all(np.abs(times - times[0] - self.index.pts_s) <= DECORD_MATCH_S):
+            raise MediaOpenError(self.uri, "decord's frame index disagrees with the packets")
+        return reader
+
+    def _stills_one_by_one(self, indices: np.ndarray, first_clip: int) -> Iterator[np.ndarray | DecodeError]:
+        reader = open_decord(self._path, self._size, 1)
+        for row, clip_indices in enumerate(indices):
+            try:
+                yield reader.get_batch(clip_indices.tolist()).asnumpy()
+            except Exception as e:
+                yield DecodeError(self.uri, f"clip {first_clip + row}: {short_reason(e)}")
+                reader = open_decord(self._path, self._size, 1)

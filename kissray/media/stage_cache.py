@@ -1,4 +1,4 @@
-"""A node-wide cache of remote films copied to local disk: ``staged_copy(uri)``.
+"""The node-wide cache of remote films copied to local disk: ``staged_copy(uri)`` (every copy kissray makes).
 
 Some containers cannot be read by byte ranges (no index: MPEG-TS, Matroska, AVI), so a remote film
 is copied to local disk once per node, and every window, task and process that decodes it shares
@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -31,8 +32,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from kissray.errors import MediaOpenError, MediaTooLargeError, UsageError
-from kissray.remote import object_version
-from kissray.uris import is_local_fs
+from kissray.uris import is_local_fs, object_version
 
 DIR_VARIABLE = "KISSRAY_STAGE_DIR"
 LIMIT_VARIABLE = "KISSRAY_STAGE_MAX_BYTES"
@@ -76,7 +76,7 @@ def cache_limit_bytes(directory: str) -> int:
 
 @contextlib.contextmanager
 def staged_copy(uri: str, *, directory: str | None = None, max_bytes: int | None = None,
-                on_progress: ProgressCallback | None = None) -> Iterator[str]:
+                on_progress: ProgressCallback | None = None, private: bool = False) -> Iterator[str]:
     """A local path holding the object at ``uri`` (any fsspec URI), shared by every process on this node.
 
     A local file is its own path. A remote object is downloaded once into the cache (``directory``,
@@ -85,11 +85,18 @@ def staged_copy(uri: str, *, directory: str | None = None, max_bytes: int | None
     objects (:class:`MediaTooLargeError`). ``on_progress(n_bytes)`` is called after each chunk
     copied, and every second while waiting on another process's download (with its bytes so far).
     Errors are :class:`MediaOpenError` naming ``uri``.
+
+    ``private``: a copy for this caller alone, in ``directory`` (default the system temp dir),
+    removed when the block ends (the same checks, no cache).
     """
     source = _Source.of(uri)
     _check_size(uri, source.size, max_bytes)
     if source.local:
         yield source.path
+        return
+    if private:
+        with _private_copy(source, directory, max_bytes, on_progress or (lambda n_bytes: None)) as path:
+            yield path
         return
     entry = _Entry(_open_dir(directory or cache_dir(), uri), source.key, source.extension)
     _remove_stale_parts(entry.directory)
@@ -101,6 +108,20 @@ def staged_copy(uri: str, *, directory: str | None = None, max_bytes: int | None
         with contextlib.suppress(OSError):
             _touch(entry.path)
         os.close(lock)
+
+
+@contextlib.contextmanager
+def _private_copy(source: "_Source", directory: str | None, max_bytes: int | None,
+                  on_progress: ProgressCallback) -> Iterator[str]:
+    fd, path = _local_io(source.uri, tempfile.mkstemp, source.extension, "kissray-stage-", directory)
+    os.close(fd)
+    try:
+        with _local_io(source.uri, open, path, "wb") as out:
+            _copy(source, out, max_bytes if max_bytes is not None else math.inf, max_bytes, on_progress)
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 def _touch(path: str) -> None:
@@ -270,11 +291,13 @@ def _holds(lock: int, path: str) -> bool:
 
 
 def _is_complete(entry: _Entry, size: int | None) -> bool:
-    """The entry exists with the object's size (a copy cut short by a crash does not count)."""
+    """The entry exists, with the object's size where the store says it (a copy is renamed into
+    place only when complete; one cut short by a crash stays a ``.part``)."""
     try:
-        return size is None or os.stat(entry.path).st_size == size
+        n_bytes = os.stat(entry.path).st_size
     except FileNotFoundError:
         return False
+    return size is None or n_bytes == size
 
 
 def _file_bytes(path: str) -> int:
@@ -302,10 +325,16 @@ def _download(entry: _Entry, source: _Source, lock: int, max_bytes: int | None,
         out = _local_io(source.uri, open, entry.part, "wb")  # made under the space lock: _make_room counts it
     with out:
         copied = _copy(source, out, limit, max_bytes, on_progress)
+        _local_io(source.uri, _flush_to_disk, out)  # on disk before its name says "complete"
     if source.size is not None and copied != source.size:
         raise MediaOpenError(source.uri, f"changed while being staged: {copied} bytes read of {source.size}")
     with _space_lock(entry.directory):  # a rename during another's scan could hide the file from it
         _local_io(source.uri, os.replace, entry.part, entry.path)
+
+
+def _flush_to_disk(out) -> None:
+    out.flush()
+    os.fsync(out.fileno())
 
 
 def _copy(source: _Source, out, limit: int, max_bytes: int | None, on_progress: ProgressCallback) -> int:

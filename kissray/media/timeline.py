@@ -1,9 +1,9 @@
 """Which frames a film has, when, and which packet holds each: the frame index (SPEC 2).
 
-Timestamps are evidence, not truth. The index is read from the video stream's demuxed packets
-(PyAV, nothing decoded): each packet's pts is one frame's presentation time, its keyframe flag
-says where decoding can start. Before anything is built on them the timestamps are checked and
-repaired from the packets themselves:
+Pure numpy, no I/O: :mod:`kissray.media.demux` lists the video stream's packets (nothing decoded),
+this module builds the index from them. Each packet's pts is one frame's presentation time, its
+keyframe flag says where decoding can start. Timestamps are evidence, not truth: before anything
+is built on them they are checked and repaired from the packets themselves:
 
 - a packet without a pts gets ``dts + (the stream's usual pts - dts)``, or the previous one's
   pts plus one frame when it has no dts either;
@@ -19,21 +19,19 @@ Memory is proportional to the number of packets actually demuxed, never to a dec
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 
 import numpy as np
 
 from kissray.errors import MediaOpenError
-from kissray.remote import Film, open_container
 
 MAX_DURATION_S = 7 * 24 * 3600.0  # longer than any film: a timeline beyond this is broken metadata
 MAX_FRAME_GAP_S = 60.0  # no frame for this long (in decode order) is a timestamp discontinuity
 REORDER_FRAMES = 16  # B-frame reordering moves a pts at most this many frames from decode order
 MIN_FPS, MAX_FPS = 0.1, 1000.0  # frame rates a container may declare and be believed
 NOPTS = np.iinfo(np.int64).min  # a missing timestamp in the raw arrays
-TRUNCATION_MIN_S = 2.0  # video this much (and 10 %) shorter than the container declares: maybe cut short
-TAIL_PROBE_S, TAIL_PROBE_PACKETS = 10.0, 2000  # how far before the declared end, and how much, is read to check
 
 
 @dataclass
@@ -105,120 +103,6 @@ class FrameIndex:
         return int(hits[0]) if len(hits) == 1 else None
 
 
-def read_index(path: str | Film, uri: str) -> FrameIndex:
-    """Demux the first video stream of a film (no decoding) and build its checked index.
-    ``path``: a local file, or a :class:`kissray.remote.Film` (a remote MP4's packets are listed
-    from its ``moov`` with the media data blanked, then the first ones checked against their bytes)."""
-    import av
-
-    try:
-        container = open_container(path, "index")
-    except av.FFmpegError as e:
-        raise MediaOpenError(uri, f"not a readable media file ({e})") from e
-    with container:
-        if not container.streams.video:
-            raise MediaOpenError(uri, "no video stream")
-        stream = only_first_video(container)
-        columns, truncated = _demux(container, stream)
-        if not columns[0]:
-            raise MediaOpenError(uri, "no video packets")
-        declared_frames = stream.frames or 0
-        declared_s = container.duration / 1e6 if container.duration else None
-        fps = _declared_fps(stream)
-        time_base = stream.time_base
-    if getattr(path, "source", None) is not None:
-        _check_blanked(path, columns)
-    pts, dts, pos, durations = (np.array(c, np.int64) for c in columns[:4])
-    truncated = truncated or declared_frames > len(pts) or _cut_short(path, declared_s, pts, time_base)
-    return build_index(pts, dts, pos, durations, np.array(columns[4], bool), Fraction(time_base), fps, uri,
-                       truncated, hidden=np.array(columns[5], bool))
-
-
-def only_first_video(container):
-    """The first video stream, with every other stream discarded (the demuxer skips their data)."""
-    from av.stream import Discard
-
-    video = container.streams.video[0]
-    for stream in container.streams:
-        if stream.index != video.index:
-            stream.discard = Discard.all
-    return video
-
-
-def _demux(container, stream, limit: int | None = None) -> tuple[tuple[list, ...], bool]:
-    """Lists of pts, dts, pos, duration, keyframe, hidden of the non-empty video packets (the first
-    ``limit``); True if reading broke off (one list per column: ~1 s for a 2-hour film's 180,000 packets)."""
-    import av
-
-    columns = pts, dts, pos, durations, keyframes, hidden = [], [], [], [], [], []
-    try:
-        for packet in container.demux(stream):
-            if limit is not None and len(pts) >= limit:
-                break
-            if packet.size:
-                pts.append(NOPTS if packet.pts is None else packet.pts)
-                dts.append(NOPTS if packet.dts is None else packet.dts)
-                pos.append(-1 if packet.pos is None else packet.pos)
-                durations.append(packet.duration or 0)
-                keyframes.append(packet.is_keyframe)
-                hidden.append(bool(getattr(packet, "is_discard", False)))  # an edit list's pre-roll
-    except av.FFmpegError:  # damaged data: the index is what could be read
-        return columns, True
-    return columns, False
-
-
-def _check_blanked(film: Film, columns: tuple[list, ...]) -> None:
-    """Compare the first packets listed with the media data blanked with the same packets demuxed
-    with their bytes: a demuxer that parses the data (not only ``moov``) lists other packets, and
-    then the film must be read whole (raises :class:`kissray.remote.NotRangeReadable`)."""
-    from kissray.remote import CHECKED_PACKETS, NotRangeReadable
-
-    listed = list(zip(*(column[:CHECKED_PACKETS] for column in columns[:5])))
-    with open_container(film, "ranges") as container:
-        real, _ = _demux(container, only_first_video(container), limit=len(listed))
-    if list(zip(*real[:5])) != listed:
-        raise NotRangeReadable("the packets listed without the media data are not the packets in it")
-
-
-def _cut_short(path: str | Film, declared_s: float | None, pts: np.ndarray, time_base) -> bool:
-    """True when the container declares much more than its video has and no stream has data near
-    the declared end: a file cut short (e.g. an interrupted Matroska download, whose demuxer reports
-    no error). Video that ends before the audio is not cut short: the audio reaches the end."""
-    known = pts[pts != NOPTS]
-    if declared_s is None or not np.isfinite(declared_s) or not len(known):
-        return False
-    missing_s = declared_s - float((known.max() - known.min()) * time_base)
-    if missing_s <= max(TRUNCATION_MIN_S, 0.1 * declared_s):
-        return False
-    return _data_end_s(path, declared_s) < declared_s - missing_s / 2
-
-
-def _data_end_s(path: str | Film, declared_s: float) -> float:
-    """Where the data of any stream ends (seconds from the container's start), read near the end."""
-    import av
-
-    end_s = 0.0
-    with open_container(path, "index") as container:
-        start_s = container.start_time / 1e6 if container.start_time else 0.0
-        try:
-            container.seek(int((start_s + max(0.0, declared_s - TAIL_PROBE_S)) * 1e6), any_frame=True)
-            for n, packet in enumerate(container.demux()):
-                if packet.pts is not None and packet.time_base:
-                    end_s = max(end_s, float((packet.pts + (packet.duration or 0)) * packet.time_base) - start_s)
-                if n >= TAIL_PROBE_PACKETS:
-                    break
-        except av.FFmpegError:
-            pass  # what was read is the evidence
-    return end_s
-
-
-def _declared_fps(stream) -> float | None:
-    for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
-        if rate and MIN_FPS <= float(rate) <= MAX_FPS:
-            return float(rate)
-    return None
-
-
 def build_index(raw_pts: np.ndarray, raw_dts: np.ndarray, pos: np.ndarray, durations: np.ndarray,
                 keyframe: np.ndarray, time_base: Fraction, fps: float | None, uri: str,
                 truncated: bool = False, hidden: np.ndarray | None = None) -> FrameIndex:
@@ -273,10 +157,16 @@ def _fill_missing(raw_pts: np.ndarray, raw_dts: np.ndarray, frame: int, repairs:
 
 
 def _outliers(ts: np.ndarray, frame: int) -> np.ndarray:
-    """Timestamps far from the median of their neighbours in decode order (missing ones are not).
+    """Lone garbage timestamps: a spike above the packets after it, or a dip below those before
+    it, by more than reordering allows, that is out of line with the other side too (missing
+    ones are not outliers).
 
-    Only packets that differ from a neighbour by more than reordering allows are examined (the
-    two sides of a discontinuity, garbage values): a clean film costs one ``diff``.
+    Each side is the median of up to REORDER_FRAMES known neighbours in decode order, never a
+    window that straddles the packet: a valid variable frame rate (a slideshow, a title or end
+    card, a still held for seconds, also at the film's first and last packets) only ever climbs,
+    so no packet of it is above what follows or below what precedes it. The two sides of a
+    timestamp discontinuity are left to :func:`_splice_discontinuities`. Only packets that differ
+    from a neighbour by more than reordering allows are examined: a clean film costs one ``diff``.
     """
     tolerance, half = (REORDER_FRAMES + 1) * frame, REORDER_FRAMES
     values = np.where(ts != NOPTS, ts, 0).astype(np.float64)
@@ -286,25 +176,38 @@ def _outliers(ts: np.ndarray, frame: int) -> np.ndarray:
     candidates = np.flatnonzero(np.concatenate([far, [False]]) | np.concatenate([[False], far]))
     out = np.zeros(len(ts), bool)
     for d in candidates:
-        window = values[max(0, d - half):d + half + 1]
-        if np.count_nonzero(~np.isnan(window)) >= 3:
-            out[d] = abs(values[d] - np.nanmedian(window)) > tolerance
+        before, after = _known(values[max(0, d - half):d]), _known(values[d + 1:d + half + 1])
+        below = [values[d] < np.median(side) - tolerance for side in (before, after) if len(side)]
+        above = [values[d] > np.median(side) + tolerance for side in (after, before) if len(side)]
+        out[d] = (len(before) > 0 and all(below)) or (len(after) > 0 and all(above))
     return out
 
 
+def _known(values: np.ndarray) -> np.ndarray:
+    return values[~np.isnan(values)]
+
+
 def _splice_discontinuities(pts: np.ndarray, frame: int, time_base: Fraction, repairs: list[str]) -> np.ndarray:
-    """Splice out jumps back beyond reordering, or forward beyond MAX_FRAME_GAP_S, in decode order."""
+    """Splice out jumps back beyond reordering, or forward beyond MAX_FRAME_GAP_S, in decode order.
+
+    Reordering moves a frame at most REORDER_FRAMES packets, whatever the frame rate: so a jump
+    back is measured from the packets before those (a B-frame of a slideshow comes seconds after
+    the P-frame decoded before it, and is no discontinuity)."""
     tolerance, max_gap = (REORDER_FRAMES + 1) * frame, max(frame, round(MAX_FRAME_GAP_S / time_base))
     running_max = np.maximum.accumulate(pts)
     prev = np.concatenate([[pts[0]], running_max[:-1]])
-    jumps = np.flatnonzero((pts < prev - tolerance) | (pts > prev + max_gap))
+    lag = REORDER_FRAMES + 1
+    settled = np.concatenate([np.full(min(lag, len(pts)), np.iinfo(np.int64).min), running_max[:-lag]])
+    jumps = np.flatnonzero((pts < settled - tolerance) | (pts > prev + max_gap))
     if len(jumps) == 0:
         return pts
     out, shift, top, spliced = pts.copy(), 0, int(pts[0]), 0
-    cuts = set(int(j) for j in jumps)
+    cuts, settled_top = set(int(j) for j in jumps), -math.inf  # the top of the packets before the last `lag`
     for d in range(len(pts)):  # jumps are rare; shifts accumulate, so this is a walk
+        if d >= lag:
+            settled_top = max(settled_top, int(out[d - lag]))
         value = int(pts[d]) + shift
-        if d in cuts and (value < top - tolerance or value > top + max_gap):
+        if d in cuts and (value < settled_top - tolerance or value > top + max_gap):
             shift += top + frame - value
             value, spliced = top + frame, spliced + 1
         out[d] = value

@@ -1,142 +1,43 @@
-"""Films in, 1-second clips out: ``probe`` and ``iter_clips`` (SPEC sections 2-3).
+"""The parent's side of decoding: :class:`ClipReader` and the pool of decoder children.
 
-Clip ``i`` covers ``[i, i+1)`` seconds of the film's timeline (t = 0 at the first video frame).
-Decoding runs in a child process (``python -m kissray.decode``) that streams clips back over a
-pipe: a decoder that hangs is killed after ``timeout_s`` without progress, a crash or leak in
-decord / FFmpeg dies with the child, and the caller gets one typed :class:`MediaError`. A child
-that finished a request cleanly is kept for the next one (:class:`DecoderPool`): starting one
-costs ~0.35 CPU-s of Python and library imports, paid per window and per title otherwise.
-A remote film (``s3://``, ``gs://``, ...) is read by the child itself, by byte ranges or from a
-copy staged once per node (:mod:`kissray.remote`); such children (``REMOTE_DECODERS``) have this
-process's environment, those of local files only a minimal one. This module imports only numpy
-and fsspec; the decoders live in :mod:`kissray.decode`.
+Decoding runs in a child process (:mod:`kissray.media.child`) that streams clips back over a pipe
+(:mod:`kissray.media.protocol`): a decoder that hangs is killed after ``timeout_s`` without
+progress, a crash or leak in decord / FFmpeg dies with the child, and the caller gets one typed
+:class:`MediaError`. A child that finished a request cleanly is kept for the next one
+(:class:`DecoderPool`): starting one costs ~0.35 CPU-s of Python and library imports, paid per
+window and per title otherwise. A remote film (``s3://``, ``gs://``, ...) is read by the child
+itself (:mod:`kissray.media.source`); such children (``REMOTE_DECODERS``) have this process's
+environment, those of local files only a minimal one. This module imports only numpy and fsspec.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import json
 import logging
 import os
-import select
-import struct
 import subprocess
 import sys
 import tempfile
 import threading
-import time
-from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 
-from kissray.defaults import DECODE_TIMEOUT_S, IMAGE_SIZE_PX, STILLS_MODES
-from kissray.errors import (ERRORS_BY_NAME, DecodeError, DecodeTimeoutError, MediaError, MediaOpenError,  # noqa: F401
-                            MediaTooLargeError)
-from kissray.remote import is_remote
+from kissray.defaults import DECODE_TIMEOUT_S, STILLS_MODES
+from kissray.errors import ERRORS_BY_NAME, DecodeError, DecodeTimeoutError, MediaError, MediaOpenError
+from kissray.media.info import DEFAULT_SIZE, Clip, MediaInfo
+from kissray.media.protocol import CHILD_MODULE, MessageReader, encode_request
+from kissray.media.source import is_remote, local_path
 
-DEFAULT_SIZE = IMAGE_SIZE_PX  # ResNet-18 input, pixels (square)
-MAX_CLIPS = 2**31 - 1  # clip indices are int32 columns
 DEFAULT_TIMEOUT_S = DECODE_TIMEOUT_S  # longest wait for one clip before the decoder is killed
 OPEN_TIMEOUT_FACTOR = 4  # opening (indexing) a film may take this many clip timeouts
 MAX_IDLE_DECODERS = 2  # decoder children kept per process between requests
 MAX_REQUESTS_PER_DECODER = 50  # then the child is retired: whatever a library leaks cannot pile up
-STAGE_CHUNK_BYTES = 8 << 20  # copy size when staging a remote film to local disk
-VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".ts", ".m2ts", ".mts",
-                    ".mpg", ".mpeg", ".wmv", ".flv", ".ogv", ".3gp", ".vob", ".mxf")
-
-
-@dataclass(frozen=True)
-class MediaInfo:
-    duration_s: float  # first video frame to the end of the last one
-    fps: float
-    width: int
-    height: int
-    has_audio: bool  # an audio stream with a decoder exists (decoding may still fail)
-    n_clips: int  # floor(duration_s + 0.5)
-    repairs: str = ""  # timestamps the decoder repaired from the packets (SPEC 2), "" when none
-
+# a decoder child decodes on one BLAS thread unless told otherwise (benchmarks/NOTES.md section 24)
+CHILD_THREAD_DEFAULTS = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Clip:
-    index: int  # covers [index, index + 1) seconds
-    frames: np.ndarray  # uint8[K, size, size, 3], RGB
-    log_mel: np.ndarray  # float32[96, 64], VGGish patch ending at (index + 1) s
-    has_audio: bool = True  # False when this clip's audio is silence because none decoded
-
-
-def n_clips_for(duration_s: float) -> int:
-    """floor(duration_s + 0.5), within [0, MAX_CLIPS] (the decoder refuses absurd durations first)."""
-    if not np.isfinite(duration_s):
-        return 0
-    return int(min(max(np.floor(duration_s + 0.5), 0), MAX_CLIPS))
-
-
-def probe(uri: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> MediaInfo:
-    """Open a film and describe it; raises :class:`MediaError` subclasses for bad input."""
-    with ClipReader(uri, 0, 0, timeout_s=timeout_s) as reader:
-        return reader.info
-
-
-def iter_clips(uri: str, start: int = 0, stop: int | None = None, *, frames_per_clip: int = 1,
-               size: int = DEFAULT_SIZE, stills: str = "exact", timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[Clip]:
-    """Yield clips ``start <= i < stop`` of the film at ``uri`` (any fsspec URI), in order.
-    ``stills``: one of STILLS_MODES (SPEC 2)."""
-    with ClipReader(uri, start, stop, frames_per_clip=frames_per_clip, size=size, stills=stills,
-                    timeout_s=timeout_s) as reader:
-        yield from reader
-
-
-@contextlib.contextmanager
-def local_path(uri: str, *, staging_dir: str | None = None, max_bytes: int | None = None) -> Iterator[str]:
-    """A local file path for ``uri``: the file itself when local, else a staged temporary copy
-    (in ``staging_dir``, default the system temp dir). With ``max_bytes``, a larger object raises
-    :class:`MediaTooLargeError`: by the size the filesystem reports, and by the bytes copied."""
-    from kissray.stage_cache import resolve
-
-    fs, path, local_size = resolve(uri)
-    if local_size is not None:
-        _check_size(uri, local_size, max_bytes)
-        yield path
-        return
-    if max_bytes is not None:
-        try:
-            _check_size(uri, fs.size(path), max_bytes)
-        except FileNotFoundError as e:
-            raise MediaOpenError(uri, "no such file") from e
-    suffix = os.path.splitext(path)[1][:16]
-    fd, tmp = tempfile.mkstemp(prefix="kissray-stage-", suffix=suffix, dir=staging_dir)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            try:
-                with fs.open(path, "rb") as src:
-                    _copy_capped(src, out, uri, max_bytes)
-            except FileNotFoundError as e:
-                raise MediaOpenError(uri, "no such file") from e
-            except OSError as e:
-                raise MediaOpenError(uri, f"cannot read: {e}") from e
-        yield tmp
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-
-
-def _check_size(uri: str, n_bytes: int | None, max_bytes: int | None) -> None:
-    if max_bytes is not None and n_bytes is not None and n_bytes > max_bytes:
-        raise MediaTooLargeError(uri, f"{n_bytes} bytes is over the limit of {max_bytes} bytes")
-
-
-def _copy_capped(src, out, uri: str, max_bytes: int | None) -> None:
-    """Copy in STAGE_CHUNK_BYTES chunks, counting: an object that grows past the limit is refused."""
-    copied = 0
-    while chunk := src.read(STAGE_CHUNK_BYTES):
-        copied += len(chunk)
-        _check_size(uri, copied, max_bytes)
-        out.write(chunk)
 
 
 class ClipReader:
@@ -308,14 +209,15 @@ def remote_decoder_env(environ=os.environ) -> dict[str, str]:
 
 
 class _DecoderProcess:
-    """One ``python -m kissray.decode`` child, speaking the framed protocol of :mod:`kissray.decode`."""
+    """One ``python -m kissray.media.child`` child, speaking :mod:`kissray.media.protocol`."""
 
     def __init__(self, env: dict[str, str]):
         self.uri, self.requests = "", 0
-        self._buf = bytearray()
         self._stderr = tempfile.TemporaryFile()
-        self._proc = subprocess.Popen([sys.executable, "-m", "kissray.decode"], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, stderr=self._stderr, env=env, bufsize=0)
+        self._proc = subprocess.Popen([sys.executable, "-m", CHILD_MODULE], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=self._stderr,
+                                      env={**CHILD_THREAD_DEFAULTS, **env}, bufsize=0)
+        self._messages = MessageReader(self._proc.stdout.fileno())
 
     def alive(self) -> bool:
         return self._proc.poll() is None
@@ -327,23 +229,21 @@ class _DecoderProcess:
         self.uri, self.requests = uri, self.requests + 1
         self._stderr.seek(0)
         self._stderr.truncate()  # a crash report should be about this film
-        self._proc.stdin.write(json.dumps(request).encode() + b"\n")
+        self._proc.stdin.write(encode_request(request))
 
     def close(self) -> None:
         if self._proc.poll() is None:
             self._proc.kill()
         self._proc.wait()
+        self._messages.close()
         for stream in (self._proc.stdin, self._proc.stdout, self._stderr):
             with contextlib.suppress(OSError):
                 stream.close()
 
     def receive(self, timeout_s: float, opening: bool = False) -> tuple[dict, bytes]:
         """Next message: a JSON header and its payload. Errors in the child are re-raised here."""
-        deadline = time.monotonic() + timeout_s
         try:
-            (header_len,) = struct.unpack("<I", self._read_exact(4, deadline))
-            header = json.loads(self._read_exact(header_len, deadline))
-            payload = self._read_exact(header.get("payload", 0), deadline)
+            header, payload = self._messages.receive(timeout_s)
         except TimeoutError as e:
             self._proc.kill()
             what = "opening the film" if opening else "the next clip"
@@ -354,22 +254,6 @@ class _DecoderProcess:
         if header["type"] == "error":
             raise ERRORS_BY_NAME.get(header["error"], MediaError)(self.uri, header["reason"])
         return header, payload
-
-    def _read_exact(self, n: int, deadline: float) -> bytes:
-        fd = self._proc.stdout.fileno()
-        while len(self._buf) < n:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError
-            ready, _, _ = select.select([fd], [], [], remaining)
-            if ready:
-                chunk = os.read(fd, max(1 << 20, n - len(self._buf)))
-                if not chunk:
-                    raise EOFError
-                self._buf += chunk
-        data = bytes(self._buf[:n])
-        del self._buf[:n]
-        return data
 
     def _exit_reason(self) -> str:
         try:

@@ -1,9 +1,9 @@
-"""Remote films read by byte ranges, without copying them: the decoder child's side of object storage.
+"""The range reader: a remote film read by byte ranges through one block cache, without copying it.
 
 An ISO media file (MP4, MOV, M4V, 3GP) is a list of boxes: ``moov`` holds the index of every
 sample (its time, size, byte offset, keyframe flag) and ``mdat`` the samples themselves. So:
 
-- the frame index (:mod:`kissray.index`) is read with the media data *blanked*: reads that fall
+- the frame index (:mod:`kissray.media.demux`) is read with the media data *blanked*: reads that fall
   inside ``mdat`` return zeros without touching the store, everything else is fetched. FFmpeg's own
   MP4 demuxer then lists every packet (edit lists, composition offsets, keyframes) from ``moov``
   alone; the first packets are checked against their real bytes before the index is believed;
@@ -13,7 +13,8 @@ sample (its time, size, byte offset, keyframe flag) and ``mdat`` the samples the
   with video, and pulling whole blocks for them would read the video twice.
 
 Other containers (Matroska, MPEG-TS, AVI, ...) list their frames only in the data, so they are
-staged once per node instead (:mod:`kissray.stage_cache`). ``bytes_read`` counts what was fetched.
+staged once per node instead (:mod:`kissray.media.source` decides, :mod:`kissray.media.stage_cache`
+copies). How a reader treats media data is its :class:`ReadPolicy`. ``bytes_read`` counts what was fetched.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ from __future__ import annotations
 import bisect
 import collections
 import concurrent.futures
-import contextlib
+import enum
 import io
 import math
 import os
 import struct
 import threading
+
+from kissray.uris import object_version
 
 BLOCK_BYTES = 1 << 20  # one ranged GET of video: ~3 s of 3 Mbit/s film
 READ_AHEAD_BLOCKS = 2  # fetched in the background ahead of the decoder (a window's end reads this many more)
@@ -42,6 +45,14 @@ CHECKED_PACKETS = 8  # packets of the blanked index compared with their real byt
 
 class NotRangeReadable(Exception):
     """This object cannot be read by ranges (not an ISO media file, or no usable box layout)."""
+
+
+class ReadPolicy(enum.Enum):
+    """How a reader of a remote film treats its media data (metadata is always fetched and kept)."""
+
+    BLANKED = "blanked"  # media data reads as zeros, nothing fetched: listing the packets from moov
+    BLOCKS = "blocks"  # whole cached blocks, read ahead: a window's video, decoded forward
+    RANGES = "ranges"  # exactly the bytes asked for, where not in a cached block: audio, checks
 
 
 def iso_boxes(fetch, size: int) -> list[tuple[bytes, int, int, int]]:
@@ -89,8 +100,8 @@ class RangeSource:
     The object is cut into regions: media data (mdat payloads) and metadata (everything else).
     A metadata region is fetched whole on first use and kept (``moov``: a few MiB at most, read
     by every container opened on the film). Media data is read in ``block_bytes`` blocks (an LRU
-    of ``CACHE_BYTES``), never past its region, or for ``ranges`` reads not in a cached
-    block, exactly the bytes asked for.
+    of ``CACHE_BYTES``), never past its region, or for ``ReadPolicy.RANGES`` reads not in a
+    cached block, exactly the bytes asked for.
     """
 
     def __init__(self, uri: str, block_bytes: int | None = None):
@@ -117,12 +128,11 @@ class RangeSource:
         boxes = iso_boxes(self._head, self.size)
         self.regions = _regions([(payload, end) for kind, _, payload, end in boxes if kind == b"mdat"], self.size)
 
-    def open(self, purpose: str) -> "RangeFile":
-        """A file object for PyAV: ``index`` (media data blanked), ``blocks`` (media data in whole
-        blocks: a window's video), ``ranges`` (exact ranges where not cached: audio, checks)."""
-        return RangeFile(self, purpose)
+    def open(self, policy: ReadPolicy) -> "RangeFile":
+        """A file object for PyAV that reads the media data as ``policy`` says."""
+        return RangeFile(self, policy)
 
-    def read(self, pos: int, n: int, purpose: str) -> bytes:
+    def read(self, pos: int, n: int, policy: ReadPolicy) -> bytes:
         if pos >= self.size or n <= 0:
             return b""
         region = start, region_end, media = self.regions[bisect.bisect_right(self.regions, (pos, math.inf)) - 1]
@@ -131,9 +141,9 @@ class RangeSource:
         end = min(region_end, pos + n)
         if not media:  # a huge box that is not media data: read where read, never blanked
             return self._from_blocks(pos, end, region)
-        if purpose == "index":
+        if policy is ReadPolicy.BLANKED:
             return bytes(end - pos)
-        if purpose == "ranges" and not self._cached(pos, end, start):
+        if policy is ReadPolicy.RANGES and not self._cached(pos, end, start):
             return self._from_ranges(pos, end, region_end)
         return self._from_blocks(pos, end, region)
 
@@ -291,9 +301,9 @@ def _regions(media: list[tuple[int, int]], size: int) -> list[tuple[int, int, bo
 class RangeFile(io.RawIOBase):
     """A seekable, read-only file over a :class:`RangeSource` (what ``av.open`` is given)."""
 
-    def __init__(self, source: RangeSource, purpose: str):
+    def __init__(self, source: RangeSource, policy: ReadPolicy):
         super().__init__()
-        self._source, self.purpose, self._pos = source, purpose, 0
+        self._source, self.policy, self._pos = source, policy, 0
 
     def readable(self) -> bool:
         return True
@@ -310,103 +320,7 @@ class RangeFile(io.RawIOBase):
         return self._pos
 
     def readinto(self, buffer) -> int:
-        data = self._source.read(self._pos, len(buffer), self.purpose)
+        data = self._source.read(self._pos, len(buffer), self.policy)
         buffer[:len(data)] = data
         self._pos += len(data)
         return len(data)
-
-
-def is_remote(uri: str) -> bool:
-    """True for URIs a decoder child reads itself: not local, and not a filesystem that lives
-    inside one process (``memory://``: the parent stages those)."""
-    from kissray.uris import is_local
-
-    return not is_local(uri) and not str(uri).startswith("memory:")
-
-
-class Film:
-    """A remote film as the decoder child reads it for one request: by byte ranges, or, for a
-    container that cannot be read by ranges, from its copy staged once per node.
-
-    ``previous``: the last request's :class:`RangeSource`, reused (with its cached metadata) when it
-    is the same object, unchanged. ``on_progress(bytes)`` is called while a copy is being staged,
-    ``on_stage(why)`` when a copy is staged.
-    """
-
-    def __init__(self, uri: str, *, previous: RangeSource | None = None, on_progress=None, on_stage=None):
-        from kissray.errors import MediaOpenError
-
-        self.uri, self.path, self.source = uri, None, None
-        self._reader: RangeSource | None = None  # the range reader, also after a switch to a staged copy
-        self._on_progress, self._on_stage = on_progress, on_stage or (lambda why: None)
-        self._stack = contextlib.ExitStack()
-        try:
-            self.source = _same_or_new(uri, previous)
-        except NotRangeReadable as e:
-            self.stage(f"not readable by byte ranges: {e}")
-        except FileNotFoundError as e:
-            raise MediaOpenError(uri, "no such file") from e
-        except OSError as e:
-            raise MediaOpenError(uri, f"cannot read: {e}") from e
-        source = self._reader = self.source
-        self.key = (uri, source.size, str(source.version)) if source else (uri, self.path)
-
-    def local_path(self) -> str:
-        """A local file (decord needs one): the film itself, or its copy staged on this node."""
-        if self.path is None:
-            self.stage("decord needs a local file")
-        return self.path
-
-    def stage(self, why: str) -> None:
-        """Read the staged copy from now on (the ranges were not usable, or decord needs a file)."""
-        from kissray.stage_cache import staged_copy
-
-        self._on_stage(why)
-        self.path = self._stack.enter_context(staged_copy(self.uri, on_progress=self._on_progress))
-        self.source = None
-
-    @property
-    def bytes_read(self) -> int:
-        """Bytes fetched by range reads so far (a staged copy's download is not counted)."""
-        return self._reader.bytes_read if self._reader is not None else 0
-
-    def close(self) -> None:
-        if self._reader is not None:
-            self._reader.trim()
-        self._stack.close()
-
-
-def _same_or_new(uri: str, previous: RangeSource | None) -> RangeSource:
-    return previous if previous is not None and previous.uri == uri and previous.unchanged() else RangeSource(uri)
-
-
-VERSION_FIELDS = ("ETag", "etag", "VersionId", "version_id", "generation", "md5Hash",
-                  "mtime", "LastModified", "last_modified", "updated", "created")  # fs.info() keys, by filesystem
-
-
-def object_version(info: dict) -> dict[str, str]:
-    """What changes when the object does, from fsspec's ``info`` (ETag, generation, mtime, ...)."""
-    return {name: str(info[name]) for name in VERSION_FIELDS if info.get(name) is not None}
-
-
-def open_container(source, purpose: str):
-    """``av.open`` of ``source`` (a local path or a :class:`Film`) for ``purpose`` (index | blocks |
-    ranges: see :meth:`RangeSource.open`). Indexing a film by ranges turns FFmpeg's parsers off: with the media data blanked they
-    would re-derive keyframe flags from zeros; the container's own flags are then checked
-    against the real packets (:func:`kissray.index.read_index`)."""
-    import av
-
-    if isinstance(source, str) or source.source is None:
-        return av.open(source if isinstance(source, str) else source.path, metadata_errors="ignore")
-    # the index's open learns the streams (its probing reads blanked data, free); the others
-    # need not probe the media data again: one packet per stream instead of FFmpeg's default 5 MB
-    options = {"fflags": "+noparse"} if purpose == "index" else {"probesize": "32", "analyzeduration": "0"}
-    file = source.source.open("ranges" if purpose == "blocks" else purpose)  # opening reads a packet or two
-    container = av.open(file, metadata_errors="ignore", container_options=options)
-    file.purpose = purpose
-    return container
-
-
-def local_file(source) -> str:
-    """``source`` (a local path or a :class:`Film`) as a local file."""
-    return source if isinstance(source, str) else source.local_path()
