@@ -155,6 +155,24 @@ def film(media_dir) -> str:
 
 
 @pytest.fixture(scope="session")
+def faststart_12s(media_dir) -> str:
+    """12 s with its index first (``+faststart``): the first half of its bytes is a film cut short."""
+    return make_film(media_dir / "faststart-12s.mp4", duration_s=12, extra_args=("-movflags", "+faststart"))
+
+
+@pytest.fixture(scope="session")
+def faststart_20s(media_dir) -> str:
+    """20 s with its index first (``+faststart``), tone in seconds 1 and 3."""
+    return make_film(media_dir / "faststart-20s.mp4", duration_s=20, extra_args=("-movflags", "+faststart"))
+
+
+@pytest.fixture(scope="session")
+def film_20s(media_dir) -> str:
+    """20 s, index at the end (ffmpeg's default): far more clips than a pipe holds."""
+    return make_film(media_dir / "film-20s.mp4", duration_s=20)
+
+
+@pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory) -> str:
     """A random-weight av checkpoint with 64 px stills (fast on CPU)."""
     from kissray.model import ModelConfig, init_model, save_model

@@ -187,10 +187,8 @@ def decode_all_or_error(path):
     return clips, None
 
 
-def test_file_cut_in_half(tmp_path, media_dir):
-    src = make_film(media_dir / "long-faststart.mp4", duration_s=20, tone_seconds=(1, 3),
-                    extra_args=("-movflags", "+faststart"))
-    data = open(src, "rb").read()
+def test_file_cut_in_half(tmp_path, faststart_20s):
+    data = open(faststart_20s, "rb").read()
     path = write_bytes(tmp_path / "half.mp4", data[: len(data) // 2])
     assert probe(path).n_clips == 20  # what the container declares
     clips, error = decode_all_or_error(path)
@@ -201,9 +199,8 @@ def test_file_cut_in_half(tmp_path, media_dir):
     assert [tone_present(c) for c in clips] == [i in (1, 3) for i in range(len(clips))]
 
 
-def test_corrupted_bytes_in_the_middle(tmp_path, media_dir):
-    src = make_film(media_dir / "long.mp4", duration_s=20)
-    data = bytearray(open(src, "rb").read())
+def test_corrupted_bytes_in_the_middle(tmp_path, film_20s):
+    data = bytearray(open(film_20s, "rb").read())
     rng = np.random.default_rng(0)
     middle = len(data) // 2
     data[middle:middle + 4000] = rng.integers(0, 256, 4000, dtype=np.uint8).tobytes()
@@ -259,7 +256,7 @@ def test_abandoned_reader_kills_its_decoder(film):
 @pytest.fixture(scope="module")
 def long_film(media_dir) -> str:
     """30 s: ~800 KB of clips at 32 px, far more than a pipe holds, so its decoder is mid-film."""
-    return make_film(media_dir / "long.mp4", duration_s=30.0, tone_seconds=())
+    return make_film(media_dir / "long-30s-silent.mp4", duration_s=30.0, tone_seconds=())
 
 
 @pytest.mark.parametrize("how", ["hang", "crash"])

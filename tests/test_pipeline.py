@@ -23,7 +23,7 @@ GOOD = {"seven": 7, "silent": 4, "twelve": 12, "ntsc": 5}
 BAD = {"short": "too short", "empty": "", "text": "", "missing": "no such file"}
 
 
-def write_library(root: Path, media_dir: Path) -> dict[str, str]:
+def write_library(root: Path, faststart_20s: str) -> dict[str, str]:
     """Mixed films, good and bad; title_id -> uri."""
     root.mkdir(parents=True, exist_ok=True)
     films = {
@@ -38,8 +38,7 @@ def write_library(root: Path, media_dir: Path) -> dict[str, str]:
     (root / "empty.mp4").write_bytes(b"")
     (root / "text.mp4").write_text("this is not a film\n" * 40)
     films["empty"], films["text"] = str(root / "empty.mp4"), str(root / "text.mp4")
-    src = make_film(media_dir / "pipeline-faststart.mp4", 20, extra_args=("-movflags", "+faststart"))
-    data = open(src, "rb").read()
+    data = open(faststart_20s, "rb").read()
     (root / "half.mp4").write_bytes(data[: len(data) // 2])
     films["half"] = str(root / "half.mp4")
     return films
@@ -50,12 +49,12 @@ def read(out: Path, table: str) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def library(tmp_path_factory, media_dir, checkpoint, ray_session):
+def library(tmp_path_factory, faststart_20s, checkpoint, ray_session):
     """One scoring run over a directory plus a missing file; (films, out, summary)."""
     from kissray.pipeline import score_library
 
     root = tmp_path_factory.mktemp("library")
-    films = write_library(root / "films", media_dir)
+    films = write_library(root / "films", faststart_20s)
     films["missing"] = str(root / "films" / "missing.mp4")
     out = root / "out"
     summary = score_library([str(root / "films"), films["missing"]], checkpoint, str(out), params=PARAMS,

@@ -58,14 +58,13 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-def write_films(root: Path, media_dir: Path) -> dict[str, Path]:
+def write_films(root: Path, faststart_12s: str) -> dict[str, Path]:
     """Two good films, a zero-byte .mp4 and a film cut in half (title_id -> local file)."""
     root.mkdir(parents=True, exist_ok=True)
     films = {"five": Path(make_film(root / "five.mp4", 5, extra_args=("-bf", "2", "-g", "12"))),
              "silent": Path(make_film(root / "silent.mkv", 4, audio=False))}
     (root / "empty.mp4").write_bytes(b"")
-    whole = make_film(media_dir / "s3-faststart.mp4", 12, extra_args=("-movflags", "+faststart"))
-    data = Path(whole).read_bytes()
+    data = Path(faststart_12s).read_bytes()
     (root / "half.mp4").write_bytes(data[: len(data) // 2])
     films["empty"], films["half"] = root / "empty.mp4", root / "half.mp4"
     return films
@@ -99,10 +98,10 @@ def visible_files(out: str) -> dict[str, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def library(s3, tmp_path_factory, media_dir, checkpoint):
+def library(s3, tmp_path_factory, faststart_12s, checkpoint):
     """The films on S3 (and their local copies) and the checkpoint on S3."""
     root = tmp_path_factory.mktemp("s3-library")
-    local = write_films(root / "films", media_dir)
+    local = write_films(root / "films", faststart_12s)
     prefix = f"s3://films/{unique('lib')}"
     uris = {t: upload(path, f"{prefix}/{path.name}") for t, path in local.items()}
     model_uri = upload(checkpoint, f"{prefix}-ck")

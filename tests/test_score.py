@@ -95,9 +95,8 @@ def test_film_without_audio(media_dir, model):
     assert result.title_id == "silent one" and not result.has_audio and result.status == "ok"
 
 
-def test_truncated_film_is_partial(tmp_path, media_dir, model):
-    src = make_film(media_dir / "score-long.mp4", duration_s=12, extra_args=("-movflags", "+faststart"))
-    data = open(src, "rb").read()
+def test_truncated_film_is_partial(tmp_path, faststart_12s, model):
+    data = open(faststart_12s, "rb").read()
     path = tmp_path / "cut.mp4"
     path.write_bytes(data[: len(data) // 2])
     result = kissray.score_film(str(path), model, timeout_s=10)

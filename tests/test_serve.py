@@ -412,8 +412,8 @@ def test_ingress_decoders_get_a_minimal_environment(server, film):
         assert "PATH" in env and not [k for k in env if k.startswith(("RAY_", "AWS_", "KISSRAY_API"))], sorted(env)
 
 
-def test_partial_film_is_200_with_nulls(server, media_dir, tmp_path, model):
-    src = make_film(media_dir / "serve-cut.mp4", duration_s=12, extra_args=("-movflags", "+faststart"))
+def test_partial_film_is_200_with_nulls(server, faststart_12s, tmp_path, model):
+    src = faststart_12s
     data = Path(src).read_bytes()
     cut = tmp_path / "cut.mp4"
     cut.write_bytes(data[: len(data) // 2])

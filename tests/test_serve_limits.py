@@ -162,12 +162,10 @@ def run_decoder(uri: str, tmp_path: Path, stop_after: int | None = None, max_fil
     return asyncio.run(main())
 
 
-def test_film_decoder_delivers_info_chunks_and_a_break(tmp_path, media_dir):
-    from conftest import make_film
-
+def test_film_decoder_delivers_info_chunks_and_a_break(tmp_path, faststart_12s):
     from kissray.serve.films import FilmTooLongError
 
-    src = make_film(media_dir / "limits-cut.mp4", duration_s=12, extra_args=("-movflags", "+faststart"))
+    src = faststart_12s
     cut = tmp_path / "cut.mp4"
     cut.write_bytes(Path(src).read_bytes()[: Path(src).stat().st_size // 2])
     messages, decoder = run_decoder(str(cut), tmp_path)
@@ -181,13 +179,12 @@ def test_film_decoder_delivers_info_chunks_and_a_break(tmp_path, media_dir):
 
 
 @pytest.mark.parametrize("stop_after", [0, 1, 2])  # while opening, after the info, waiting for the classifier
-def test_film_decoder_cancelled_at_any_moment_closes_everything(tmp_path, media_dir, stop_after):
+def test_film_decoder_cancelled_at_any_moment_closes_everything(tmp_path, film_20s, stop_after):
     import fsspec
 
-    from conftest import make_film
     from kissray.media import DECODERS, MAX_IDLE_DECODERS
 
-    src = make_film(media_dir / "limits-long.mp4", duration_s=20)
+    src = film_20s
     fsspec.filesystem("memory").pipe("/serve-limits/long.mp4", Path(src).read_bytes())  # staged to tmp_path
     before = _own_decoders()
     messages, decoder = run_decoder("memory://serve-limits/long.mp4", tmp_path, stop_after, max_ahead=1)
