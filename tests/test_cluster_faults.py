@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SECONDS = (9, 10, 11, 12, 13)  # titles longer than one block of clips: some are open at any moment
 LOST_AND_KILLED = ["node_removed", "classifier_killed", "writer_killed"]  # one cluster, one job after another
 
-pytestmark = pytest.mark.slow
+# three jobs share one fixture: pytest-timeout's 600 s is per test, setup included (a loaded box is slow)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def run_scenarios(scenarios: list[str], films: Path, checkpoint: str, out: Path)
     after = ["--after-titles", "0"] if scenarios == ["gpu_added"] else []
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cluster_faults.py"), "--films", str(films),
                            "--model", checkpoint, "--out", str(out), "--scenario", *scenarios, *after],
-                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+                          capture_output=True, text=True, timeout=1700, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     return {r["scenario"]: r for r in results}
