@@ -23,7 +23,9 @@ from kissray.score import score_film
 
 ROOT = Path(__file__).resolve().parents[1]
 SECONDS = (9, 10, 11, 12, 13)  # titles longer than one block of clips: some are open at any moment
-LOST_AND_KILLED = ["node_removed", "classifier_killed", "writer_killed"]  # one cluster, one job after another
+# one cluster, one job after another; the writer's first, on a cold cluster as when it ran alone: on a warm one
+# the job is quicker and the writer is more often killed between titles (nothing of it to re-submit)
+LOST_AND_KILLED = ["writer_killed", "node_removed", "classifier_killed"]
 
 # three jobs share one fixture: pytest-timeout's 600 s is per test, setup included (a loaded box is slow)
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -102,7 +104,7 @@ def test_every_title_ok_in_the_same_run(scenario, lost_and_killed):
     result = results[scenario]
     assert_every_title_ok(result, out / scenario, expected)
     if scenario == "writer_killed":  # the titles it held were re-submitted
-        assert result["attempts"] >= 2, result
+        assert result["attempts"] >= 2, json.dumps(result)
 
 
 def test_the_classifier_pool_grows_onto_a_gpu_node_that_joins(long_films, slow_checkpoint, tmp_path):
