@@ -1,6 +1,7 @@
 """Soak the Serve app on 127.0.0.1: N clients send a mix of good and bad requests for a fixed time.
 
-Starts its own local Ray + Serve (API key, 2 decode slots by the CPU allotment, an upload dir),
+Starts its own local Ray + Serve (API key, one Ingress replica of 2 CPUs: 2 decode slots, and
+Serve's queue of ``max_queued_requests`` beyond them; an upload dir),
 then each client loops over a fixed request mix until ``--duration-s`` (or ``--max-requests``):
 a good upload, a truncated one (200 ``partial``), a text file (400), a wrong key (401), and a
 client that hangs up part-way (no answer). A 503 is answered by sleeping its Retry-After. Every
@@ -41,13 +42,14 @@ def start_app(workdir: Path, checkpoint: str, key_file: Path, args) -> str:
     from ray import serve
 
     from kissray.serve import ServeConfig, build_app
+    from kissray.serve.app import http_options
 
     ray.init(address="local", num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = ServeConfig(model=checkpoint, num_gpus=0, upload_dir=str(workdir / "uploads"),
                          api_key_file=str(key_file), max_upload_mb=64, request_timeout_s=300, ingress_cpus=2)
+    serve.start(http_options=http_options(config, "127.0.0.1", port))
     serve.run(build_app(config), name="kissray-soak", route_prefix="/")
     return f"http://127.0.0.1:{port}"
 

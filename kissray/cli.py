@@ -15,6 +15,7 @@ import os
 import sys
 
 from kissray.errors import CheckpointError, JobError, KissrayError, UsageError
+from kissray.terminal import engine_logs, log_path
 
 COMMANDS = ("init", "score", "serve", "train", "eval", "annotations", "demo", "excerpts", "export", "report",
             "review")
@@ -43,8 +44,14 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(name, value)
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    with engine_logs(args.command, args.verbose):  # Ray's and ffmpeg's lines: to a log file unless -v
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
+        return run_command(args)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run the parsed command; exceptions become the exit codes of the module docstring."""
     try:
         return int(args.func(args) or EXIT_OK)
     except (UsageError, CheckpointError) as e:
@@ -63,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             raise
         text = " ".join(str(e).split())[:300]
-        print(f"kissray {args.command}: error: {type(e).__name__}: {text} (rerun with -v for the traceback)",
-              file=sys.stderr)
+        engines = f"; Ray's and ffmpeg's lines are in {log_path()}" if log_path() else ""
+        print(f"kissray {args.command}: error: {type(e).__name__}: {text} (rerun with -v for the traceback"
+              f"{engines})", file=sys.stderr)
         return EXIT_JOB
 
 

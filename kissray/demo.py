@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 
+from kissray import provenance
 from kissray.annotations import read_annotations, split_films
 from kissray.defaults import DemoOptions
 from kissray.evaluate import FilmPrediction, evaluate_predictions
@@ -29,6 +30,7 @@ from kissray.excerpts import write_excerpts
 from kissray.report import write_report
 from kissray.score import Segment, SegmentParams
 from kissray.synth import make_corpus
+from kissray.terminal import child_stderr
 from kissray.train import TrainOptions, train
 
 DEMO_IMAGE_SIZE = 64  # small stills keep the demo within minutes on two CPU cores
@@ -64,6 +66,7 @@ def run_demo(out_dir: str, options: DemoOptions = DemoOptions(), log=print) -> d
     report_html = write_report(scores_dir)
     timings["total_s"] = time.perf_counter() - started
     report.update({"split": "test", "model": model_dir, "timings": timings,
+                   "provenance": provenance.describe(provenance.read_provenance(model_dir)),
                    "paths": {"corpus": csv_path, "model": model_dir, "scores": scores_dir,
                              "excerpts": excerpts.dest, "report": report_html,
                              "eval": os.path.join(out_dir, "eval.json")}})
@@ -75,7 +78,8 @@ def run_demo(out_dir: str, options: DemoOptions = DemoOptions(), log=print) -> d
 def score_films(uris: list[str], model_dir: str, out_dir: str, labels: list[str]) -> list[FilmPrediction]:
     """Score films with the ``kissray score`` command (a local Ray) and read its Parquet back."""
     argv = [sys.executable, "-m", "kissray.cli", "score", *uris, "--model", model_dir, "--out", out_dir]
-    proc = subprocess.run(argv)
+    sys.stderr.flush()
+    proc = subprocess.run(argv, stderr=child_stderr())  # its messages and bar on this terminal
     if proc.returncode not in (0, 3):
         raise RuntimeError(f"kissray score failed (exit {proc.returncode}): {' '.join(argv)}")
     return read_score_outputs(out_dir, labels)
@@ -114,6 +118,7 @@ def summary(report: dict) -> str:
               "", "outputs:",
               f"  films + annotations  {paths['corpus']}",
               f"  checkpoint           {paths['model']}  (metrics.json inside)",
+              f"                       {report.get('provenance', '')}",
               f"  scores, segments     {paths['scores']}/scores, {paths['scores']}/segments, {paths['scores']}/titles",
               f"  excerpts             {paths['excerpts']}",
               f"  evaluation           {paths['eval']}",

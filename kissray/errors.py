@@ -39,6 +39,12 @@ class DecodeTimeoutError(DecodeError):
     """The decoder made no progress within the time limit and was killed."""
 
 
+class StorageError(MediaError):
+    """The store failed while the film was being read (a dropped connection, a failed request):
+    not the film's fault. Never silence or a ``partial`` title: the read is tried again, and
+    what cannot be read fails the window, which is retried (SPEC 3)."""
+
+
 class CheckpointError(KissrayError):
     """A checkpoint is missing, malformed or does not match its config."""
 
@@ -63,5 +69,6 @@ def one_line(error: BaseException) -> str:
 
 ERRORS_BY_NAME = {
     cls.__name__: cls
-    for cls in (MediaError, MediaOpenError, MediaTooLargeError, TooShortError, DecodeError, DecodeTimeoutError)
+    for cls in (MediaError, MediaOpenError, MediaTooLargeError, TooShortError, DecodeError, DecodeTimeoutError,
+                StorageError)
 }

@@ -14,6 +14,7 @@ to cut: a copy a score run on this node already made is reused.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -23,13 +24,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from kissray.clean_start import MIN_PSNR_DB, clean_start, first_frame, frame_at, psnr
 from kissray.defaults import ExcerptOptions
-from kissray.errors import UsageError, one_line
+from kissray.errors import KissrayError, UsageError, one_line
 from kissray.media.ffmpeg import run_ffmpeg
 from kissray.names import file_name_for
 from kissray.outputs import EXCERPTS_DIR, ScoreOutputs, read_outputs
 from kissray.media.stage_cache import staged_copy
 from kissray.uris import is_local_fs, join_uri, make_dirs
+
+log = logging.getLogger(__name__)
 
 THUMBNAIL_MAX_WIDTH = 320  # pixels; thumbnails are for the report and for browsing
 REENCODE_ARGS = ("-c:v", "libx264", "-preset", "veryfast", "-crf", "18", "-pix_fmt", "yuv420p",
@@ -111,6 +115,12 @@ class FilmTiming:
 
     origin_s: float = 0.0  # the film's t = 0 (its first frame), from the container start ffmpeg's -ss counts from
     frames_s: np.ndarray = field(default_factory=lambda: np.zeros(0))  # presentation times from t = 0, sorted
+    keyframes_s: np.ndarray = field(default_factory=lambda: np.zeros(0))  # flagged keyframes' times from t = 0
+    first_s: float = 0.0  # the film's t = 0 on the stream's own timestamps (for decoding with PyAV)
+
+    def landing_keyframes(self, seek_s: float) -> np.ndarray:
+        """The keyframes an input seek to container time ``seek_s`` may land on, earliest first."""
+        return self.keyframes_s[self.keyframes_s <= seek_s - self.origin_s + 1e-6]
 
     def frame_span(self, start_s: float, end_s: float) -> tuple[float, float]:
         """(seek_s, duration_s) covering exactly the frames shown during [start_s, end_s).
@@ -130,19 +140,38 @@ class FilmTiming:
         return self.origin_s + max(0.0, times[first] - 0.1 * frame_s), end - times[first]
 
 
+def seek_args(timing: FilmTiming, seek_s: float, decode_from_s: float | None | str = "seek") -> tuple[list[str], list[str]]:
+    """(input, output) ffmpeg options that start at container time ``seek_s``. ``decode_from_s``:
+    ``"seek"``, an input seek (decoding starts at the keyframe before); a keyframe's film time, decoding
+    starts there and frames are dropped up to ``seek_s``; None, decoding starts at the film's start."""
+    if decode_from_s == "seek":
+        return ["-ss", f"{seek_s:.6f}"], []
+    if decode_from_s is None:
+        return [], ["-ss", f"{seek_s:.6f}"]
+    key_s = timing.origin_s + float(decode_from_s) + 1e-4  # lands on that keyframe, never the one before
+    return ["-ss", f"{key_s:.6f}"], ["-ss", f"{max(0.0, seek_s - key_s):.6f}"]
+
+
 def excerpt_args(film_path: str, cut: Cut, out_path: str, copy: bool = False,
-                 timing: FilmTiming = FilmTiming()) -> list[str]:
-    """ffmpeg arguments for one excerpt (input seeking: frame-accurate when re-encoding)."""
+                 timing: FilmTiming = FilmTiming(), decode_from_s: float | None | str = "seek") -> list[str]:
+    """ffmpeg arguments for one excerpt (frame-accurate when re-encoding; see :func:`seek_args`).
+    A stream copy starts at the keyframe decoding starts from."""
     seek_s, duration_s = timing.frame_span(cut.start_s, cut.end_s)
-    return ["-ss", f"{seek_s:.6f}", "-i", film_path, "-t", f"{duration_s:.6f}",
+    if copy and decode_from_s not in ("seek", None):  # a copy starts at that keyframe and ends as asked
+        key_s = timing.origin_s + float(decode_from_s) + 1e-4
+        seek_s, duration_s = key_s, seek_s + duration_s - key_s
+    before, after = seek_args(timing, seek_s, "seek" if copy else decode_from_s)
+    return [*before, "-i", film_path, *after, "-t", f"{duration_s:.6f}",
             "-map", "0:v:0", "-map", "0:a?", *(COPY_ARGS if copy else REENCODE_ARGS),
             "-movflags", "+faststart", "-f", "mp4", out_path]
 
 
-def thumbnail_args(film_path: str, cut: Cut, out_path: str, timing: FilmTiming = FilmTiming()) -> list[str]:
+def thumbnail_args(film_path: str, cut: Cut, out_path: str, timing: FilmTiming = FilmTiming(),
+                   decode_from_s: float | None | str = "seek") -> list[str]:
     """ffmpeg arguments for the JPEG still on screen at ``cut.thumbnail_s``."""
     seek_s, _ = timing.frame_span(cut.thumbnail_s, cut.thumbnail_s)
-    return ["-ss", f"{seek_s:.6f}", "-i", film_path, "-frames:v", "1", "-an",
+    before, after = seek_args(timing, seek_s, decode_from_s)
+    return [*before, "-i", film_path, *after, "-frames:v", "1", "-an",
             "-vf", f"scale='min({THUMBNAIL_MAX_WIDTH},iw)':-2", "-q:v", "3", "-f", "image2", "-update", "1",
             out_path]
 
@@ -157,7 +186,8 @@ def film_timing(film_path: str, uri: str) -> FilmTiming:
     index = read_index(film_path, uri)
     with av.open(film_path, metadata_errors="ignore") as container:
         container_start_s = container.start_time / av.time_base if container.start_time is not None else 0.0
-    return FilmTiming(max(0.0, index.first_s - container_start_s), np.asarray(index.pts_s, np.float64))
+    return FilmTiming(max(0.0, index.first_s - container_start_s), np.asarray(index.pts_s, np.float64),
+                      np.asarray(index.pts_s[index.key_positions], np.float64), index.first_s)
 
 
 def cut_film(film: FilmCuts, dest: str, options: ExcerptOptions = ExcerptOptions()) -> tuple[list[str], list[str]]:
@@ -173,14 +203,53 @@ def cut_film(film: FilmCuts, dest: str, options: ExcerptOptions = ExcerptOptions
         timing = film_timing(film_path, film.uri)
         for cut, kind, uri in todo:
             part = os.path.join(tmp, os.path.basename(uri))
-            if kind == "mp4":
-                args = excerpt_args(film_path, cut, part, options.copy, timing)
-            else:
-                args = thumbnail_args(film_path, cut, part, timing)
-            run_ffmpeg(args, timeout_s=options.timeout_s)
+            cut_checked(film_path, cut, kind, part, timing, options)
             _publish(part, uri)
             written.append(uri)
     return written, skipped
+
+
+def cut_checked(film_path: str, cut: Cut, kind: str, part: str, timing: FilmTiming,
+                options: ExcerptOptions = ExcerptOptions()) -> None:
+    """Write one excerpt (``kind`` mp4) or thumbnail (jpg) from a verified clean decode start, then
+    check that its first frame is the film's (:mod:`kissray.clean_start`); if not, cut again
+    decoding from the film's start. Raises :class:`ExcerptError` when it cannot be made right."""
+    at_s = cut.start_s if kind == "mp4" else cut.thumbnail_s
+    keys = timing.landing_keyframes(timing.frame_span(at_s, at_s)[0])
+    start = clean_start(film_path, at_s, keys, timing.first_s)
+    if start.frame is None:
+        raise ExcerptError(f"{cut.stem}.{kind}: the film's frame at {at_s:.3f} s does not decode from any clean "
+                           "start (the stream starts mid-GOP or is damaged there); not written")
+    landing = float(keys[-1]) if len(keys) else 0.0
+    decode_from = "seek" if start.from_s == landing or (start.from_s is None and landing <= 0) else start.from_s
+    reference, copy = start.frame, False
+    if options.copy and kind == "mp4" and (start.from_s is not None or landing <= 0):
+        key_s = start.from_s if start.from_s is not None else landing  # a copy's first frame is its keyframe's
+        copied = frame_at(film_path, key_s, timing.first_s, key_s if key_s > 0 else None)
+        reference, copy = (copied, True) if copied is not None else (reference, False)  # else re-encoded
+    quality = _cut_once(film_path, cut, kind, part, timing, options.timeout_s, copy, decode_from, reference)
+    if quality < MIN_PSNR_DB and (decode_from is not None or copy):  # the check failed: from the film's start
+        log.warning("%s: first frame %.1f dB from the film's; cutting again from the film's start", cut.stem, quality)
+        quality = _cut_once(film_path, cut, kind, part, timing, options.timeout_s, False, None, start.frame)
+    if quality < MIN_PSNR_DB:
+        raise ExcerptError(f"{cut.stem}.{kind} does not show the film: its first frame is {quality:.1f} dB "
+                           f"from the film's own at {at_s:.3f} s (decoder garbage); not written")
+
+
+def _cut_once(film_path: str, cut: Cut, kind: str, part: str, timing: FilmTiming, timeout_s: float, copy: bool,
+              decode_from: float | None | str, reference: np.ndarray) -> float:
+    """Cut, and return the PSNR (dB) of the output's first frame against ``reference`` (the film's)."""
+    if kind == "mp4":
+        args = excerpt_args(film_path, cut, part, copy, timing, decode_from)
+    else:
+        args = thumbnail_args(film_path, cut, part, timing, decode_from)
+    run_ffmpeg(args, timeout_s=timeout_s)
+    shown = first_frame(part)
+    return 0.0 if shown is None else psnr(shown, reference)
+
+
+class ExcerptError(KissrayError):
+    """An excerpt or thumbnail that could not be made to show the film."""
 
 
 def excerpt_folder(dest: str, title_id: str, label: str, by_label: bool = False) -> str:

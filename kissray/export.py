@@ -5,7 +5,9 @@ only the score output. An EDL needs frame-exact timecodes, so it probes each fil
 (any fsspec URI; only the header is read). 29.97 and 59.94 fps use drop-frame timecode (``;``
 before the frames, ``FCM: DROP FRAME``); every other rate, 23.976 included, is non-drop.
 Source timecodes start at the film's embedded start timecode when it has one, else 00:00:00:00;
-the record side lays the segments end to end from 01:00:00:00.
+the record side lays the segments end to end from 01:00:00:00. Every event ends at the end of its
+media at the latest: a segment's last clip can reach past a film that ends mid-second (a 79.5-s
+film has 80 clips), so ends are clamped to the title's ``duration_s``.
 """
 
 from __future__ import annotations
@@ -146,9 +148,16 @@ def edl_text(title_id: str, uri: str, segments: pd.DataFrame, clock: FilmClock, 
     return "\n".join(lines)
 
 
+def clamped_segments(outputs: ScoreOutputs) -> pd.DataFrame:
+    """The segments with their film's ``uri`` and ``end_s`` clamped to its ``duration_s``."""
+    table = outputs.segments.merge(outputs.titles[["title_id", "uri", "duration_s"]], on="title_id", how="left")
+    table["end_s"] = table["end_s"].clip(upper=table["duration_s"].fillna(float("inf")))
+    return table
+
+
 def segment_list(outputs: ScoreOutputs) -> pd.DataFrame:
     """One row per segment with its film URI and wall-clock timecodes (the CSV / JSON content)."""
-    table = outputs.segments.merge(outputs.titles[["title_id", "uri"]], on="title_id", how="left")
+    table = clamped_segments(outputs)
     table["start_timecode"] = table["start_s"].map(clock_text)
     table["end_timecode"] = table["end_s"].map(clock_text)
     return table.loc[:, list(LIST_COLUMNS)].reset_index(drop=True)
@@ -189,7 +198,7 @@ def export_segments(scores_dir: str, fmt: str, out: str | None = None, *, labels
 def _write_edls(outputs: ScoreOutputs, folder: str, fps: float | None) -> ExportSummary:
     summary = ExportSummary()
     titles = outputs.titles.set_index("title_id")
-    for title_id, segments in outputs.segments.groupby("title_id", sort=True):
+    for title_id, segments in clamped_segments(outputs).groupby("title_id", sort=True):
         uri = str(titles.loc[title_id, "uri"])
         try:
             clock = FilmClock(snap_rate(fps)) if fps else probe_film_clock(uri)

@@ -4,7 +4,9 @@ A manifest is a ``.txt`` file (one URI a line; blank lines and ``#`` comments sk
 ``.csv`` / ``.parquet`` table with a ``uri`` column and an optional ``title_id`` column.
 Relative paths inside a manifest are relative to the manifest's folder, local or remote. Directories are
 searched recursively for files with a video extension (:data:`kissray.media.VIDEO_EXTENSIONS`).
-A path that names no existing file is kept as a title: it gets a ``failed`` row, not a crash.
+A local path given as an input that does not exist is a usage error (a typo must not start a
+job); an entry of a manifest that names no existing file is kept as a title: it gets a ``failed``
+row, not a crash. Remote URIs are not checked here (one request each would slow a large library).
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ class Title:
 def expand_inputs(inputs: list[str]) -> list[Title]:
     """Every film named by ``inputs``, in input order, without repeats.
 
-    Raises :class:`UsageError` for no films at all, a glob that matches nothing, an unreadable
-    manifest, or two different films with one title id (naming both).
+    Raises :class:`UsageError` for no films at all, a local path that does not exist, a glob that
+    matches nothing, an unreadable manifest, or two different films with one title id (naming both).
     """
     titles: list[Title] = []
     for item in inputs:
@@ -60,6 +62,8 @@ def _expand_one(item: str) -> list[Title]:
         return read_manifest(item)
     if fs.isdir(path):
         return [_title(_uri(fs, m, item, local)) for m in _videos_under(fs, path)]
+    if local and not _exists(fs, path):
+        raise UsageError(f"{item}: no such file or directory")
     return [_title(os.path.abspath(path) if local else item)]
 
 

@@ -51,6 +51,8 @@ class ModelConfig:
     frames_per_clip: int = FRAMES_PER_CLIP  # K stills per 1-second clip, mean-pooled after the ResNet trunk
     image_size: int = IMAGE_SIZE_PX  # stills are resized to image_size x image_size
     kissray_version: str = field(default_factory=_version)
+    # what the head was trained on, or that it never was (kissray.provenance); None: not recorded
+    provenance: dict | None = None
 
     def __post_init__(self):
         if self.modality not in MODALITIES:
@@ -299,6 +301,12 @@ def _load_strict(module: nn.Module, state: dict, uri: str) -> None:
 
 def init_model(config: ModelConfig, resnet_weights: str | None = None,
                vggish_weights: str | None = None, seed: int = 0) -> KissModel:
-    """A new model: random (seeded) or given backbone weights, untrained head."""
+    """A new model: random (seeded) or given backbone weights, untrained head (and says so:
+    its config's provenance is :func:`kissray.provenance.untrained`)."""
+    from dataclasses import replace
+
+    from kissray.provenance import untrained
+
     torch.manual_seed(seed)
+    config = replace(config, provenance=untrained(resnet_weights, vggish_weights))
     return load_backbones(KissModel(config), resnet_weights, vggish_weights).eval()

@@ -34,6 +34,7 @@ import numpy as np
 
 from kissray.batch.faults import NO_FAULTS, FaultPlan
 from kissray.batch.lock import OutLock
+from kissray.batch.progress import Progress, expected_film_seconds
 from kissray.batch.stages import Classifier, DecodeSpec, TitleWriter, decode_window, probe_windows
 from kissray.batch.tables import ResultStore, TitleRecord, scores_table, segments_table
 from kissray.defaults import DECODE_TIMEOUT_S, STILLS_MODES, WINDOW_S
@@ -41,6 +42,7 @@ from kissray.errors import CheckpointError, JobError, one_line
 from kissray.inputs import Title, expand_inputs
 from kissray.model import CONFIG_FILE, WEIGHTS_FILE, ModelConfig
 from kissray.score import DEFAULT_BATCH_SIZE, SegmentParams
+from kissray.terminal import divert_ray_loggers, quiet
 from kissray.uris import is_local, make_dirs
 
 log = logging.getLogger(__name__)
@@ -127,16 +129,23 @@ class LibraryJob:
     stills: str = "exact"  # set by run_library; recorded in every titles row
 
 
-def prepare_library(inputs: list[str], model_uri: str, out: str) -> LibraryJob:
+def check_request(inputs: list[str], model_uri: str) -> tuple[list[Title], ModelConfig]:
+    """The titles the inputs name and the checkpoint's config, checked before anything is written
+    or started: raises :class:`UsageError` (no films, a local path that does not exist, unreadable
+    manifest, duplicate title ids) or :class:`CheckpointError`."""
+    return expand_inputs(inputs), read_model_config(model_uri)
+
+
+def prepare_library(inputs: list[str], model_uri: str, out: str,
+                    checked: tuple[list[Title], ModelConfig] | None = None) -> LibraryJob:
     """Expand the inputs, read the checkpoint's config, make ``out`` and find the titles to do.
 
-    Needs no Ray, so a CLI can fail fast: raises :class:`UsageError` (no films, unreadable
-    manifest, duplicate title ids), :class:`CheckpointError`, or :class:`JobError` (``out`` not writable).
-    The caller holds ``out``'s lock (:func:`out_lock`) while preparing and running.
+    Needs no Ray, so a CLI can fail fast: raises what :func:`check_request` raises (``checked``:
+    its result, when the caller checked before taking the lock) or :class:`JobError` (``out`` not
+    writable). The caller holds ``out``'s lock (:func:`out_lock`) while preparing and running.
     """
     started, started_at = time.monotonic(), datetime.now(timezone.utc)
-    titles = expand_inputs(inputs)
-    config = read_model_config(model_uri)
+    titles, config = checked or check_request(inputs, model_uri)
     store = ResultStore(out)
     store.prepare()
     done = store.finished_titles(model_uri)
@@ -162,8 +171,9 @@ def score_library(inputs: list[str], model_uri: str, out: str, **options) -> Lib
     are skipped; every other title gets exactly one fresh ``titles`` row. Bad films never fail the
     job. ``options`` are those of :func:`run_library`.
     """
+    checked = check_request(inputs, model_uri)  # a usage error writes nothing, not even OUT
     with out_lock(out):
-        return run_library(prepare_library(inputs, model_uri, out), **options)
+        return run_library(prepare_library(inputs, model_uri, out, checked), **options)
 
 
 @dataclass(frozen=True)
@@ -228,7 +238,8 @@ def run_library(job: LibraryJob, *, params: SegmentParams = SegmentParams(), win
             print(f"kissray score: {len(job.todo)} title(s) to score; {pool.describe()}", file=sys.stderr)
         log.info("%s", pool.describe())
         spec = decode_spec(job, pool, window_s, decode_timeout_s, frames_per_clip, stills, faults)
-        with Progress(len(job.todo), progress) as bar:
+        expected_s = expected_film_seconds([t.uri for t in job.todo]) if progress else None
+        with Progress(len(job.todo), progress, expected_s) as bar:
             lost = _run_attempts(job, spec, params, pool, batch_size, max_attempts, summary, bar)
         _record_lost(job, lost, summary, max_attempts)
     summary.wall_s = time.monotonic() - job.started
@@ -363,40 +374,6 @@ def _check_cluster(error: Exception) -> None:
         raise JobError(f"lost the Ray cluster ({one_line(error)})") from e
 
 
-class Progress:
-    """The driver's bar: seconds of film through the classifier (total known as films open),
-    titles done and failed, and an ETA; silent when disabled."""
-
-    def __init__(self, n_titles: int, enabled: bool):
-        self.n_titles, self.enabled = n_titles, enabled
-        self.film_s = self.titles_seen = self.done = self.failed = 0
-        self.bar = None
-
-    def __enter__(self) -> "Progress":
-        if self.enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=0, unit="film-s", dynamic_ncols=True, file=sys.stderr)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-    def update(self, clips: int = 0, film_s: int = 0, opened: int = 0, status: str | None = None) -> None:
-        self.film_s, self.titles_seen = self.film_s + film_s, self.titles_seen + opened
-        if status is not None:
-            self.done += 1
-            self.failed += status != "ok"
-        if self.bar is None:
-            return
-        unseen = self.n_titles - self.titles_seen  # films not opened yet: assume the mean length
-        mean_s = self.film_s / self.titles_seen if self.titles_seen else 0
-        self.bar.total = max(self.bar.n + clips, int(self.film_s + unseen * mean_s))
-        self.bar.set_postfix_str(f"titles {self.done}/{self.n_titles}, {self.failed} not ok", refresh=False)
-        self.bar.update(clips)
-
-
 def _collect(dataset, job: LibraryJob, summary: LibrarySummary, bar: Progress, reported: set[str]) -> None:
     """Run the plan, counting titles as their summary rows stream back (ids into ``reported``)."""
     for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -451,16 +428,22 @@ def _record_lost(job: LibraryJob, lost: list[Title], summary: LibrarySummary, at
 def ray_connection(address: str | None = None) -> Iterator[None]:
     """Ray for the duration of a command: the running one when this process already has it,
     else ``ray.init(address)`` (``None`` -> ``RAY_ADDRESS`` or a new local Ray; ``"local"`` -> a
-    new local Ray). Shuts down only a Ray it connected or started itself."""
+    new local Ray). Shuts down only a Ray it connected or started itself. Without ``-v`` Ray's
+    console output goes to the command's log file (:mod:`kissray.terminal`)."""
     import ray
+    import ray.data  # configures its loggers on import: divert them with Ray's own
 
+    divert_ray_loggers()
     if ray.is_initialized():
         yield
         return
     # neither given: a new local Ray, never whichever cluster was started last on this machine
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     try:
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, configure_logging=False)
+        # configure_logging keeps Ray's console handler (diverted above); without it Ray drops the
+        # handler and its notices reach the terminal through logging's last resort
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, configure_logging=True,
+                 log_to_driver=not quiet())
     except Exception as e:  # no cluster at that address, a version mismatch...
         raise JobError(f"cannot connect to Ray ({address}): {one_line(e)}") from e
     try:

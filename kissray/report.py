@@ -27,6 +27,7 @@ from urllib.parse import quote
 import numpy as np
 import pandas as pd
 
+from kissray import provenance
 from kissray.excerpts import excerpt_stem
 from kissray.names import file_name_for
 from kissray.outputs import EXCERPTS_DIR, STATUSES, ScoreOutputs, read_outputs
@@ -40,6 +41,7 @@ TIMELINE_WIDTH, TIMELINE_HEIGHT = 800, 120  # SVG user units
 MAX_POINTS = 600  # timeline points per label; longer films are max-pooled so peaks survive
 LABEL_COLOURS = ("#d6336c", "#1c7ed6", "#37b24d", "#f59f00", "#7048e8", "#0ca678", "#e8590c", "#495057")
 TICK_STEPS_S = (1, 2, 5, 10, 30, 60, 120, 300, 600, 900, 1800, 3600)
+TICK_LABEL_WIDTH = 40  # SVG units: a time label this close to the right edge is right-aligned
 
 
 @dataclass(frozen=True)
@@ -163,7 +165,17 @@ def _header(outputs: ScoreOutputs) -> str:
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     models = sorted({str(m) for m in outputs.titles["model"].dropna()})
     return (f"<header><h1>kissray report</h1><p>Scores: <code>{_esc(outputs.out_dir)}</code> · "
-            f"model: {_esc(', '.join(models) or 'unknown')} · generated {now}</p></header>")
+            f"model: {_esc(', '.join(models) or 'unknown')} · generated {now}</p>"
+            f"{''.join(model_provenance(m) for m in models)}</header>")
+
+
+def model_provenance(model_uri: str) -> str:
+    """What the checkpoint's head was trained on, or a warning that its scores are placeholders (SPEC 4)."""
+    record = provenance.read_provenance(model_uri)
+    if provenance.state(record) == "trained":
+        return f'<p class="provenance">Model <code>{_esc(model_uri)}</code>: {_esc(provenance.describe(record))}</p>'
+    return (f'<p class="warning" role="alert"><b>Warning</b>: model <code>{_esc(model_uri)}</code>: '
+            f'{_esc(provenance.warning(record))}.</p>')
 
 
 def library_summary(outputs: ScoreOutputs) -> dict:
@@ -203,8 +215,8 @@ def _index(titles: list[dict], segments: dict[str, pd.DataFrame], labels: list[s
         rows.append(f'<tr data-title="{_esc(t["title_id"])}" data-status="{_esc(t["status"])}">'
                     f'<td><a href="#t-{_esc(file_name_for(t["title_id"]))}">{_esc(t["title_id"])}</a></td>'
                     f'<td class="status {_esc(t["status"])}">{_esc(t["status"])}</td>'
-                    f'<td data-v="{_number(t["duration_s"]):.3f}">{_duration_or_dash(t["duration_s"])}</td>'
-                    f'<td>{int(_number(t["n_scored"]))}</td><td>{0 if segs is None else len(segs)}</td>{cells}</tr>')
+                    f'<td data-v="{table_number(t["duration_s"]):.3f}">{_duration_or_dash(t["duration_s"])}</td>'
+                    f'<td>{int(table_number(t["n_scored"]))}</td><td>{0 if segs is None else len(segs)}</td>{cells}</tr>')
     statuses = "".join(f'<option value="{s}">{s}</option>' for s in STATUSES)
     controls = ('<div class="controls"><input id="filter" type="search" placeholder="filter titles">'
                 f'<select id="status"><option value="">all statuses</option>{statuses}</select>'
@@ -217,7 +229,7 @@ def _index(titles: list[dict], segments: dict[str, pd.DataFrame], labels: list[s
             f'<th data-type="num">segments</th>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></section>')
 
 
-def _number(value) -> float:
+def table_number(value) -> float:
     """A table value as float, 0 for null / NaN (failed titles have no duration)."""
     return 0.0 if value is None or pd.isna(value) else float(value)
 
@@ -236,7 +248,7 @@ def _most_labelled(titles: list[dict], probs: dict, segments: dict[str, pd.DataF
         labelled = 0 if segs is None else int(segs["n_seconds"].sum())
         rows.append(f'<div class="top-title"><a href="#t-{_esc(file_name_for(t["title_id"]))}">{_esc(t["title_id"])}'
                     f'</a> <span>{duration_text(labelled)} labelled</span>'
-                    f'{timeline_svg(p, segs, _number(t["duration_s"]), int(_number(t["n_scored"])), colours)}</div>')
+                    f'{timeline_svg(p, segs, table_number(t["duration_s"]), int(table_number(t["n_scored"])), colours)}</div>')
     if not rows:
         return ""
     return f'<section id="most-labelled"><h2>Most labelled</h2>{"".join(rows)}</section>'
@@ -271,7 +283,7 @@ def _title_section(title: dict, probs: dict[str, np.ndarray], segs: pd.DataFrame
     if status != "ok" and title.get("error"):
         parts.append(f'<p class="error">{_esc(title["error"])}</p>')
     if probs:
-        parts.append(timeline_svg(probs, segs, _number(title["duration_s"]), int(_number(title["n_scored"])), colours))
+        parts.append(timeline_svg(probs, segs, table_number(title["duration_s"]), int(table_number(title["n_scored"])), colours))
     if segs is not None and len(segs):
         parts.append(_segment_table(title_id, segs, media, answers))
     return (f'<details class="title" open id="t-{_esc(file_name_for(title_id))}" data-title="{_esc(title_id)}" '
@@ -304,12 +316,13 @@ def _answer_text(answer: dict | None) -> str:
             f'<small>{_esc(answer["reviewer"])}</small>')
 
 
-def _pooled(p: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray]:
-    """(x seconds, y) with at most ``max_points`` points: bucket maxima, so short peaks stay visible."""
-    if len(p) <= max_points:
-        return np.arange(len(p)) + 0.5, p
-    edges = np.linspace(0, len(p), max_points + 1).astype(int)
-    return (edges[:-1] + edges[1:]) / 2, np.maximum.reduceat(p, edges[:-1])
+def _steps(p: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """(x seconds, y) of a step line: second i holds p[i] over [i, i+1), so even a one-second film
+    draws a line. Longer films are bucketed to ``max_points`` steps of the bucket maxima, so short
+    peaks stay visible."""
+    edges = np.arange(len(p) + 1) if len(p) <= max_points else np.linspace(0, len(p), max_points + 1).astype(int)
+    values = p if len(p) <= max_points else np.maximum.reduceat(p, edges[:-1])
+    return np.repeat(edges, 2)[1:-1], np.repeat(values, 2)
 
 
 def timeline_svg(probs: dict[str, np.ndarray], segs: pd.DataFrame | None, duration_s: float, n_scored: int,
@@ -330,18 +343,29 @@ def timeline_svg(probs: dict[str, np.ndarray], segs: pd.DataFrame | None, durati
                      f'mean p {float(seg.mean_p):.2f}</title></rect>')
     parts.append(f'<line class="half" x1="0" x2="{w}" y1="{y(0.5)}" y2="{y(0.5)}"/>')
     for label, p in probs.items():
-        xs, ys = _pooled(np.asarray(p, np.float32), MAX_POINTS)
+        xs, ys = _steps(np.asarray(p, np.float32), MAX_POINTS)
         points = " ".join(f"{x(a)},{y(b)}" for a, b in zip(xs, ys))
         parts.append(f'<polyline fill="none" stroke="{colours[label]}" stroke-width="1.2" points="{points}">'
                      f"<title>{_esc(label)}</title></polyline>")
-    parts += _ticks(span_s, x, h)
+    parts += _ticks(span_s, x, h) + _probability_scale(y)
     return (f'<svg class="timeline" viewBox="0 0 {w} {h}" preserveAspectRatio="none" role="img" '
             f'aria-label="probability over time">{"".join(parts)}</svg>')
 
 
 def _ticks(span_s: float, x, h: int) -> list[str]:
+    """Time labels under the plot; the first starts at its tick, the one at the right edge ends
+    there (so no label is cut off by the edge), the others are centred."""
     step = next((s for s in TICK_STEPS_S if span_s / s <= 10), TICK_STEPS_S[-1] * int(np.ceil(span_s / 36000)))
-    return [f'<text x="{x(t)}" y="{h - 4}">{duration_text(t)}</text>' for t in range(0, int(span_s) + 1, step)]
+    ticks = []
+    for t in range(0, int(span_s) + 1, step):
+        anchor = "start" if t == 0 else "end" if float(x(t)) > TIMELINE_WIDTH - TICK_LABEL_WIDTH else "middle"
+        ticks.append(f'<text x="{x(t)}" y="{h - 4}" text-anchor="{anchor}">{duration_text(t)}</text>')
+    return ticks
+
+
+def _probability_scale(y) -> list[str]:
+    """The probability axis: 0, 0.5 (the dashed line) and 1, at the left edge inside the plot."""
+    return [f'<text class="scale" x="3" y="{float(y(p)) + dy:.1f}">{p:g}</text>' for p, dy in ((1, 9), (0.5, -2), (0, -2))]
 
 
 def _failures(titles: list[dict]) -> str:
@@ -382,6 +406,7 @@ th, td { text-align: left; padding: 3px 8px; border-bottom: 1px solid #eee; vert
 details.title { border: 1px solid #e3e3e3; border-radius: 6px; margin: 6px 0; padding: 4px 10px; }
 details.title > summary { cursor: pointer; padding: 4px 0; }
 .error { color: #c92a2a; }
+.warning { background: #fff4e6; border: 1px solid #e67700; border-radius: 6px; padding: 8px 12px; }
 svg.timeline { width: 100%; height: 120px; display: block; }
 #most-labelled svg.timeline { height: 56px; } .top-title span { color: #666; font-size: 12px; }
 .review.right, .review.edges { color: #2b8a3e; } .review.wrong { color: #c92a2a; }

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kissray import provenance
 from kissray.annotations import Annotations, clip_targets, split_films
 from kissray.defaults import BALANCED_RATE, DECODE_TIMEOUT_S, TrainOptions
 from kissray.errors import DecodeError, MediaError, UsageError
@@ -434,6 +435,7 @@ def train(annotations: Annotations, out: str, options: TrainOptions = TrainOptio
                "n_positive": {k: dict(zip(model.labels, (s.targets >= 0.5).sum(0).astype(int).tolist()))
                               for k, s in sets.items()},
                "balance": balance, "skipped_films": skipped, "train_seconds": time.perf_counter() - started, **metrics}
+    model.config.provenance = provenance.trained(metrics)  # what the head learnt from, in config.json
     save_model(model.eval(), out, extra_files={METRICS_FILE: json.dumps(metrics, indent=2).encode()})
     return metrics
 

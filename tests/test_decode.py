@@ -191,3 +191,74 @@ def test_variable_frame_rate(tmp_path):
     t = np.arange(7)[:, None] + (np.arange(3) + 0.5) / 3
     want = np.searchsorted(times, t + 1e-9, side="right") - 1
     np.testing.assert_array_equal(decode_stills(track, 0, 7, 3), want)
+
+
+# ---------------------------------------- exact stills against an independent oracle (issue 25 item 4)
+
+STRESSING_ENCODES = {  # codec settings where skipping "non-reference" frames could change a still
+    "hevc-temporal-layers": ("-c:v", "libx265", "-preset", "fast", "-x265-params",
+                             "temporal-layers=3:b-pyramid=1:bframes=7:keyint=30:min-keyint=30:scenecut=0"
+                             ":log-level=error"),
+    "hevc-open-gop": ("-c:v", "libx265", "-preset", "fast", "-x265-params",
+                      "open-gop=1:bframes=4:keyint=20:min-keyint=20:scenecut=0:log-level=error"),
+    "h264-b-pyramid": ("-c:v", "libx264", "-preset", "fast", "-bf", "5", "-x264-params",
+                       "b-pyramid=normal:open-gop=1:keyint=25:scenecut=0"),
+}
+
+
+def oracle_stills(path: str, size: int) -> dict[int, np.ndarray]:
+    """Plain PyAV: decode every frame, nothing skipped; clip i's still is the last frame whose time
+    (from the first frame) is <= i + 0.5 s (SPEC 2), resized as kissray resizes."""
+    import av
+
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        frames = sorted((frame.pts, frame.reformat(format="rgb24", interpolation="BILINEAR", width=size,
+                                                    height=size).to_ndarray())
+                        for frame in container.decode(stream))
+        time_base = float(stream.time_base)
+    times = np.array([(pts - frames[0][0]) * time_base for pts, _ in frames])
+    n_clips = int(np.floor(times[-1] + 1 / 25 + 0.5))
+    return {i: frames[int(np.searchsorted(times, i + 0.5 + 1e-6, side="right")) - 1][1] for i in range(n_clips)}
+
+
+@pytest.mark.parametrize("encode", sorted(STRESSING_ENCODES))
+def test_exact_stills_equal_a_plain_full_decode(tmp_path, encode):
+    """Whole film and a window that seeks into it: every still pixel-identical to an independent
+    full decode. HEVC is decoded without skipping (its sub-layer non-reference pictures can be
+    referenced by higher temporal layers); H.264 skips its true non-reference frames."""
+    from kissray.media import iter_clips
+    from kissray.media.ffmpeg import run_ffmpeg
+
+    path = str(tmp_path / f"{encode}.mp4")
+    run_ffmpeg(["-f", "lavfi", "-i", "testsrc2=s=96x64:r=25:d=6", *STRESSING_ENCODES[encode], "-pix_fmt", "yuv420p",
+                path])
+    expected = oracle_stills(path, 32)
+    assert len(expected) == 6
+    for start, stop in ((0, None), (3, 6)):
+        clips = list(iter_clips(path, start, stop, size=32))
+        assert [c.index for c in clips] == list(range(start, stop or 6))
+        for clip in clips:
+            np.testing.assert_array_equal(clip.frames[0], expected[clip.index], err_msg=f"{encode} clip {clip.index}")
+
+
+def test_hevc_is_never_decoded_with_nonref_skipping(tmp_path):
+    """The guard itself, as far as it can be observed: HEVC packets that are not stills are sent
+    without skip_frame=NONREF, H.264's with it (its non-reference frames are never referenced)."""
+    from kissray.media.demux import read_index
+    from kissray.media.ffmpeg import run_ffmpeg
+    from kissray.media.video import SparseStills
+
+    counts = {}
+    for codec, encode in (("hevc", "hevc-temporal-layers"), ("h264", "h264-b-pyramid")):
+        path = str(tmp_path / f"{codec}.mp4")
+        run_ffmpeg(["-f", "lavfi", "-i", "testsrc2=s=96x64:r=25:d=3", *STRESSING_ENCODES[encode],
+                    "-pix_fmt", "yuv420p", path])
+        index = read_index(path, path)
+        positions = index.still_positions(np.arange(3), 1, False).ravel()
+        stills = SparseStills(path, index, positions, 32, 1)
+        for position in positions:
+            stills.still(int(position))
+        stills.close()
+        counts[codec] = stills.skips_nonref
+    assert counts == {"hevc": False, "h264": True}

@@ -50,7 +50,7 @@ class Title:
 
 
 def write_score_out(out_dir: str | Path, titles: list[Title], params: SegmentParams = SHORT,
-                    one_file: bool = False) -> str:
+                    one_file: bool = False, model: str = "ckpt-test") -> str:
     """Write ``scores/``, ``segments/`` and ``titles/`` (SPEC 7) for ``titles``; segments come from
     the real segmenter on each title's probabilities. One file per title per table, as ``score``
     writes them, or (``one_file``, for big fake libraries) one file per table."""
@@ -77,7 +77,7 @@ def write_score_out(out_dir: str | Path, titles: list[Title], params: SegmentPar
         title_row = {"title_id": [t.title_id], "uri": [t.uri], "status": [t.status], "error": [t.error],
                      "duration_s": [t.duration_s],
                      "n_clips": [None if t.duration_s is None else int(np.floor(t.duration_s + 0.5))],
-                     "n_scored": [n_scored], "has_audio": [t.has_audio], "model": ["ckpt-test"],
+                     "n_scored": [n_scored], "has_audio": [t.has_audio], "model": [model],
                      "scored_at": [dt.datetime(2025, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)]}
         tables["scores"].append((t.title_id, pa.table(scores, schema=SCORES_SCHEMA)))
         tables["segments"].append((t.title_id, seg_table))
@@ -205,7 +205,8 @@ def test_cli_reports_failed_films_and_exits_3(library, tmp_path, capsys):
     code = cli_main(["excerpts", "--scores", library["out"], "--out", str(tmp_path), "--no-thumbnails", "--pad", "0"])
     captured = capsys.readouterr()
     assert code == 3
-    assert "failed gone:" in captured.err and "2 files written" in captured.out
+    assert "failed gone:" in captured.err and ": 2 excerpts written, 0 excerpts already there; 1 film failed" \
+        in captured.out
     assert sorted(p.name for p in tmp_path.rglob("*.mp4")) == [f"{excerpt_stem('kiss', 0, 1, 3)}.mp4",
                                                                 f"{excerpt_stem('kiss', 0, 2, 5)}.mp4"]
 
@@ -258,3 +259,97 @@ def test_an_excerpt_starts_on_the_frame_the_scores_mean(kind, tmp_path, media_di
     still = clip.frames[0, 8, 8].astype(int)
     centre = first[first.shape[0] // 2, first.shape[1] // 2].astype(int)
     assert np.abs(centre - still).max() < 40, (kind, centre, still)
+
+
+# ---------------------------------------------------------------- clean decode starts (SPEC 13)
+
+REFRESH_FPS, REFRESH_S = 25, 8
+
+
+def textured_frame(n: int, fps: int = REFRESH_FPS, size=(160, 120)) -> np.ndarray:
+    """Moving stripes (a decoder without its references shows garbage, not a flat colour) mixed
+    with the colour of the second."""
+    yy, xx = np.mgrid[0:size[1], 0:size[0]]
+    colour = colour_of_second(n // fps).astype(float)
+    stripes = np.stack([128 + 110 * np.sin((xx + 7 * n) / 9.0), 128 + 110 * np.cos((yy - 5 * n) / 7.0),
+                        0.5 * colour[2] + 64 + 60 * np.sin((xx + yy + 3 * n) / 11.0)], -1)
+    return (0.7 * stripes + 0.3 * colour).clip(0, 255).astype(np.uint8)
+
+
+def intra_refresh_film(path: Path) -> str:
+    """H.264 with periodic intra refresh: no IDR after the first frame; the frame that starts each
+    refresh wave (a recovery-point SEI) is flagged a keyframe in the MP4, though a decoder started
+    there shows garbage until the wave has passed."""
+    from kissray.media.ffmpeg import write_film
+
+    return write_film(str(path), textured_frame, REFRESH_FPS * REFRESH_S, REFRESH_FPS,
+                      video_args=("-c:v", "libx264", "-preset", "veryfast", "-bf", "0", "-pix_fmt", "yuv420p",
+                                  "-x264-params", "intra-refresh=1:keyint=50:scenecut=0"),
+                      extra_args=("-movflags", "+faststart"))  # readable when cut short
+
+
+def decoded_from_start(path: str, t_s: float) -> np.ndarray:
+    with av.open(path) as c:
+        frames = [f for f in c.decode(video=0)]
+    start = float(frames[0].pts * frames[0].time_base)
+    return [f for f in frames if float(f.pts * f.time_base) - start <= t_s + 1e-6][-1].to_ndarray(format="rgb24")
+
+
+@pytest.fixture(scope="module")
+def refresh(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("refresh")
+    film = intra_refresh_film(root / "refresh.mp4")
+    with av.open(film) as c:
+        keyframes = [round(float(p.pts * p.time_base), 2) for p in c.demux(video=0) if p.is_keyframe]
+    assert keyframes[:2] == [0.0, 2.0]  # flagged by the parser, but no clean start (see below)
+    return {"root": root, "film": film}
+
+
+def test_an_excerpt_starts_from_a_clean_decode_start_not_a_flagged_keyframe(refresh, tmp_path):
+    """SPEC 13: a cut from the keyframe the stream flags at 2 s is garbage (checked here with
+    ffmpeg's own input seek, the old way); the excerpt and its thumbnail show the film's frames."""
+    from kissray.clean_start import psnr
+    from kissray.media.ffmpeg import run_ffmpeg
+
+    film = refresh["film"]
+    run_ffmpeg(["-ss", "2.2", "-i", film, "-frames:v", "1", "-f", "image2", str(tmp_path / "naive.png")])
+    assert psnr(first_and_last_frames_png(tmp_path / "naive.png"), decoded_from_start(film, 2.2)) < 20
+    out = write_score_out(tmp_path / "out", [Title("refresh", film, 8.0, probs_with_peak(8, range(3, 6)))])
+    summary = write_excerpts(out, options=ExcerptOptions(pad_s=0.8))
+    assert not summary.failed and len(summary.written) == 2
+    clip = next(f for f in summary.written if f.endswith(".mp4"))
+    start_s, _, first, _, _, _ = first_and_last_frames(clip)
+    assert psnr(first, decoded_from_start(film, 2.2)) > 30  # [3 - 0.8, ...): the frame at 2.2 s
+    thumb = next(f for f in summary.written if f.endswith(".jpg"))
+    assert psnr(first_and_last_frames_png(thumb), decoded_from_start(film, 3.5)) > 25
+
+
+def test_copy_mode_never_starts_at_a_keyframe_that_is_not_clean(refresh, tmp_path):
+    """No clean keyframe between 0 s and the cut at 2.2 s: a copy cannot start right, so that
+    excerpt is re-encoded (and shows the frame at 2.2 s)."""
+    from kissray.clean_start import psnr
+
+    out = write_score_out(tmp_path / "out", [Title("refresh", refresh["film"], 8.0, probs_with_peak(8, range(3, 6)))])
+    summary = write_excerpts(out, options=ExcerptOptions(pad_s=0.8, copy=True, thumbnails=False))
+    assert not summary.failed
+    _, _, first, _, _, _ = first_and_last_frames(summary.written[0])
+    assert psnr(first, decoded_from_start(refresh["film"], 2.2)) > 30
+
+
+def test_a_title_whose_excerpt_cannot_be_made_right_is_reported(refresh, tmp_path, capsys):
+    """A film cut short since it was scored (its index lists frames whose bytes are gone): the
+    excerpt of its last seconds cannot show the film, so it is the title's failure (exit 3) and no
+    file is left, not an excerpt of nothing reported as written."""
+    data = open(refresh["film"], "rb").read()
+    film = tmp_path / "cut-short.mp4"
+    film.write_bytes(data[: len(data) * 2 // 3])
+    out = write_score_out(tmp_path / "out", [Title("cut-short", str(film), 8.0, probs_with_peak(8, range(6, 8)))])
+    code = cli_main(["excerpts", "--scores", out, "--pad", "0"])
+    captured = capsys.readouterr()
+    assert code == 3 and "failed cut-short: kiss-0-6-8.mp4: the film's frame at 6.000 s" in captured.err
+    assert ": 0 excerpts written" in captured.out and not list((tmp_path / "out" / "excerpts").rglob("*.mp4"))
+
+
+def first_and_last_frames_png(path) -> np.ndarray:
+    with av.open(str(path)) as c:
+        return next(c.decode(video=0)).to_ndarray(format="rgb24")

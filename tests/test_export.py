@@ -113,3 +113,19 @@ def test_csv_and_json_lists_hold_every_segment(library, tmp_path, capsys):
     assert [(r["title_id"], r["start_s"], r["end_s"], r["uri"].endswith(".mp4")) for r in records] == \
         [(r.title_id, r.start_s, r.end_s, True) for r in segments.itertuples()]
     assert records[0]["mean_p"] == pytest.approx(float(segments.iloc[0]["mean_p"]), abs=1e-6)
+
+
+def test_events_never_run_past_the_end_of_their_media(tmp_path, capsys):
+    """SPEC 13: a film that ends mid-second (7.5 s at 10 fps: 8 clips, like OpenCV's vtest.avi, 79.5 s)
+    with a segment through its last clip: the EDL's source-out is the media's end, 00:00:07:05
+    (not 00:00:08:00), and the CSV / JSON end there too."""
+    film = make_film(tmp_path / "vtest.avi", duration_s=7.5, fps="10", video_args=("-c:v", "mjpeg"))
+    out = write_score_out(tmp_path / "out", [Title("vtest", film, 7.5, probs_with_peak(8, range(4, 8)))])
+    assert cli_main(["export", "--scores", out, "--format", "edl", "--out", str(tmp_path / "edl")]) == 0
+    (event,) = parse_edl((tmp_path / "edl" / "vtest.edl").read_text())["events"]
+    assert event["tc"] == ("00:00:04:00", "00:00:07:05", "01:00:00:00", "01:00:03:05")
+    assert cli_main(["export", "--scores", out, "--format", "csv", "--out", "-"]) == 0
+    table = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    assert list(table["end_s"]) == [7.5] and list(table["end_timecode"]) == ["00:00:07.500"]
+    assert cli_main(["export", "--scores", out, "--format", "json", "--out", str(tmp_path / "s.json")]) == 0
+    assert [r["end_s"] for r in json.loads((tmp_path / "s.json").read_text())] == [7.5]

@@ -36,8 +36,16 @@ def test_files_globs_and_repeats(tree, monkeypatch):
     assert uris(titles) == [str(tree / "a.mp4"), str(tree / "sub" / "c.webm")]
 
 
-def test_missing_file_is_kept_as_a_title_to_fail_later(tmp_path):
-    assert expand_inputs([str(tmp_path / "gone.mp4")]) == [Title("gone", str(tmp_path / "gone.mp4"))]
+def test_a_missing_local_path_is_a_usage_error(tmp_path):
+    """SPEC 6: a typo on the command line stops at once; it is never a title of the job."""
+    with pytest.raises(UsageError, match="meida: no such file"):
+        expand_inputs([str(tmp_path / "meida")])
+
+
+def test_a_missing_manifest_entry_is_kept_as_a_title_to_fail_later(tmp_path):
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("gone.mp4\n")
+    assert expand_inputs([str(manifest)]) == [Title("gone", str(tmp_path / "gone.mp4"))]
 
 
 def test_txt_manifest_with_comments_and_relative_paths(tree, tmp_path):

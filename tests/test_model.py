@@ -160,6 +160,24 @@ def test_init_command(tmp_path, capsys):
     assert cli_main(["init", "--out", str(tmp_path / "x"), "--vggish-weights", str(tmp_path / "none.pth")]) == 2
 
 
+def test_init_checkpoint_says_its_head_was_never_trained_and_old_ones_still_load(tmp_path, capsys):
+    """SPEC 4: `kissray init` records an untrained head; a config.json without the record (an
+    older kissray's) loads, as provenance unknown."""
+    import json
+
+    from kissray.provenance import state, warning
+
+    out = tmp_path / "ck"
+    assert cli_main(["init", "--out", str(out), "--image-size", "32"]) == 0
+    assert "never trained" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["provenance"]["trained"] is False and state(load_model(str(out)).config.provenance) == "untrained"
+    del config["provenance"]
+    (out / "config.json").write_text(json.dumps(config))
+    record = load_model(str(out)).config.provenance
+    assert record is None and state(record) == "unknown" and "does not say" in warning(record)
+
+
 def test_imagenet_weights_go_through_torchvisions_enum(tmp_path, monkeypatch):
     """No download here: a state dict placed in torch.hub's cache under torchvision's file name is
     what ``--resnet-weights imagenet`` must load (the same path a real download ends in)."""

@@ -56,8 +56,9 @@ def library(tmp_path_factory, faststart_20s, checkpoint, ray_session):
     root = tmp_path_factory.mktemp("library")
     films = write_library(root / "films", faststart_20s)
     films["missing"] = str(root / "films" / "missing.mp4")
+    (root / "more.txt").write_text(films["missing"] + "\n")  # a manifest's missing entry: a failed row
     out = root / "out"
-    summary = score_library([str(root / "films"), films["missing"]], checkpoint, str(out), params=PARAMS,
+    summary = score_library([str(root / "films"), str(root / "more.txt")], checkpoint, str(out), params=PARAMS,
                             window_s=WINDOW_S, batch_size=5, max_actors=2, decode_timeout_s=20, progress=False)
     return films, out, summary
 
@@ -142,7 +143,8 @@ def test_cli_rerun_skips_ok_titles_and_never_duplicates(library, checkpoint, ray
     films, out, _ = library
     before = read(out, "titles").set_index("title_id")
     address = ray_session.get_runtime_context().gcs_address
-    code = cli_main(["score", str(Path(films["seven"]).parent), films["missing"], "--model", checkpoint,
+    manifest = Path(films["missing"]).parent.parent / "more.txt"
+    code = cli_main(["score", str(Path(films["seven"]).parent), str(manifest), "--model", checkpoint,
                      "--out", str(out), "--address", address, "--window-s", "4", "--threshold", "0.47",
                      "--min-len", "3", "--min-fraction", "0.6", "--no-progress", "--decode-timeout-s", "20"])
     assert code == 3
@@ -163,6 +165,7 @@ def test_cli_rerun_skips_ok_titles_and_never_duplicates(library, checkpoint, ray
     ("unreadable manifest", ["{tmp}/list.csv"], "cannot read manifest"),
     ("duplicate ids", ["{tmp}/a/x.mp4", "{tmp}/b/x.mkv"], "duplicate title_id 'x'"),
     ("no films", ["{tmp}/a/*.avi"], "matched no files"),
+    ("a typo in a path", ["{tmp}/a/x.mp4", "{tmp}/meida"], "meida: no such file or directory"),
 ])
 def test_usage_errors_exit_2(problem, argv, message, tmp_path, checkpoint, capsys):
     for sub in ("a", "b"):
@@ -181,7 +184,7 @@ def test_usage_errors_exit_2(problem, argv, message, tmp_path, checkpoint, capsy
                      "--address", "local", "--no-progress"])
     assert code == 2, problem
     assert message in capsys.readouterr().err
-    assert not (tmp_path / "out" / "titles").exists() or not os.listdir(tmp_path / "out" / "titles")
+    assert not (tmp_path / "out").exists()  # a usage error writes nothing, not even an empty OUT
 
 
 def test_an_unwritable_out_exits_1_with_one_line(tmp_path, checkpoint, film, capsys):

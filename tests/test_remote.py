@@ -6,6 +6,8 @@ that together fetch about the film's size (counted by the server's relay, not by
 
 from __future__ import annotations
 
+import os
+
 import fsspec
 import numpy as np
 import pytest
@@ -202,3 +204,70 @@ def test_a_remote_film_scored_on_ray_in_windows_equals_score_film(s3, media_dir,
     scores = pd.read_parquet(out / "scores").sort_values("second")
     assert list(scores.second) == list(range(10))
     np.testing.assert_allclose(scores.p.to_numpy(), score_film(local, model).probs[:, 0], atol=1e-5)
+
+
+# ------------------------------------------- a store that fails: never the film's, never silence
+
+@pytest.fixture
+def http_film(tmp_path):
+    """(store, local path, URL) of an 8-s faststart MP4 with a tone in odd seconds, served by
+    byte ranges over http:// by a store that can drop connections (tests/http_store.py)."""
+    from http_store import HttpStore, film_in
+
+    root = tmp_path / "store"
+    root.mkdir()
+    local = make_film(root / "film.mp4", 8.0, tone_seconds=(1, 3, 5, 7), extra_args=("-movflags", "+faststart"))
+    with HttpStore(root) as store:
+        yield store, local, film_in(store, local)
+
+
+def test_the_audio_track_raises_a_store_failure_instead_of_going_silent(http_film, monkeypatch):
+    """PyAV hands a read callback's exception back on its next call: the audio track once took
+    it for damaged audio and went silent (has_audio still true, nothing logged)."""
+    from kissray.errors import StorageError
+    from kissray.media.audio_track import AudioTrack
+    from kissray.media.source import Film
+
+    store, local, uri = http_film
+    monkeypatch.setenv("KISSRAY_RANGE_BLOCK_BYTES", str(16 << 10))  # reads in small steps: one more is left
+    film = Film(uri)
+    assert film.source is not None  # read by ranges, not staged
+    audio = AudioTrack(film, 1, 0.0, 400)
+    first = audio.read(400, 2 * 16000)
+    assert np.abs(first[16000:]).max() > 0.1  # second 1: the tone
+    store.drop(1)
+    with pytest.raises(StorageError, match="reading bytes"):
+        audio.read(2 * 16000, 8 * 16000)
+    assert store.dropped == 1
+    audio.close()
+    film.close()
+
+
+def test_a_store_failing_mid_window_is_read_again_and_scores_the_same(http_film, monkeypatch, caplog, model):
+    """SPEC 3: a dropped connection mid-window is retried by a new decoder from the next clip:
+    the clips are the local film's, none silent; a store that keeps failing raises StorageError
+    (from score_film, and out of the job's decode stage so the window is retried), never a
+    ``partial`` title or silence."""
+    from kissray.batch.stages import DecodeSpec, decode_window
+    from kissray.errors import StorageError
+    from kissray.score import score_film
+
+    store, local, uri = http_film
+    monkeypatch.setenv("KISSRAY_RANGE_BLOCK_BYTES", str(16 << 10))  # many reads: one falls mid-window
+    REMOTE_DECODERS.close()
+    expected = list(iter_clips(local, size=32))
+    store.drop(1, from_byte=os.path.getsize(local) // 2)
+    with caplog.at_level("WARNING", logger="kissray.media.client"), ClipReader(uri, size=32) as reader:
+        clips = list(reader)
+    assert store.dropped == 1 and reader.retries == 1 and "reading it again from clip" in caplog.text
+    assert_same_clips(clips, expected)
+    assert all(c.has_audio for c in clips)
+    store.drop(1000)
+    monkeypatch.setattr("kissray.media.client.READ_RETRIES", 0)  # fail at the first failure (saves decoders)
+    with pytest.raises(StorageError):
+        score_film(uri, model)
+    spec = DecodeSpec(frames_per_clip=1, size=32, window_s=600, timeout_s=60)
+    window = {"title_id": "film", "uri": uri, "start": 0, "stop": 8, "n_windows": 1, "n_clips": 8,
+              "duration_s": 8.0, "has_audio": True, "error": ""}
+    with pytest.raises(StorageError):
+        list(decode_window({k: np.asarray([v]) for k, v in window.items()}, spec))

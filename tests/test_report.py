@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -15,7 +16,7 @@ from conftest import make_film
 from kissray.cli import main as cli_main
 from kissray.excerpts import ExcerptOptions, write_excerpts
 from kissray.outputs import read_outputs
-from kissray.report import PAGE_SIZE, _pooled, library_summary, write_report
+from kissray.report import PAGE_SIZE, _steps, library_summary, write_report
 from test_excerpts import Title, probs_with_peak, write_score_out
 
 CHROME_ARGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -52,8 +53,37 @@ def test_summary_counts_titles_seconds_and_labelled_time(library):
 def test_long_timelines_keep_their_peaks():
     p = np.zeros(10_800, np.float32)
     p[5_001] = 0.9
-    xs, ys = _pooled(p, 600)
-    assert len(xs) == 600 and ys.max() == pytest.approx(0.9) and abs(xs[ys.argmax()] - 5_001) < 10_800 / 600
+    xs, ys = _steps(p, 600)
+    assert len(xs) == 2 * 600 and ys.max() == pytest.approx(0.9) and abs(xs[ys.argmax()] - 5_001) < 10_800 / 600
+
+
+def test_every_second_is_a_step_so_a_one_second_film_draws_a_line():
+    xs, ys = _steps(np.asarray([0.7], np.float32), 600)
+    assert list(xs) == [0, 1] and list(ys) == pytest.approx([0.7, 0.7])
+    xs, ys = _steps(np.asarray([0.1, 0.9], np.float32), 600)
+    assert list(xs) == [0, 1, 1, 2] and list(ys) == pytest.approx([0.1, 0.1, 0.9, 0.9])
+
+
+def test_first_screen_says_whether_the_head_was_trained(tmp_path, checkpoint):
+    """SPEC 4: `kissray init`'s checkpoint (the fixture's) gets a warning at the top of the page;
+    a trained one shows what it learnt from; a checkpoint that cannot be read is said to be unknown."""
+    from kissray import provenance
+
+    film = Title("solo", "solo.mp4", 6.0, probs_with_peak(6, range(1, 4)))
+    untrained = Path(write_report(write_score_out(tmp_path / "u", [film], model=checkpoint))).read_text()
+    header = untrained.split("</header>")[0]
+    assert 'class="warning"' in header and "never trained" in header and "placeholders" in header
+    trained_ck = tmp_path / "trained"
+    trained_ck.mkdir()
+    record = provenance.trained({"annotations": "s3://b/kiss.csv", "splits": {"train": ["a", "b"], "test": ["c"]},
+                                 "final": {"test": {"kiss": {"ap": 0.91, "f1": 0.88, "precision": 0.9}}}})
+    (trained_ck / "config.json").write_text(json.dumps({"labels": ["kiss"], "provenance": record}))
+    header = Path(write_report(write_score_out(tmp_path / "t", [film], model=str(trained_ck)))).read_text()
+    header = header.split("</header>")[0]
+    assert 'class="warning"' not in header
+    assert "head trained on s3://b/kiss.csv (3 films: train 2, test 1); test split: kiss AP 0.91 F1 0.88" in header
+    gone = Path(write_report(write_score_out(tmp_path / "g", [film], model=str(tmp_path / "nowhere")))).read_text()
+    assert 'class="warning"' in gone.split("</header>")[0] and "cannot be read" in gone
 
 
 def test_page_is_self_contained_and_escapes_titles(library, tmp_path):
@@ -162,3 +192,32 @@ def test_a_thousand_titles_are_paged(tmp_path, browser):
     browser.get(report.as_uri() + "#t-t0777")
     assert browser.execute_script("return document.getElementById('t-t0777').open") is True
     assert _severe_console_messages(browser) == []
+
+
+def test_timelines_in_chromium_show_short_films_whole_axes_and_a_scale(tmp_path, browser, checkpoint):
+    """A 1.2-s film draws its one second; no time label is cut off at the right edge (47 s: a label
+    at 45 s, 20 units from the edge); each timeline has a probability scale; the untrained-head
+    warning is on the first screen."""
+    titles = [Title("blink", "blink.mp4", 1.2, probs_with_peak(1, range(0, 1))),
+              Title("long", "long.mp4", 47.0, probs_with_peak(47, range(10, 30)))]
+    out = write_score_out(tmp_path / "out", titles, model=checkpoint)
+    browser.get(Path(write_report(out)).as_uri())
+    browser.find_element("id", "expand").click()
+    found = browser.execute_script("""
+        const inside = (r, box) => r.left >= box.left - 0.5 && r.right <= box.right + 0.5;
+        return Array.from(document.querySelectorAll('details.title')).map(d => {
+          const svg = d.querySelector('svg.timeline'), box = svg.getBoundingClientRect();
+          const texts = Array.from(svg.querySelectorAll('text'));
+          return {title: d.dataset.title, line: svg.querySelector('polyline').getBoundingClientRect().width,
+                  clipped: texts.filter(t => !inside(t.getBoundingClientRect(), box)).map(t => t.textContent),
+                  ticks: texts.filter(t => !t.classList.contains('scale')).map(t => t.textContent),
+                  scale: texts.filter(t => t.classList.contains('scale')).map(t => t.textContent)};
+        });""")
+    by_title = {f["title"]: f for f in found}
+    assert by_title["blink"]["line"] > 100, by_title["blink"]  # two thirds of the plot, not a dot
+    assert by_title["long"]["ticks"][-1] == "0:45"
+    for f in found:
+        assert f["clipped"] == [] and f["scale"] == ["1", "0.5", "0"], f
+    warning = browser.execute_script("const r = document.querySelector('header .warning').getBoundingClientRect();"
+                                     "return r.height > 0 && r.bottom <= window.innerHeight;")
+    assert warning

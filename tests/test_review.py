@@ -21,8 +21,11 @@ import pytest
 
 from conftest import make_film
 from kissray.cli import main as cli_main
+from kissray.provenance import read_provenance
 from kissray.annotations import ReviewFiles
 from kissray.excerpts import ExcerptOptions, write_excerpts
+from kissray.report import Media
+from kissray.review.page import Players
 from kissray.review.server import ReviewSite, make_server
 from kissray.train import read_metrics
 from s3_server import free_port
@@ -181,10 +184,12 @@ def test_keyboard_answers_survive_a_killed_server(library, server, browser, tmp_
 def test_train_learns_from_the_reviews(library, checkpoint, tmp_path, capsys):
     out = str(tmp_path / "reviewed")
     reviews = str(library["reviews"])
-    assert cli_main(["train", "--annotations", reviews, "--init", checkpoint, "--out", out,
-                     "--mode", "head", "--epochs", "2", "--batch-size", "8"]) == 0
+    code = cli_main(["train", "--annotations", reviews, "--init", checkpoint, "--out", out,
+                     "--mode", "head", "--epochs", "2", "--batch-size", "8"])
+    assert code == 0, capsys.readouterr().err
     metrics = read_metrics(out)
     assert metrics["annotations"] == reviews and metrics["reviews"]["answers"] == 6
+    assert read_provenance(out)["annotations"] == reviews  # what the score, report and review pages show
     assert len(metrics["reviews"]["files"]) == 6 and metrics["reviews"]["by_answer"]["wrong"] == 2
     clips = sum(metrics["n_clips"].values())
     positives = sum(n["kiss"] for n in metrics["n_positive"].values())
@@ -202,6 +207,8 @@ def test_first_screens_show_timelines(library, server, browser, tmp_path):
     assert "60%" in reviews
     open_page(browser, server.url)
     assert first_screen_has_a_timeline(browser)
+    warning = browser.find_element("css selector", "header .warning").text  # the scores' checkpoint is unknown here
+    assert "whether its head was ever trained is unknown" in warning
     shot = tmp_path / "review.png"
     browser.save_screenshot(str(shot))
     small = _shrink_png(shot)
@@ -217,6 +224,30 @@ def _shrink_png(path: Path) -> Path:
     if os.environ.get("KISSRAY_DOCS_SCREENSHOT"):  # refresh docs/img/review.png by hand
         shutil.copy(small, Path(__file__).parents[1] / "docs" / "img" / "review.png")
     return small
+
+
+def test_players_excerpt_film_or_thumbnail(library, server, browser):
+    open_page(browser, server.url)
+    sources = browser.execute_script("return Object.fromEntries(Array.from(document.querySelectorAll('li.segment'))"
+                                     ".map(li => [li.dataset.title + '@' + li.dataset.start, "
+                                     "(li.querySelector('video, img') || {}).src]))")
+    assert "/excerpts/alpha/kiss-0-1-5.mp4" in sources["alpha@1"]
+    assert sources["beta@8"].endswith("/films/beta#t=8,12")  # no excerpt: the film from the segment's start
+    played = browser.execute_async_script("""
+        const done = arguments[arguments.length - 1], v = document.querySelectorAll('section#t-beta video')[1];
+        v.addEventListener('loadeddata', () => done([v.currentTime, v.duration]));
+        v.addEventListener('error', () => done(['error', v.error.code]));
+        v.preload = 'auto'; v.load();""")
+    assert played == [8, 14]  # Chromium read the film by ranges and stands at the segment's start
+    current = "return document.querySelector('li.segment.current video')"
+    press(browser, "p")  # the current segment's player, by key
+    wait_until(lambda: browser.execute_script(current + ".currentTime") > 0.2)
+    press(browser, "p")
+    assert wait_until(lambda: browser.execute_script(current + ".paused"))
+    media = Media("x", "", frozenset({"gamma/kiss-0-1-4.jpg"}))
+    players = Players(media, frozenset())  # no excerpt, film out of reach: the thumbnail
+    assert players.for_segment("gamma", "kiss", "kiss-0-1-4", 1, 4).startswith('<img src="/excerpts/gamma/kiss-0-1-4.jpg"')
+    assert "nomedia" in Players(Media("x", "", frozenset()), frozenset()).for_segment("gamma", "kiss", "kiss-0-1-4", 1, 4)
 
 
 def test_two_editors_at_once_lose_nothing(library, server, browser):
@@ -276,8 +307,8 @@ def in_process(library):
     """The review server on a thread of this process, for checks that need no browser."""
     servers = []
 
-    def start(out: str = library["out"], api_key=None):
-        server = make_server(ReviewSite(out, api_key=api_key), "127.0.0.1", 0)
+    def start(out: str = library["out"], api_key=None, site: ReviewSite | None = None):
+        server = make_server(site or ReviewSite(out, api_key=api_key), "127.0.0.1", 0)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
         return server.server_address[1]
@@ -288,8 +319,12 @@ def in_process(library):
         server.server_close()
 
 
-def test_the_server_reads_nothing_but_its_lists(library, in_process):
-    port = in_process()
+def test_the_server_reads_nothing_but_its_lists(library, in_process, tmp_path):
+    site = ReviewSite(library["out"])
+    site.films["gone"] = str(tmp_path / "gone.mp4")  # a film deleted after the server started
+    port = in_process(site=site)
+    status, _, body = raw_get(port, "/films/gone")
+    assert status == 404 and b"cannot read it now" in body
     film = Path(library["films"]["beta"]).read_bytes()
     status, headers, body = raw_get(port, "/films/beta", {"Range": "bytes=100-1099"})
     assert status == 206 and body == film[100:1100] and headers["Content-Range"] == f"bytes 100-1099/{len(film)}"
@@ -316,6 +351,10 @@ def test_the_server_reads_nothing_but_its_lists(library, in_process):
 def test_beyond_loopback_needs_a_key_and_the_browser_logs_in(library, in_process, tmp_path, capsys):
     assert cli_main(["review", "--scores", library["out"], "--host", "0.0.0.0", "--port", "0"]) == 2
     assert "--api-key-file" in capsys.readouterr().err
+    assert cli_main(["review", "--scores", library["out"], "--port", "70000"]) == 2
+    assert "--port must be 0..65535" in capsys.readouterr().err
+    assert cli_main(["review", "--scores", str(tmp_path)]) == 2
+    assert "no titles/ dataset" in capsys.readouterr().err and not (tmp_path / "reviews").exists()
     from kissray.auth import ApiKey
 
     port = in_process(api_key=ApiKey(b"s3cret"))

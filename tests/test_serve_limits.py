@@ -34,7 +34,7 @@ def test_api_key_from_file_or_env(tmp_path):
 def test_config_takes_a_key_file_never_a_key(checkpoint):
     with pytest.raises(UsageError, match="api_key_file"):
         ServeConfig.from_dict({"model": checkpoint, "api_key": "s3cret"})
-    for bad in ({"max_film_s": 0}, {"request_timeout_s": -1}, {"max_concurrent_decodes": 0}):
+    for bad in ({"max_film_s": 0}, {"request_timeout_s": -1}, {"max_ongoing_requests": 0}):
         with pytest.raises(UsageError, match="positive"):
             ServeConfig(model=checkpoint, **bad)
     with pytest.raises(UsageError, match="absolute"):
@@ -190,7 +190,8 @@ def test_film_decoder_cancelled_at_any_moment_closes_everything(tmp_path, film_2
     messages, decoder = run_decoder("memory://serve-limits/long.mp4", tmp_path, stop_after, max_ahead=1)
     assert decoder.join(120)  # the thread saw the cancellation and left the ClipReader
     assert [k for k, _ in messages] == ["info", "chunk"][:stop_after]
-    assert list(tmp_path.iterdir()) == []  # staged copy and scratch dir removed
+    # the stage cache keeps a whole copy (and its lock files) for the next request: no partial copy, no scratch
+    assert [p.name for p in tmp_path.iterdir() if p.suffix not in (".mp4", ".lock")] == []
     poll(lambda: len(_own_decoders()) <= max(len(before), MAX_IDLE_DECODERS),  # a cancelled child is killed
          "a cancelled decoder child was left running")
     DECODERS.close()
@@ -199,3 +200,35 @@ def test_film_decoder_cancelled_at_any_moment_closes_everything(tmp_path, film_2
 def _own_decoders() -> list[Path]:
     return [p for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(p) == os.getpid()
             and b"kissray.media.child" in _read(p / "cmdline")]
+
+
+def test_a_replica_without_a_key_warns_beyond_loopback_or_refuses_to_start(caplog):
+    import logging
+    from types import SimpleNamespace
+
+    from kissray.serve.app import check_api_key
+
+    everywhere, loopback = SimpleNamespace(host="0.0.0.0", request_timeout_s=60), SimpleNamespace(host="127.0.0.1",
+                                                                                                 request_timeout_s=60)
+    with pytest.raises(UsageError, match="require_api_key"):
+        check_api_key(None, True, loopback)
+    check_api_key(ApiKey(b"k"), True, everywhere)
+    serve_logger = logging.getLogger("ray.serve")  # Serve's logger may not propagate to the root
+    serve_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="ray.serve"):
+            check_api_key(None, False, loopback)  # quiet
+            check_api_key(None, False, everywhere)
+            check_api_key(None, False, None)  # Serve's options unknown: warned too
+    finally:
+        serve_logger.removeHandler(caplog.handler)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 2 and "0.0.0.0" in warnings[0] and "unknown address" in warnings[1], warnings
+
+
+def test_serve_with_require_api_key_and_no_key_is_a_usage_error(checkpoint, monkeypatch, capsys):
+    from kissray.cli import main
+
+    monkeypatch.delenv("KISSRAY_API_KEY", raising=False)
+    assert main(["serve", "--model", checkpoint, "--require-api-key"]) == 2  # before any Ray starts
+    assert "require_api_key" in capsys.readouterr().err

@@ -81,6 +81,19 @@ def test_metrics_are_saved_per_epoch_and_split_with_the_film_split(head_run):
     assert saved["n_clips"] == {k: FILM_S * len(v) for k, v in saved["splits"].items()}
 
 
+def test_checkpoint_knows_what_it_was_trained_on(head_run):
+    """SPEC 4: config.json names the annotations, the films per split and the held-out metrics."""
+    from kissray.model import load_model
+    from kissray.provenance import describe, state
+
+    ann, out, metrics = head_run
+    record = load_model(out).config.provenance
+    assert state(record) == "trained" and record["annotations"] == ann.path
+    assert record["films"] == {split: len(films) for split, films in metrics["splits"].items()}
+    assert record["metrics"]["test"]["kiss"]["f1"] == pytest.approx(metrics["final"]["test"]["kiss"]["f1"])
+    assert describe(record).startswith(f"head trained on {ann.path} (7 films: ")
+
+
 def test_saved_checkpoint_scores_like_the_trained_head(head_run):
     ann, out, metrics = head_run
     model = load_model(out)

@@ -19,7 +19,7 @@ import pyarrow as pa
 from kissray.audio import SILENCE_LOG_MEL
 from kissray.batch.faults import NO_FAULTS, FaultPlan
 from kissray.batch.tables import ResultStore, TitleRecord, scores_table, segments_table
-from kissray.errors import one_line
+from kissray.errors import StorageError, one_line
 from kissray.media import ClipReader, probe
 from kissray.media.source import is_remote
 from kissray.score import SegmentParams, assemble_film
@@ -74,6 +74,8 @@ def probe_windows(title: dict, spec: DecodeSpec) -> list[dict]:
         return [{**base, "start": a, "stop": min(a + window_s, info.n_clips), "n_windows": len(starts),
                  "n_clips": info.n_clips, "duration_s": info.duration_s, "has_audio": info.has_audio,
                  "error": ""} for a in starts]
+    except StorageError:  # the store failed (after the reader's own retries): not the film's, retried
+        raise
     except Exception as e:  # MediaError, or anything unexpected: this title fails, not the job
         return [{**base, "start": 0, "stop": 0, "n_windows": 1, "error": one_line(e)}]
 
@@ -103,6 +105,8 @@ def decode_window(windows: dict[str, np.ndarray], spec: DecodeSpec) -> Iterator[
                 if len(clips) == CLIPS_PER_BLOCK:
                     yield _rows(window, clips, spec)
                     clips = []
+        except StorageError:  # the store failed (after the reader's own retries): the window fails and
+            raise  # is retried (SPEC 3), never scored on what was read so far
         except Exception as e:  # a bad window, a hung decoder, rows that cannot be built: this window only
             error = one_line(e) or "decode failed"
         if not error and n_delivered < int(window["stop"]) - int(window["start"]):

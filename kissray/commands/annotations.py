@@ -1,10 +1,11 @@
-"""``kissray annotations``: make annotations CSVs from public datasets (``from-ava``: AVA v2.x, SPEC 10)."""
+"""``kissray annotations``: make annotations CSVs from public datasets (``from-ava``: AVA v2.x; docs/ava.md)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from kissray.commands.options import non_negative_int
 
 FROM_AVA = """Convert AVA v2.x annotations into a kissray annotations CSV (uri,start_s,end_s,label,split).
 
@@ -28,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ava.add_argument("--label", default="kiss", help="the label written for it (default: kiss)")
     ava.add_argument("--videos", required=True, metavar="DIR_OR_URI",
                      help="directory (any fsspec URI) holding <video_id>.<ext> files")
-    ava.add_argument("--offset-s", type=int, default=0, metavar="SECONDS",
+    ava.add_argument("--offset-s", type=non_negative_int, default=0, metavar="SECONDS",
                      help="subtract from AVA timestamps, for videos cut to start later than the movie "
                           "(900 for 15-minute cuts starting at 900 s; default 0: the full movies)")
     ava.add_argument("--out", required=True, help="annotations CSV to write (any fsspec URI)")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from kissray.commands.options import any_int, positive_int
+
 from kissray.defaults import DemoOptions
 
 _DEFAULTS = DemoOptions()
@@ -17,10 +19,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="end-to-end demo on synthetic films (train, score, evaluate)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="directory for the corpus, checkpoint, scores and eval.json")
-    p.add_argument("--train-films", type=int, default=_DEFAULTS.n_train, help=f"default {_DEFAULTS.n_train}")
-    p.add_argument("--test-films", type=int, default=_DEFAULTS.n_test, help=f"default {_DEFAULTS.n_test}")
-    p.add_argument("--epochs", type=int, default=_DEFAULTS.epochs, help=f"default {_DEFAULTS.epochs}")
-    p.add_argument("--seed", type=int, default=_DEFAULTS.seed)
+    p.add_argument("--train-films", type=positive_int, default=_DEFAULTS.n_train, help=f"default {_DEFAULTS.n_train}")
+    p.add_argument("--test-films", type=positive_int, default=_DEFAULTS.n_test, help=f"default {_DEFAULTS.n_test}")
+    p.add_argument("--epochs", type=positive_int, default=_DEFAULTS.epochs, help=f"default {_DEFAULTS.epochs}")
+    p.add_argument("--seed", type=any_int, default=_DEFAULTS.seed)
     p.set_defaults(func=run)
 
 

@@ -14,7 +14,8 @@ import json
 import sys
 
 from kissray.annotations import SPLITS, UNLABELLED_CHOICES, read_annotations
-from kissray.defaults import MIN_FRACTION, MIN_LEN_S, STILLS_MODES, THRESHOLD
+from kissray.commands.options import add_segment_options, any_int
+from kissray.defaults import STILLS_MODES
 
 
 
@@ -24,13 +25,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--annotations", required=True, help="CSV: uri,start_s,end_s,label[,split]")
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--split", choices=(*SPLITS, "all"), default="test", help="films to evaluate (default test)")
-    p.add_argument("--seed", type=int, default=None, help="split seed (default: the training seed, else 0)")
+    p.add_argument("--seed", type=any_int, default=None, help="split seed (default: the training seed, else 0)")
     p.add_argument("--out", default=None, help="write the report as JSON to this file (any fsspec URI; default: print it)")
     p.add_argument("--unlabelled", choices=UNLABELLED_CHOICES, default=None,
                    help="seconds in no annotated span (default: as in training, else ignore)")
-    p.add_argument("--threshold", type=float, default=THRESHOLD)
-    p.add_argument("--min-len", type=int, default=MIN_LEN_S)
-    p.add_argument("--min-fraction", type=float, default=MIN_FRACTION)
+    add_segment_options(p)
     p.add_argument("--stills", choices=STILLS_MODES, default="exact", help="exact (default) or keyframe stills")
     p.set_defaults(func=run)
 

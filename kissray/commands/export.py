@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kissray.commands.options import positive
 from kissray.defaults import EXPORT_FORMATS
 
 EXIT_OK, EXIT_SOME_FAILED = 0, 3
@@ -22,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "edl: the folder (default OUT/edl)")
     p.add_argument("--label", action="append", default=None,
                    help="only this label's segments (repeatable; default: every label)")
-    p.add_argument("--fps", type=float, default=None,
+    p.add_argument("--fps", type=positive, default=None,
                    help="EDL only: use this frame rate instead of probing the films (e.g. 23.976, 29.97)")
     p.set_defaults(func=run)
 

@@ -19,7 +19,7 @@ DEFAULT_PORT = 8080
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("review", help="review segments in the browser; answers are saved as annotations",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="Keys on the page: j/k next/previous segment, 1 Right, 2 Wrong, 3 Edges, [ ] start "
+                       epilog="Keys on the page: j/k next/previous segment, p play/pause, 1 Right, 2 Wrong, 3 Edges, [ ] start "
                               "-/+1 s, - = end -/+1 s, m mark a missed span.")
     p.add_argument("--scores", required=True, metavar="OUT", help="a `kissray score --out` directory (any fsspec URI)")
     p.add_argument("--excerpts", default=None, metavar="DIR",
@@ -36,11 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kissray.auth import ApiKey
-    from kissray.review.server import ReviewSite, make_server
+    from kissray.review.server import ReviewSite, check_host, make_server
 
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be 0..65535, not {args.port}")
     api_key = ApiKey.load(args.api_key_file)
+    check_host(args.host, api_key)  # before reading OUT
     site = ReviewSite(args.scores, args.excerpts, reviewer=args.reviewer, api_key=api_key)
     server = make_server(site, args.host, args.port)
     host, port = server.server_address[:2]

@@ -14,38 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-import math
-
-from kissray.defaults import (BATCH_SIZE, DECODE_TIMEOUT_S, MIN_FRACTION, MIN_LEN_S, STILLS_MODES, THRESHOLD,
-                              WINDOW_S)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
-    return value
+from kissray.commands.options import add_segment_options, non_negative, positive, positive_int
+from kissray.defaults import BATCH_SIZE, DECODE_TIMEOUT_S, STILLS_MODES, WINDOW_S
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -62,35 +32,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory (any fsspec URI)")
     p.add_argument("--address", default=None,
                    help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray; 'local' forces one)")
-    p.add_argument("--threshold", type=_fraction, default=THRESHOLD, help="segmenter threshold (%(default)s)")
-    p.add_argument("--min-len", type=_positive_int, default=MIN_LEN_S, help="shortest segment, seconds (%(default)s)")
-    p.add_argument("--min-fraction", type=_fraction, default=MIN_FRACTION,
-                   help="least fraction of positive seconds in a segment (%(default)s)")
-    p.add_argument("--window-s", type=_positive_int, default=WINDOW_S,
+    add_segment_options(p)
+    p.add_argument("--window-s", type=positive_int, default=WINDOW_S,
                    help="seconds of film per decode task (%(default)s)")
-    p.add_argument("--batch-size", type=_positive_int, default=BATCH_SIZE, help="clips per forward pass (%(default)s)")
-    p.add_argument("--max-actors", "--actors", dest="max_actors", type=_positive_int, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE, help="clips per forward pass (%(default)s)")
+    p.add_argument("--max-actors", "--actors", dest="max_actors", type=positive_int, default=None,
                    help="most classifier actors; the pool grows and shrinks with the cluster up to this "
                         "(default: unbounded on GPUs, one per 4 CPUs on CPU)")
-    p.add_argument("--num-gpus-per-actor", "--gpus-per-actor", dest="num_gpus_per_actor", type=_non_negative,
+    p.add_argument("--num-gpus-per-actor", "--gpus-per-actor", dest="num_gpus_per_actor", type=non_negative,
                    default=None, help="GPUs per classifier actor (default: 1 when the cluster has GPUs or its "
                                       "autoscaler can add GPU nodes, else 0; 0 forces CPU)")
     p.add_argument("--stills", choices=STILLS_MODES, default="exact",
                    help="exact: the frame at each still time (default); keyframe: the last keyframe before it "
                         "(faster, one GOP of error at most)")
-    p.add_argument("--frames-per-clip", type=_positive_int, default=None, help="stills per clip (default: the checkpoint's)")
-    p.add_argument("--decode-timeout-s", type=_seconds, default=DECODE_TIMEOUT_S,
+    p.add_argument("--frames-per-clip", type=positive_int, default=None, help="stills per clip (default: the checkpoint's)")
+    p.add_argument("--decode-timeout-s", type=positive, default=DECODE_TIMEOUT_S,
                    help="a window whose decoder makes no progress this long fails (%(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars at all (ours or Ray Data's)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from kissray.pipeline import out_lock, prepare_library, ray_connection, run_library
+    from kissray.pipeline import check_request, out_lock, prepare_library, ray_connection, run_library
+    from kissray.provenance import describe, warning
     from kissray.score import SegmentParams
 
     params = SegmentParams(args.threshold, args.min_len, args.min_fraction)
+    checked = check_request(args.inputs, args.model)  # usage errors before anything is written or started
+    caution = warning(checked[1].provenance)
+    print(f"kissray score: {'WARNING: ' + caution if caution else 'model: ' + describe(checked[1].provenance)}",
+          file=sys.stderr)
     with out_lock(args.out):  # a second live run on OUT: usage error naming this one
-        job = prepare_library(args.inputs, args.model, args.out)  # usage errors before Ray starts
+        job = prepare_library(args.inputs, args.model, args.out, checked)
         with ray_connection(args.address):
             summary = run_library(job, params=params, window_s=args.window_s, batch_size=args.batch_size,
                                   max_actors=args.max_actors, num_gpus_per_actor=args.num_gpus_per_actor,
@@ -98,5 +70,28 @@ def run(args: argparse.Namespace) -> int:
                                   stills=args.stills, progress=not args.no_progress)
     for title_id, status, error in summary.failures:
         print(f"{status}: {title_id}: {error}", file=sys.stderr)
-    print(summary)
+    print("\n".join(closing_lines(job, summary, params, caution)))
     return 0 if summary.all_ok else 3
+
+
+def closing_lines(job, summary, params, caution: str | None) -> list[str]:
+    """The summary: titles and speed, segments found per label, where the tables are, what next."""
+    from kissray.outputs import SEGMENTS_COLUMNS, read_table
+
+    out = job.store.out
+    segments = read_table(out, "segments", SEGMENTS_COLUMNS)
+    segments = segments[segments["title_id"].isin({t.title_id for t in job.titles})]
+    lines = [str(summary), f"segments found (threshold {params.threshold:g}, at least {params.min_len} s, "
+                           f"{params.min_fraction:.0%} of seconds above it):"]
+    for label in job.config.labels:
+        mine = segments[segments["label"] == label]
+        lines.append(f"  {label}: {len(mine)} segment{'s' * (len(mine) != 1)}, "
+                     f"{int(mine['n_seconds'].sum())} s in {mine['title_id'].nunique()} of {len(job.titles)} titles")
+    if caution:
+        lines.append(f"WARNING: {caution}")
+    lines += [f"tables: {out}/scores, {out}/segments, {out}/titles (Parquet; pandas.read_parquet reads each)",
+              "next:",
+              f"  kissray excerpts --scores {out}    cut every segment into a playable excerpt",
+              f"  kissray report --scores {out}      one HTML page: timelines, segments, thumbnails",
+              f"  kissray export --scores {out} --format edl    segment lists for an editor (or csv, json)"]
+    return lines

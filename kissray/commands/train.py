@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 from kissray.annotations import UNLABELLED_CHOICES, read_annotations
+from kissray.commands.options import any_int, image_size, non_negative_int, positive, positive_int
 from kissray.defaults import (BALANCE_CHOICES, BALANCED_RATE, MODALITIES, MODES, SELECT_CHOICES, STILLS_MODES,
                               TrainOptions)
 
@@ -21,22 +22,22 @@ _DEFAULTS = TrainOptions()
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a checkpoint on annotated films", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--annotations", required=True, help="CSV: uri,start_s,end_s,label[,split] (see the README)")
+    p.add_argument("--annotations", required=True, help="CSV: uri,start_s,end_s,label[,split] (docs/weights-and-training.md)")
     p.add_argument("--out", required=True, help="checkpoint directory to write (any fsspec URI)")
     p.add_argument("--init", default=None, help="start from this checkpoint (backbones, head rows of shared labels)")
     p.add_argument("--modality", choices=MODALITIES, default=None, help="default: the --init checkpoint's, else av")
     p.add_argument("--mode", choices=MODES, default=_DEFAULTS.mode,
                    help="head: frozen backbones, cached embeddings (fast); full: fine-tune everything")
-    p.add_argument("--epochs", type=int, default=_DEFAULTS.epochs, help=f"default {_DEFAULTS.epochs}")
-    p.add_argument("--lr", type=float, default=_DEFAULTS.lr, help=f"Adam learning rate (default {_DEFAULTS.lr:g})")
-    p.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size, help=f"default {_DEFAULTS.batch_size}")
-    p.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="seed of the split, init and shuffling")
+    p.add_argument("--epochs", type=positive_int, default=_DEFAULTS.epochs, help=f"default {_DEFAULTS.epochs}")
+    p.add_argument("--lr", type=positive, default=_DEFAULTS.lr, help=f"Adam learning rate (default {_DEFAULTS.lr:g})")
+    p.add_argument("--batch-size", type=positive_int, default=_DEFAULTS.batch_size, help=f"default {_DEFAULTS.batch_size}")
+    p.add_argument("--seed", type=any_int, default=_DEFAULTS.seed, help="seed of the split, init and shuffling")
     p.add_argument("--unlabelled", choices=UNLABELLED_CHOICES, default=_DEFAULTS.unlabelled,
                    help="clips in no annotated span: ignore them (default) or treat them as negatives")
-    p.add_argument("--image-size", type=int, default=_DEFAULTS.image_size, help="new model only (no --init)")
-    p.add_argument("--frames-per-clip", type=int, default=_DEFAULTS.frames_per_clip, help="new model only")
+    p.add_argument("--image-size", type=image_size, default=_DEFAULTS.image_size, help="new model only (no --init)")
+    p.add_argument("--frames-per-clip", type=positive_int, default=_DEFAULTS.frames_per_clip, help="new model only")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--ray-workers", type=int, default=0,
+    p.add_argument("--ray-workers", type=non_negative_int, default=0,
                    help="head mode: embed films on N Ray actors (a local Ray, or $RAY_ADDRESS); "
                         "default 0: in this process")
     p.add_argument("--balance", choices=BALANCE_CHOICES, default=_DEFAULTS.balance,

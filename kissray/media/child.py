@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
+import time
 from dataclasses import asdict
 from typing import Callable, Iterator
 
@@ -25,11 +28,14 @@ from kissray.errors import DecodeError, MediaError, MediaOpenError, TooShortErro
 from kissray.media.audio_track import AudioTrack
 from kissray.media.demux import Container, decord_index, inspect_container, read_index, short_reason
 from kissray.media.info import Clip, MediaInfo, n_clips_for
-from kissray.media.protocol import MessageWriter
+from kissray.media.protocol import PARENT_VARIABLE, MessageWriter
 from kissray.media.ranges import NotRangeReadable, RangeSource
 from kissray.media.source import Film
 from kissray.media.timeline import MAX_DURATION_S, FrameIndex
 from kissray.media.video import CLIP_GROUP, VideoTrack
+
+PARENT_POLL_S = 1.0  # how often the child looks whether its parent is still there
+WATCHDOG_S = 900  # a child whose parent-watch thread is starved this long ends (SIGALRM)
 
 
 class IndexCache:
@@ -71,7 +77,8 @@ def _read(path: str | Film, uri: str) -> tuple[Container, FrameIndex, bool]:
 def decode_clips(path: str | Film, uri: str, start: int = 0, stop: int | None = None, *,
                  frames_per_clip: int = 1, size: int = 224, threads: int = 0, stills: str = "exact",
                  indexes: IndexCache | None = None,
-                 on_fallback: Callable[[str, str, int], None] | None = None) -> tuple[MediaInfo, Iterator[Clip]]:
+                 on_fallback: Callable[[str, str, int], None] | None = None,
+                 on_damaged: Callable[[float, float, str], None] | None = None) -> tuple[MediaInfo, Iterator[Clip]]:
     """Open a film (a local path, or a :class:`~kissray.media.source.Film`); return its MediaInfo and an
     iterator over clips ``[start, stop)``.
 
@@ -90,7 +97,7 @@ def decode_clips(path: str | Film, uri: str, start: int = 0, stop: int | None = 
         raise TooShortError(uri, f"too short: {duration_s:.3f} s of video (at least 0.5 s needed)")
     stop = info.n_clips if stop is None else min(int(stop), info.n_clips)
     start = max(0, int(start))
-    clips = _clips(video, container, path, start, stop, frames_per_clip)
+    clips = _clips(video, container, path, start, stop, frames_per_clip, on_damaged)
     if duration_s > readable_s:
         clips = _then_truncated(clips, uri, n_clips_for(readable_s), stop, readable_s, duration_s)
     return info, clips
@@ -119,15 +126,18 @@ def _then_truncated(clips: Iterator[Clip], uri: str, readable_clips: int, stop: 
 
 
 def _clips(video: VideoTrack, container: Container, path: str | Film, start: int, stop: int,
-           frames_per_clip: int) -> Iterator[Clip]:
+           frames_per_clip: int, on_damaged: Callable[[float, float, str], None] | None) -> Iterator[Clip]:
+    import av
+
     if stop <= start:
         return
     audio = None
     if container.audio_stream is not None:
         try:
             origin_s = video.index.first_s + video.index.raw_offset_s(start)  # where the audio's clock is
-            audio = AudioTrack(path, container.audio_stream, origin_s, start * CLIP_SAMPLES + PATCH_OFFSET_SAMPLES)
-        except Exception:  # the stream exists but cannot be opened: silence
+            audio = AudioTrack(path, container.audio_stream, origin_s, start * CLIP_SAMPLES + PATCH_OFFSET_SAMPLES,
+                               on_damaged)
+        except av.FFmpegError:  # the film's stream exists but cannot be opened: silence (the store's errors propagate)
             audio = None
     stills = video.stills(video.still_indices(np.arange(start, stop), frames_per_clip), start)
     try:
@@ -165,6 +175,9 @@ def _serve(request: dict, send: Callable[[dict, bytes], None], indexes: IndexCac
     def staging(n_bytes: int) -> None:  # a heartbeat: a long copy is not a hung decoder
         send({"type": "staging", "bytes": n_bytes}, b"")
 
+    def damaged(from_s: float, to_s: float, reason: str) -> None:
+        send({"type": "damaged", "from_s": from_s, "to_s": to_s, "reason": reason}, b"")
+
     path, read_before = request["path"], 0
     if path is None:  # a remote film, read by ranges (or staged once per node)
         read_before = indexes.source.bytes_read if indexes.source is not None else 0
@@ -177,7 +190,7 @@ def _serve(request: dict, send: Callable[[dict, bytes], None], indexes: IndexCac
     info, clips = decode_clips(path, request["uri"], request["start"], request["stop"],
                                frames_per_clip=request["frames_per_clip"], size=request["size"],
                                threads=request["threads"], stills=request.get("stills", "exact"),
-                               indexes=indexes, on_fallback=fell_back)
+                               indexes=indexes, on_fallback=fell_back, on_damaged=damaged)
     send({"type": "info", "info": asdict(info)}, b"")
     for clip in clips:
         if isinstance(clip, DecodeError):
@@ -193,6 +206,7 @@ def main() -> int:
     retired this child). Every request ends with exactly one ``end`` or ``error`` message."""
     send = MessageWriter(os.fdopen(os.dup(1), "wb")).send
     os.dup2(2, 1)  # anything the C libraries print goes to stderr, never into the protocol
+    _watch_parent(int(os.environ.get(PARENT_VARIABLE) or os.getppid()))
     indexes = IndexCache()
 
     for line in sys.stdin.buffer:
@@ -210,12 +224,37 @@ def main() -> int:
             return 0
         except MediaError as e:
             fail(type(e).__name__, e.reason)
-        except Exception as e:  # anything else is a decode failure of this film, never a traceback
-            fail("DecodeError", f"{type(e).__name__}: {short_reason(e)}")
+        except Exception as e:  # never a traceback: the film's failure, or the store's (retried)
+            fail(_error_kind(e), f"{type(e).__name__}: {short_reason(e)}")
         finally:
             for f in film:
                 f.close()
     return 0
+
+
+def _error_kind(error: Exception) -> str:
+    """A failure that is not a MediaError: libavcodec's or decord's about the film's bytes is a
+    ``DecodeError``; an OSError of Python's (a read that failed under PyAV or fsspec) is the
+    store's, a ``StorageError`` (SPEC 3: retried, never the title's ``partial``)."""
+    import av
+
+    return "StorageError" if isinstance(error, OSError) and not isinstance(error, av.FFmpegError) else "DecodeError"
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Never outlive the parent, even hung. A thread exits the process once the parent is gone
+    (this process is re-parented), and keeps re-arming an alarm whose default action ends the
+    process: should the thread itself be starved (a library stuck holding the GIL), the alarm
+    fires. Not PR_SET_PDEATHSIG: it fires when the parent *thread* that started this child ends,
+    and the pool hands children from thread to thread."""
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            signal.alarm(WATCHDOG_S)
+            time.sleep(PARENT_POLL_S)
+        os._exit(0)
+
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    threading.Thread(target=watch, name="kissray-parent-watch", daemon=True).start()
 
 
 if __name__ == "__main__":

@@ -25,15 +25,16 @@ from typing import Iterator
 import numpy as np
 
 from kissray.defaults import DECODE_TIMEOUT_S, STILLS_MODES
-from kissray.errors import ERRORS_BY_NAME, DecodeError, DecodeTimeoutError, MediaError, MediaOpenError
+from kissray.errors import ERRORS_BY_NAME, DecodeError, DecodeTimeoutError, MediaError, MediaOpenError, StorageError
 from kissray.media.info import DEFAULT_SIZE, Clip, MediaInfo
-from kissray.media.protocol import CHILD_MODULE, MessageReader, encode_request
+from kissray.media.protocol import CHILD_MODULE, PARENT_VARIABLE, MessageReader, encode_request
 from kissray.media.source import is_remote, local_path
 
 DEFAULT_TIMEOUT_S = DECODE_TIMEOUT_S  # longest wait for one clip before the decoder is killed
 OPEN_TIMEOUT_FACTOR = 4  # opening (indexing) a film may take this many clip timeouts
 MAX_IDLE_DECODERS = 2  # decoder children kept per process between requests
 MAX_REQUESTS_PER_DECODER = 50  # then the child is retired: whatever a library leaks cannot pile up
+READ_RETRIES = 2  # a read the store failed is tried again this often (by a new child) before it fails
 # a decoder child decodes on one BLAS thread unless told otherwise (benchmarks/NOTES.md section 24)
 CHILD_THREAD_DEFAULTS = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -49,7 +50,9 @@ class ClipReader:
     (:class:`DecodeTimeoutError`). ``n_delivered`` counts the clips delivered; ``fallbacks``
     counts the times the rest of a window was decoded by decord because PyAV could not vouch for
     a still (each fallback, also to a full decode first, is logged as a warning naming the film
-    and the reason).
+    and the reason). Audio that does not decode is silence, logged with its seconds (``damaged``).
+    A :class:`StorageError` (the store failed) is never silence or a gap: the rest is decoded
+    again by a new child, up to READ_RETRIES times, then the error is raised.
     """
 
     def __init__(self, uri: str, start: int = 0, stop: int | None = None, *,
@@ -70,20 +73,20 @@ class ClipReader:
         self.bytes_read = 0  # bytes of a remote film fetched by range reads (0 for local films)
         self.gaps: list[str] = []  # reasons for clips skipped because they could not be decoded
         self._stack = contextlib.ExitStack()
+        self.damaged: list[tuple[float, float]] = []  # (from_s, to_s) of audio stretches that did not decode
+        self.retries = 0  # reads tried again after a StorageError
         self._child: _DecoderProcess | None = None
         self._ended = False  # the child's ``end`` was read: it may serve another request
+        self._resume_at = int(start)  # the first clip not yet delivered (nor reported a gap)
 
     def __enter__(self) -> "ClipReader":
         try:
             if is_remote(self.uri):  # the child reads it by ranges (or stages it once per node)
-                path, pool = None, REMOTE_DECODERS
+                self._path, self._pool = None, REMOTE_DECODERS
             else:
-                path, pool = self._stack.enter_context(local_path(self.uri)), DECODERS
-            self._pool = pool
-            self._child = pool.start(self.uri, {**self.request, "path": path, "uri": self.uri})
+                self._path, self._pool = self._stack.enter_context(local_path(self.uri)), DECODERS
             self._stack.callback(self._release)
-            header, _ = self._next(self.timeout_s * OPEN_TIMEOUT_FACTOR, opening=True)
-            self.info = MediaInfo(**header["info"])
+            self.info = MediaInfo(**self._start_child(self.request["start"])["info"])
             if self.info.repairs:
                 log.warning("%s: timestamps repaired from the packets: %s", self.uri, self.info.repairs)
         except BaseException:
@@ -94,9 +97,32 @@ class ClipReader:
     def __exit__(self, *exc) -> None:
         self._stack.close()
 
+    def _start_child(self, start: int) -> dict:
+        """A child decoding from clip ``start``, its ``info`` read. A :class:`StorageError` (the
+        store failed, not the film) is tried again, READ_RETRIES times in all with the iteration's."""
+        while True:
+            self._child = self._pool.start(self.uri, {**self.request, "start": start, "path": self._path,
+                                                      "uri": self.uri})
+            try:
+                return self._next(self.timeout_s * OPEN_TIMEOUT_FACTOR, opening=True)[0]
+            except StorageError as e:
+                self._retry_after(e)
+
+    def _retry_after(self, error: StorageError) -> None:
+        """Kill the child that met ``error`` and count a retry, or raise it when none is left."""
+        self._pool.release(self._child, False)
+        self._child = None
+        self.retries += 1
+        if self.retries > READ_RETRIES:
+            raise error
+        log.warning("%s: %s; reading it again from clip %d (retry %d of %d)", self.uri, error.reason,
+                    self._resume_at, self.retries, READ_RETRIES)
+
     def _release(self) -> None:
         """Back to the pool only when the child finished this request cleanly (its ``end`` read,
         no gaps); a probe's ``end`` follows its ``info`` at once. Anything else: killed."""
+        if self._child is None:
+            return
         clean = self._ended and not self.gaps
         if not clean and self.info is not None and self.request["stop"] is not None \
                 and self.request["stop"] <= self.request["start"]:
@@ -108,11 +134,16 @@ class ClipReader:
         self._pool.release(self._child, clean)
 
     def _next(self, timeout_s: float, opening: bool = False) -> tuple[dict, bytes]:
-        """The child's next message that is not a note: notes are logged (fallbacks, naming the
-        film) or restart the clock (a remote film being staged)."""
+        """The child's next message that is not a note: notes are logged (fallbacks and damaged
+        audio, naming the film) or restart the clock (a remote film being staged)."""
         while True:
             header, payload = self._child.receive(timeout_s, opening)
             if header["type"] == "staging":
+                continue
+            if header["type"] == "damaged":
+                self.damaged.append((header["from_s"], header["to_s"]))
+                log.warning("%s: audio at %.3f-%.3f s could not be decoded, silence there (%s)", self.uri,
+                            header["from_s"], header["to_s"], header["reason"])
                 continue
             if header["type"] != "fallback":
                 return header, payload
@@ -121,12 +152,22 @@ class ClipReader:
             log.warning("%s: %s %s instead (%s)", self.uri, what, header["to"], header["reason"])
 
     def __iter__(self) -> Iterator[Clip]:
+        while True:
+            try:
+                yield from self._clips()
+                return
+            except StorageError as e:  # not the film's: decode the rest again, never silence or a gap
+                self._retry_after(e)
+                self._start_child(self._resume_at)
+
+    def _clips(self) -> Iterator[Clip]:
         k, size = self.request["frames_per_clip"], self.request["size"]
         frame_bytes = k * size * size * 3
         while True:
             header, payload = self._next(self.timeout_s)
             if header["type"] == "gap":  # one undecodable clip: go on, report at the end
                 self.gaps.append(header["reason"])
+                self._resume_at += 1
                 continue
             if header["type"] == "end":
                 self._ended, self.bytes_read = True, header.get("bytes_read", 0)
@@ -137,6 +178,7 @@ class ClipReader:
             frames = np.frombuffer(payload, np.uint8, frame_bytes).reshape(k, size, size, 3)
             log_mel = np.frombuffer(payload, np.float32, offset=frame_bytes).reshape(96, 64)
             self.n_delivered += 1
+            self._resume_at = header["index"] + 1
             yield Clip(header["index"], frames, log_mel, header["has_audio"])
 
 
@@ -216,7 +258,8 @@ class _DecoderProcess:
         self._stderr = tempfile.TemporaryFile()
         self._proc = subprocess.Popen([sys.executable, "-m", CHILD_MODULE], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=self._stderr,
-                                      env={**CHILD_THREAD_DEFAULTS, **env}, bufsize=0)
+                                      env={**CHILD_THREAD_DEFAULTS, **env, PARENT_VARIABLE: str(os.getpid())},
+                                      bufsize=0)
         self._messages = MessageReader(self._proc.stdout.fileno())
 
     def alive(self) -> bool:

@@ -9,6 +9,7 @@ messages on its stdout, a little-endian uint32 header length, a JSON header, the
 - ``gap``: one clip that could not be decoded (``reason``);
 - ``fallback``: notes: a window decoded another way (``to``, ``reason``, ``clips``);
 - ``staging``: a heartbeat while a remote film's copy downloads (``bytes``);
+- ``damaged``: notes: a stretch of audio that did not decode is silence (``from_s``, ``to_s``, ``reason``);
 - ``end`` (``bytes_read``: what a remote film took), or ``error`` (``error``: a MediaError type
   name, ``reason``): exactly one of them ends every request.
 """
@@ -23,6 +24,7 @@ import time
 from typing import BinaryIO
 
 CHILD_MODULE = "kissray.media.child"  # run as ``python -m CHILD_MODULE``
+PARENT_VARIABLE = "KISSRAY_DECODER_PARENT"  # the parent's pid, in the child's environment
 _LENGTH = struct.Struct("<I")
 READ_CHUNK_BYTES = 1 << 20  # the parent reads the pipe in chunks of at least this
 

@@ -29,6 +29,7 @@ import os
 import struct
 import threading
 
+from kissray.errors import StorageError
 from kissray.uris import object_version
 
 BLOCK_BYTES = 1 << 20  # one ranged GET of video: ~3 s of 3 Mbit/s film
@@ -275,7 +276,14 @@ class RangeSource:
                        for block in range(pos // size, (end - 1) // size + 1))
 
     def _fetch(self, start: int, end: int) -> bytes:
-        data = self._fs.cat_file(self._path, start=start, end=end)
+        """Bytes [start, end) from the store. Its failures are :class:`StorageError` (PyAV hands a
+        read callback's exception back as it is, so the decoder can tell it from the film's own)."""
+        try:
+            data = self._fs.cat_file(self._path, start=start, end=end)
+        except FileNotFoundError as e:  # gone since it was opened
+            raise StorageError(self.uri, f"vanished while being read: {e}") from e
+        except Exception as e:
+            raise StorageError(self.uri, f"reading bytes {start}-{end} failed: {type(e).__name__}: {e}") from e
         if len(data) != min(end, self.size) - start:  # a store that ignores ranges, or an object that changed
             raise NotRangeReadable(f"asked for bytes {start}-{end}, got {len(data)} bytes")
         with self._lock:

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from kissray.errors import MediaOpenError, MediaTooLargeError, UsageError
+from kissray.errors import MediaOpenError, MediaTooLargeError, StorageError, UsageError
 from kissray.uris import is_local_fs, object_version
 
 DIR_VARIABLE = "KISSRAY_STAGE_DIR"
@@ -351,8 +351,8 @@ def _copy(source: _Source, out, limit: int, max_bytes: int | None, on_progress: 
                 on_progress(copied)
     except FileNotFoundError as e:
         raise MediaOpenError(source.uri, "no such file") from e
-    except OSError as e:
-        raise MediaOpenError(source.uri, f"cannot read: {e}") from e
+    except OSError as e:  # the store failed mid-copy: not the film's fault (the window is retried)
+        raise StorageError(source.uri, f"cannot read: {e}") from e
     return copied
 
 

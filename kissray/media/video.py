@@ -6,13 +6,16 @@ the GOP before). So the packets sent to the decoder are the union of the runs [t
 the still's packet]; everything else is demuxed and dropped:
 
 - ``exact``: inside a run, a packet that is not a still is sent with ``skip_frame = NONREF``, so
-  libavcodec decodes it only if other frames reference it; the GOP's tail after its last still
-  and GOPs without a still are never sent. In an intra-only stream (MJPEG, ProRes: every packet a
-  keyframe) each run is just the still's own packet.
+  libavcodec decodes it only if other frames reference it, for the codecs whose "non-reference"
+  is never referenced (``NONREF_SAFE_CODECS``; HEVC's sub-layer non-reference pictures may be
+  referenced by higher temporal layers, so HEVC and unknown codecs decode every packet sent);
+  the GOP's tail after its last still and GOPs without a still are never sent. In an intra-only
+  stream (MJPEG, ProRes: every packet a keyframe) each run is just the still's own packet.
 - ``keyframe``: the stills are keyframes, each run is one packet.
 
 Every packet sent is stamped with the index's repaired pts, and a decoded frame is a still only if
-its pts is a still's, so which frame a still is never depends on what was skipped.
+its pts is a still's, so which frame a still is never depends on what was skipped; a frame the
+decoder flags corrupt (decoded with a missing reference) is an error, never a still.
 :class:`VideoTrack` falls back to a full decode, then to decord, where this cannot vouch for a still.
 """
 
@@ -29,6 +32,9 @@ from kissray.media.ranges import ReadPolicy
 from kissray.media.source import Film, open_container
 from kissray.media.timeline import NOPTS, FrameIndex
 
+# codecs whose skip_frame=NONREF drops only frames no other frame references (H.264's nal_ref_idc 0,
+# MPEG-1/2/4 and H.263 B-frames, VP8/VP9 frames that refresh no reference)
+NONREF_SAFE_CODECS = frozenset({"h264", "mpeg1video", "mpeg2video", "mpeg4", "msmpeg4v3", "h263", "vp8", "vp9"})
 CLIP_GROUP = 32  # clips decoded together: one batched log-mel FFT, one decord get_batch
 DECORD_MATCH_S = 2e-3  # decord's frame times (float32) agree with the index within this
 SEEK_ATTEMPTS = 3  # keyframes tried, latest first, before demuxing a window from the film's start
@@ -64,6 +70,7 @@ class SparseStills:
         self._container = None
         self._frames = None
         self.sent = 0  # packets sent to the decoder (the rest were demuxed and dropped)
+        self.skips_nonref: bool | None = None  # whether packets that are not stills went with skip_frame=NONREF
 
     def close(self) -> None:
         if self._container is not None:
@@ -108,6 +115,7 @@ class SparseStills:
         codec = stream.codec_context
         sizes = {"width": self._size, "height": self._size} if self._size else {}
         runs, is_still = self._runs, np.isin(self._index.pts, list(self._wanted_pts))
+        skip_nonref = self.skips_nonref = not self._dense and codec.name in NONREF_SAFE_CODECS
         run, last_sent = 0, None
         for d, packet in self._packets(stream, int(runs[0][0])):
             while run < len(runs) and d > runs[run][1]:
@@ -122,7 +130,7 @@ class SparseStills:
             last_sent = d
             packet.pts = int(self._index.pts[d])
             self.sent += 1
-            codec.skip_frame = "DEFAULT" if self._dense or is_still[d] else "NONREF"
+            codec.skip_frame = "NONREF" if skip_nonref and not is_still[d] else "DEFAULT"
             try:
                 frames = codec.decode(packet)
             except av.FFmpegError as e:
@@ -142,7 +150,9 @@ class SparseStills:
 
     def _stills_of(self, frames, sizes: dict):
         for frame in frames:
-            if frame.pts in self._wanted_pts:
+            if frame.pts in self._wanted_pts and frame.is_corrupt:  # a reference was missing: not the still
+                self._errors.append(f"the frame at pts {frame.pts} decoded with a missing reference")
+            elif frame.pts in self._wanted_pts:
                 yield frame.pts, frame.reformat(format="rgb24", interpolation="BILINEAR", **sizes).to_ndarray()
 
     def _open(self):

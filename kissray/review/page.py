@@ -5,7 +5,7 @@ segment has a player -- its excerpt when ``kissray excerpts`` cut one, else the 
 segment's start (served by the review server with range requests), else its thumbnail -- and the
 answers Right, Wrong and Edges (new start and end, nudged by keys or typed). A drag on a title's
 timeline (or the form under it) marks a span the detector missed. Keyboard first: j/k move,
-1/2/3 answer and move on. Answers go to the server at once; the page shows the latest answer of
+p plays, 1/2/3 answer and move on. Answers go to the server at once; the page shows the latest answer of
 every segment (its own and other editors') and the counts per label.
 """
 
@@ -21,7 +21,8 @@ import pandas as pd
 from kissray.excerpts import excerpt_stem
 from kissray.names import file_name_for
 from kissray.outputs import ScoreOutputs
-from kissray.report import PAGE, STYLE, Media, by_labelled_time, duration_text, probs_by_title, timeline_svg
+from kissray.report import (PAGE, STYLE, Media, by_labelled_time, duration_text, model_provenance, probs_by_title,
+                            table_number, timeline_svg)
 
 NUDGE_S = 1.0  # seconds an edge moves per key press
 
@@ -61,7 +62,7 @@ def render_page(outputs: ScoreOutputs, players: Players, reviewer: str = "") -> 
                        for t in titles)
     head = (f'<header><h1>kissray review</h1><p>Scores: <code>{_attr(outputs.out_dir)}</code> · '
             f'reviewer <input id="reviewer" value="{_attr(reviewer)}" placeholder="your name" size="14"></p>'
-            f'<p id="status" role="status">loading answers…</p></header>')
+            f'<p id="status" role="status">loading answers…</p>{_provenance(outputs)}</header>')
     counts = ('<section id="counts"><table><thead><tr><th>label</th><th>reviewed</th><th>right</th>'
               '<th>of which edges</th><th>wrong</th><th>missed</th><th>precision</th></tr></thead><tbody>'
               + "".join(f'<tr data-label="{_attr(label)}"><td>{_attr(label)}</td>' + "<td>0</td>" * 5 + "<td>—</td></tr>"
@@ -71,13 +72,18 @@ def render_page(outputs: ScoreOutputs, players: Players, reviewer: str = "") -> 
                        script=f"const REVIEW = {config};\n{_SCRIPT}", title=_attr(f"kissray review: {outputs.out_dir}"))
 
 
+def _provenance(outputs: ScoreOutputs) -> str:
+    """What the scores' checkpoint was trained on, or that its scores are placeholders (SPEC 4)."""
+    return "".join(model_provenance(m) for m in sorted({str(m) for m in outputs.titles["model"].dropna()}))
+
+
 def _title(title: dict, probs: dict, segs: pd.DataFrame | None, labels: list[str], colours: dict,
            players: Players) -> str:
     title_id = str(title["title_id"])
-    duration_s = float(title["duration_s"] or 0)
-    span_s = max(duration_s, float(title["n_scored"] or 0), 1.0)
+    duration_s, n_scored = table_number(title["duration_s"]), int(table_number(title["n_scored"]))
+    span_s = max(duration_s, n_scored, 1.0)  # the timeline's width in seconds, as timeline_svg draws it
     rows = [] if segs is None else list(segs.itertuples(index=False))
-    timeline = timeline_svg(probs, segs, duration_s, int(title["n_scored"] or 0), colours) if probs else ""
+    timeline = timeline_svg(probs, segs, duration_s, n_scored, colours) if probs else ""
     first = rows[0].label if rows else None  # the missed span's label starts as the title's first segment's
     options = "".join(f"<option{' selected' * (label == first)}>{_attr(label)}</option>" for label in labels)
     missed = (f'<form class="missed">missed span: <select name="label">{options}</select> '
@@ -107,7 +113,8 @@ def _segment(title_id: str, seg, players: Players) -> str:
             f'<p class="state">not reviewed</p></div></li>')
 
 
-_KEYS = ('<p class="keys"><kbd>j</kbd>/<kbd>k</kbd> next / previous segment · <kbd>1</kbd> Right · '
+_KEYS = ('<p class="keys"><kbd>j</kbd>/<kbd>k</kbd> next / previous segment · <kbd>p</kbd> play / pause · '
+         '<kbd>1</kbd> Right · '
          '<kbd>2</kbd> Wrong · <kbd>3</kbd> Edges · <kbd>[</kbd>/<kbd>]</kbd> start ∓1 s · '
          '<kbd>-</kbd>/<kbd>=</kbd> end ∓1 s · <kbd>m</kbd> mark a missed span (or drag on a timeline) · '
          '<kbd>Enter</kbd> in a box saves it</p>')
@@ -214,6 +221,11 @@ _SCRIPT = r"""
     const input = li.querySelector(which === 'start' ? '.edge-start' : '.edge-end');
     input.value = Math.max(0, Number(input.value) + by);
   }
+  function play(li) {
+    const video = li && li.querySelector('video');
+    if (!video) return;
+    if (video.paused) video.play().catch(e => say(`cannot play: ${e.message}`, true)); else video.pause();
+  }
   function markMissed(form) {
     const section = form.closest('section.title');
     send({title_id: section.dataset.title, label: form.label.value, answer: 'missed',
@@ -256,6 +268,7 @@ _SCRIPT = r"""
       1: () => li && answer(li, 'right'), 2: () => li && answer(li, 'wrong'), 3: () => li && answer(li, 'edges'),
       '[': () => nudge('start', -REVIEW.nudge), ']': () => nudge('start', REVIEW.nudge),
       '-': () => nudge('end', -REVIEW.nudge), '=': () => nudge('end', REVIEW.nudge),
+      p: () => play(li), ' ': () => play(li),
       m: () => { const s = li ? li.closest('section.title') : document.querySelector('section.title');
                  if (!s) return;
                  const form = s.querySelector('form.missed');

@@ -33,6 +33,7 @@ from kissray.auth import LOOPBACK_HOSTS, ApiKey
 from kissray.errors import UsageError, one_line
 from kissray.names import file_name_for
 from kissray.outputs import EXCERPTS_DIR, read_outputs
+from kissray.report import find_media, table_number
 from kissray.review.page import Players, render_page
 from kissray.review.store import REVIEWS_DIR, new_answer, review_counts, save_answer
 from kissray.uris import join_uri
@@ -49,8 +50,6 @@ class ReviewSite:
 
     def __init__(self, scores_dir: str, excerpts_dir: str | None = None, reviewer: str = "",
                  api_key: ApiKey | None = None):
-        from kissray.report import find_media
-
         outputs = read_outputs(scores_dir, with_scores=True)
         self.out_dir, self.labels, self.api_key, self.reviewer = outputs.out_dir, outputs.labels, api_key, reviewer
         self.titles = {str(t["title_id"]): t for t in outputs.titles.to_dict("records")}
@@ -100,7 +99,7 @@ class ReviewSite:
             if (str(title["title_id"]), label, *segment) not in self.segments:
                 raise ValueError(f"{title['title_id']} has no {label} segment {segment[0]:g}-{segment[1]:g} s")
         answer = new_answer(str(title["title_id"]), str(title["uri"]), label, kind, _seconds(body, "start_s"),
-                            _seconds(body, "end_s"), segment=segment, duration_s=float(title["duration_s"] or 0),
+                            _seconds(body, "end_s"), segment=segment, duration_s=table_number(title["duration_s"]),
                             reviewer=str(body.get("reviewer") or self.reviewer))
         name = save_answer(self.out_dir, answer)
         return {"saved": name, **self.answers()}
@@ -216,7 +215,10 @@ class ReviewHandler(BaseHTTPRequestHandler):
 
     def _send_file(self, uri: str, method: str) -> None:
         fs, path = ReviewSite._fsspec_of(uri)
-        size = fs.size(path)
+        try:
+            size = fs.size(path)
+        except OSError as e:  # gone since the server started, or its store is unreachable now
+            return self._json(HTTPStatus.NOT_FOUND, {"error": f"cannot read it now: {one_line(e)}"})
         span = _byte_range(self.headers.get("Range"), size)
         if span is None:
             self.send_response(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE)
@@ -290,11 +292,16 @@ def _login_form(message: str) -> bytes:
             f'<button type="submit">Open</button></form></body></html>').encode()
 
 
-def make_server(site: ReviewSite, host: str = "127.0.0.1", port: int = 8080) -> ThreadingHTTPServer:
-    """A bound server for ``site`` (port 0: any free port); ``serve_forever()`` runs it."""
-    if host not in LOOPBACK_HOSTS and site.api_key is None:
+def check_host(host: str, api_key: ApiKey | None) -> None:
+    """Beyond loopback, a key is required (UsageError otherwise)."""
+    if host not in LOOPBACK_HOSTS and api_key is None:
         raise UsageError(f"--host {host} is beyond loopback: give --api-key-file (or set KISSRAY_API_KEY), "
                          "or anyone who reaches this port reads and writes your reviews")
+
+
+def make_server(site: ReviewSite, host: str = "127.0.0.1", port: int = 8080) -> ThreadingHTTPServer:
+    """A bound server for ``site`` (port 0: any free port); ``serve_forever()`` runs it."""
+    check_host(host, site.api_key)
     server_class = type("ReviewServer", (ThreadingHTTPServer,),
                         {"daemon_threads": True, "address_family": socket.AF_INET6 if ":" in host else socket.AF_INET})
     try:

@@ -4,7 +4,7 @@
 - :mod:`kissray.serve.api`: routes, parameters, response body, errors, the bearer-key middleware
 - :mod:`kissray.serve.uploads`: multipart uploads streamed to disk under a limit, JSON bodies
 - :mod:`kissray.serve.uris`: which URIs a client may name (``UriPolicy``)
-- :mod:`kissray.serve.limits`: the API key, decode slots sized by the replica's CPU allotment
+- :mod:`kissray.serve.limits`: the API key, decode slots and the replica's real CPU allotment
 - :mod:`kissray.serve.films`: one film staged, opened and decoded on a thread that always cleans up
 
 ``kissray.serve:app_builder`` is the import path of Serve config files.

@@ -1,9 +1,12 @@
 """The Serve application: an HTTP ``Ingress`` (CPU) and a batching ``Classifier`` (SPEC section 8).
 
-``Ingress`` checks the caller's key, takes one of its decode slots (none free: 503 at once),
-streams an upload to a temp file under a size limit (or checks a JSON ``uri`` against the
-operator's allowed prefixes), decodes the film on a worker thread (:class:`FilmDecoder`, an
-isolated decoder child) and sends chunks of clips to ``Classifier``. ``Classifier`` loads the
+Serve sends each ``Ingress`` replica at most as many requests as it has decode slots
+(``max_ongoing_requests``) and holds up to ``max_queued_requests`` more at its proxy, answering
+503 + ``Retry-After`` past that; the autoscaler sees that queue. ``Ingress`` checks the caller's
+key, streams an upload to a temp file under a size limit (or checks a JSON ``uri`` against the
+operator's allowed prefixes and reads it through the node's stage cache), decodes the film on a
+worker thread (:class:`FilmDecoder`, an isolated decoder child) and sends chunks of clips to
+``Classifier``. ``Classifier`` loads the
 checkpoint once (the one :class:`kissray.score.Scorer`) and scores the clips of all requests that
 arrive together (``@serve.batch``). The answer is assembled like :func:`kissray.score.score_film`'s:
 a :class:`FilmResult` whose unscored seconds are NaN (``null`` in JSON), status ``partial``.
@@ -29,22 +32,28 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.exceptions import TaskCancelledError
 
+from kissray import provenance
 from kissray.auth import LOOPBACK_HOSTS
-from kissray.errors import MediaError
+from kissray.errors import MediaError, UsageError
 from kissray.media import MediaInfo, MediaTooLargeError
+from kissray.media.stage_cache import LIMIT_VARIABLE as STAGE_LIMIT_VARIABLE
 from kissray.score import FilmResult, Scorer, assemble_film, title_id_for
 from kissray.serve.api import ApiError, ScoreParams, build_api, parse_params, result_json
-from kissray.serve.config import ServeConfig
+from kissray.serve.config import MB, ServeConfig
 from kissray.serve.films import FilmDecoder, FilmLimits, FilmTooLongError
 from kissray.serve.limits import ApiKey, DecodeSlots, Slot, cpu_allotment
 from kissray.serve.uploads import read_json, receive_upload
 from kissray.serve.uris import UriPolicy
+from kissray.terminal import divert_ray_loggers, quiet
 
 logger = logging.getLogger("ray.serve")  # Serve's replica logger: every line names the request id
 
 APP_NAME = "kissray"
 IN_FLIGHT_CHUNKS = 4  # chunks of one request decoded but not yet classified: bounds memory on long films
 HEALTH_TIMEOUT_S = 10.0
+# Serve's proxy ends a request at request_timeout_s from its arrival (queueing included: 408); the
+# replica's own timer, this much later from its start, covers callers without that deadline.
+DEADLINE_BACKSTOP_S = 5.0
 
 
 def _request_id() -> str:
@@ -52,6 +61,14 @@ def _request_id() -> str:
         return serve.context._get_serve_request_context().request_id or uuid.uuid4().hex
     except Exception:  # noqa: BLE001 - outside a Serve request (tests, scripts)
         return uuid.uuid4().hex
+
+
+def _client() -> str:
+    """The caller's "host:port" as Serve's proxy saw it ("" when unknown)."""
+    try:
+        return serve.context._get_serve_request_context()._client or ""
+    except Exception:  # noqa: BLE001 - outside a Serve request, or an older Serve
+        return ""
 
 
 # ---------------------------------------------------------------- classifier deployment
@@ -90,11 +107,14 @@ class Classifier:
         self.predict_batch.set_max_batch_size(max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         logger.info("loaded %s on %s (labels %s)", model_uri, device, self.model.labels)
+        if provenance.warning(self.model.config.provenance):
+            logger.warning("%s: %s", model_uri, provenance.warning(self.model.config.provenance))
 
     def describe(self) -> dict:
         config = self.model.config
         return {"model": self.model_uri, "labels": list(config.labels),
-                "frames_per_clip": config.frames_per_clip, "image_size": config.image_size}
+                "frames_per_clip": config.frames_per_clip, "image_size": config.image_size,
+                "provenance": config.provenance}
 
     def stats(self) -> dict:
         return self.stats_.as_dict()
@@ -133,11 +153,15 @@ class Ingress:
         self.config = config
         self.policy = UriPolicy(config.allow_uri_prefixes)
         self.api_key = ApiKey.load(config.api_key_file)
-        self.slots = DecodeSlots(config.max_concurrent_decodes or cpu_allotment())
-        self.limits = FilmLimits(config.max_upload_bytes, config.max_film_s, config.upload_dir)
+        check_api_key(self.api_key, config.require_api_key, running_http_options())
+        self.slots = DecodeSlots(config.decode_slots)
+        self.limits = FilmLimits(config.max_upload_bytes, config.max_film_s, config.staging_dir)
         if config.upload_dir:
             os.makedirs(config.upload_dir, exist_ok=True)
         self._model_info: dict | None = None
+        if cpu_allotment() < self.slots.n:
+            logger.warning("ingress: %d decode slots but only %d CPUs for this replica: films will share them",
+                           self.slots.n, cpu_allotment())
         logger.info("ingress: %d decode slots, API key %s", self.slots.n,
                     "required" if self.api_key else "NOT configured (any caller is served)")
 
@@ -145,38 +169,44 @@ class Ingress:
         return build_api(self, self.api_key)
 
     async def healthz(self) -> JSONResponse:
-        """200 with the model and its labels when the classifier answers, else 503."""
+        """200 with the model, its labels and whether its head was trained (with a ``warning`` when
+        its scores are placeholders) when the classifier answers, else 503."""
         try:
             info = await asyncio.wait_for(self.classifier.describe.remote(), HEALTH_TIMEOUT_S)
         except Exception as e:  # noqa: BLE001 - any failure of the classifier is "unhealthy"
             logger.warning("health check failed: %r", e)
             return JSONResponse({"error": f"classifier unavailable: {type(e).__name__}"}, status_code=503)
-        return JSONResponse({"status": "ok", "model": info["model"], "labels": info["labels"]})
+        body = {"status": "ok", "model": info["model"], "labels": info["labels"],
+                "trained": provenance.state(info["provenance"]) == "trained",
+                "provenance": provenance.state(info["provenance"])}
+        if provenance.warning(info["provenance"]):
+            body["warning"] = provenance.warning(info["provenance"])
+        return JSONResponse(body)
 
     async def score(self, request: Request) -> JSONResponse:
-        """One film, under a decode slot and the request deadline: 503 when busy, 504 when late."""
+        """One film under a decode slot. Serve admits no more requests than slots (the rest wait in
+        its queue); a slot still being cleaned up after an earlier film is waited for."""
         request_id = _request_id()
-        slot = self.slots.try_acquire()
-        if slot is None:
-            logger.info("request %s: refused, all %d decode slots busy", request_id, self.slots.n)
-            raise ApiError(503, f"busy: all {self.slots.n} decode slots of this replica are taken; retry later",
-                           headers={"Retry-After": str(self.config.retry_after_s)})
-        deadline = asyncio.timeout(self.config.request_timeout_s)
+        deadline = asyncio.timeout(self.config.request_timeout_s + DEADLINE_BACKSTOP_S)
         try:
             async with deadline:
-                result = await self.score_request(request, slot, request_id)
+                slot = await self.slots.acquire()
+                logger.info("request %s: started for %s (%d of %d decode slots busy)", request_id,
+                            _client() or "an unknown client", self.slots.in_use, self.slots.n)
+                try:
+                    result = await self.score_request(request, slot, request_id)
+                finally:
+                    slot.release()
         except TimeoutError as e:
             if not deadline.expired():
                 raise
             logger.warning("request %s: abandoned after %.0f s", request_id, self.config.request_timeout_s)
             raise ApiError(504, f"not done within the server's limit of {self.config.request_timeout_s:.0f} s") from e
         except (asyncio.CancelledError, TaskCancelledError) as e:
-            # Serve cancels a request whose client went away, and with it the request's classifier
-            # calls: an await on one of those may raise TaskCancelledError first.
+            # Serve cancels a request whose client went away (or whose deadline passed at its proxy),
+            # and with it the request's classifier calls: an await on one may raise TaskCancelledError first.
             logger.info("request %s: cancelled (the client went away)", request_id)
             raise asyncio.CancelledError() from e
-        finally:
-            slot.release()
         return JSONResponse(result_json(result))
 
     async def score_request(self, request: Request, slot: Slot, request_id: str) -> FilmResult:
@@ -286,21 +316,63 @@ def build_app(config: ServeConfig):
     from ray.serve.config import BackpressureConfig
 
     num_gpus = auto_num_gpus() if config.num_gpus is None else float(config.num_gpus)
-    scaling = ({"autoscaling_config": config.autoscaling} if config.autoscaling
-               else {"num_replicas": config.replicas})
     classifier = Classifier.options(
         ray_actor_options={"num_cpus": config.classifier_cpus, "num_gpus": num_gpus},
-        max_ongoing_requests=max(256, 4 * config.max_batch_size), **scaling,
+        max_ongoing_requests=max(256, 4 * config.max_batch_size), **config.classifier_scaling(),
     ).bind(config.model, "cuda" if num_gpus > 0 else "cpu", config.max_batch_size, config.batch_wait_timeout_s)
-    # TMPDIR: the decoder's scratch files (a salvaged remux can be as big as the film) go where
-    # uploads and staged objects go, the volume sized for them.
-    env = {"env_vars": {"TMPDIR": config.upload_dir}} if config.upload_dir else {}
-    ingress_options = {"num_cpus": config.ingress_cpus, **({"runtime_env": env} if env else {})}
+    ingress_options = {"num_cpus": config.ingress_cpus}
+    if env_vars := ingress_env(config):
+        ingress_options["runtime_env"] = {"env_vars": env_vars}
+    # Serve routes to a replica only what it can run now and queues the rest at its proxy (one
+    # queue per proxy); past max_queued_requests the proxy answers 503 + Retry-After itself.
     return Ingress.options(
-        num_replicas=config.ingress_replicas, ray_actor_options=ingress_options,
-        max_ongoing_requests=config.max_ongoing_requests, max_queued_requests=config.max_queued_requests,
+        ray_actor_options=ingress_options, **config.ingress_scaling(),
+        max_ongoing_requests=config.decode_slots, max_queued_requests=config.max_queued_requests,
         backpressure_config=BackpressureConfig(retry_after_s=config.retry_after_s),
     ).bind(classifier, config)
+
+
+def ingress_env(config: ServeConfig) -> dict[str, str]:
+    """Environment of the Ingress replicas: TMPDIR, so the decoder's scratch files (a salvaged remux
+    can be as big as the film) go where uploads go, the volume sized for them; the stage cache's limit."""
+    env = {"TMPDIR": config.upload_dir} if config.upload_dir else {}
+    if config.stage_max_mb is not None:
+        env[STAGE_LIMIT_VARIABLE] = str(int(config.stage_max_mb * MB))
+    return env
+
+
+def running_http_options() -> Any:
+    """Serve's HTTP options (``host``, ``request_timeout_s``) as its controller has them; None when
+    they cannot be read (outside Serve)."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        client = _get_global_client(raise_if_no_controller_running=False)
+        return client.http_config if client is not None else None
+    except Exception:  # noqa: BLE001 - an internal API of Serve: unknown is "not loopback"
+        return None
+
+
+def check_api_key(key: ApiKey | None, required: bool, http_options: Any) -> None:
+    """Refuse to start without a key when one is required; warn when none is set and Serve's
+    proxy may listen beyond loopback (every Ingress replica, whoever built the app)."""
+    if key is not None:
+        return
+    if required:
+        raise UsageError("require_api_key is set but no API key is configured: set api_key_file "
+                         "(--api-key-file) or $KISSRAY_API_KEY on every Ingress node")
+    host = getattr(http_options, "host", None)
+    if host not in LOOPBACK_HOSTS:
+        logger.warning("ingress: no API key (api_key_file or $KISSRAY_API_KEY) and Serve listens on %s: "
+                       "anyone who reaches that address can use this API", host or "an unknown address")
+    if http_options is not None and not getattr(http_options, "request_timeout_s", None):
+        logger.warning("ingress: Serve's http_options have no request_timeout_s: queued requests wait "
+                       "without a deadline")
+
+
+def http_options(config: ServeConfig, host: str, port: int) -> dict:
+    """Serve's HTTP options for ``config``: its deadline is the proxy's, so it covers queueing."""
+    return {"host": host, "port": port, "request_timeout_s": config.request_timeout_s}
 
 
 def app_builder(args: dict[str, Any]):
@@ -313,25 +385,32 @@ def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, a
     """Run the app on a local Ray (or ``address``) until Ctrl-C or SIGTERM, then shut down gracefully."""
     import ray
 
-    if host not in LOOPBACK_HOSTS and ApiKey.load(config.api_key_file) is None:
+    key = ApiKey.load(config.api_key_file)
+    if config.require_api_key:
+        check_api_key(key, True, None)  # no key: a UsageError, before any Ray starts
+    if host not in LOOPBACK_HOSTS and key is None:
         ready(f"kissray serve: WARNING: listening on {host} without an API key (--api-key-file or "
               f"$KISSRAY_API_KEY): anyone who reaches this port can use it")
     # "local": a new Ray of our own. Without it, ray.init joins whichever Ray already runs on this machine.
     address = address or os.environ.get("RAY_ADDRESS") or "local"
-    own_ray = address == "local"
-    ray.init(address=address, include_dashboard=False, configure_logging=False)
+    divert_ray_loggers()  # without -v, Ray's and Serve's console lines go to the command's log file
+    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, configure_logging=True,
+             log_to_driver=not quiet())
     stop = threading.Event()  # handlers set after ray.init, which installs its own crash handlers
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        serve.start(http_options={"host": host, "port": port})
+        serve.start(http_options=http_options(config, host, port))
+        divert_ray_loggers()  # loggers Serve configured as it started
         serve.run(build_app(config), name=APP_NAME, route_prefix="/")
         ready(f"kissray serve: http://{host}:{port}/v1/score ready (docs at /docs); Ctrl-C stops")
         while not stop.wait(0.5):  # short waits: signal handlers run between them
             pass
         ready("kissray serve: stopping (in-flight requests finish first)")
     finally:
-        # Our own Ray: stop Serve entirely. A shared cluster: remove only our application.
-        serve.shutdown() if own_ray else serve.delete(APP_NAME)
+        # Remove our application (its replicas finish in-flight requests). Our own Ray then goes
+        # down whole, Serve's controller with it: serve.shutdown() would kill the controller while
+        # its own graceful_shutdown task runs, and the raylet reports that task as failed.
+        serve.delete(APP_NAME)
         ray.shutdown()
         for sig, handler in previous.items():
             if handler is not None:  # None: the old handler was not set from Python

@@ -1,12 +1,13 @@
 """One film decoded for one request: ``FilmDecoder`` runs staging, opening and decoding on a worker
 thread that owns every resource they take, so a request cancelled at any moment leaves nothing.
 
-The thread stages the object behind a URI (under a byte limit), opens a
+The thread stages the object behind a URI into the node's stage cache (under a byte limit; a copy
+kept there serves later requests for the same object, unchanged), opens a
 :class:`kissray.media.ClipReader` (a decoder child), checks the film's length, and hands chunks
 of clips to the event loop, at most ``max_ahead`` chunks ahead of the classifier. It always
-leaves the ``ClipReader`` and the staged file (``with`` blocks on that one thread, so no
-``__enter__`` result is ever orphaned). Cancellation is an :class:`threading.Event`, checked
-between clips and while waiting for the classifier; the decoder child of a cancelled film is
+leaves the ``ClipReader`` and its hold on the staged copy (``with`` blocks on that one thread, so
+no ``__enter__`` result is ever orphaned). Cancellation is an :class:`threading.Event`, checked
+while staging, between clips and while waiting for the classifier; the decoder child of a cancelled film is
 killed (it did not finish its request), a finished one goes back to the pool.
 """
 
@@ -19,7 +20,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 from kissray.errors import DecodeError, MediaError
-from kissray.media import Clip, ClipReader, MediaInfo, local_path
+from kissray.media import Clip, ClipReader, MediaInfo
+from kissray.media.stage_cache import staged_copy
 from kissray.score import batched
 
 CREDIT_POLL_S = 0.1  # how often a decode thread waiting for the classifier looks for cancellation
@@ -37,7 +39,7 @@ class _Cancelled(Exception):
 class FilmLimits:
     max_bytes: int  # the object behind a URI (an upload is limited while it streams)
     max_film_s: float  # duration from the container, checked before any clip is decoded
-    staging_dir: str | None = None  # where a remote object is copied (the upload dir)
+    staging_dir: str | None = None  # the stage cache's directory (None: the node's)
 
 
 class FilmDecoder:
@@ -93,7 +95,9 @@ class FilmDecoder:
             self.on_exit()
 
     def _decode(self) -> None:
-        with local_path(self.uri, staging_dir=self.limits.staging_dir, max_bytes=self.limits.max_bytes) as path:
+        # The staging happens here, not in the decoder child: the child never needs credentials.
+        with staged_copy(self.uri, directory=self.limits.staging_dir, max_bytes=self.limits.max_bytes,
+                         on_progress=lambda n_bytes: self._check()) as path:
             self._check()
             with ClipReader(path, **self.reader_options) as reader:
                 self._check()

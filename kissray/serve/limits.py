@@ -3,6 +3,7 @@ once (``DecodeSlots``, sized by ``cpu_allotment``)."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import threading
@@ -10,6 +11,7 @@ import threading
 from kissray.auth import API_KEY_ENV, ApiKey  # noqa: F401 - re-exported: the replica's key
 
 _CGROUP_ROOT = "/sys/fs/cgroup"
+SLOT_POLL_S = 0.02  # how often a request waiting for a slot looks again (slots are freed by decode threads)
 
 
 # ---------------------------------------------------------------- decode capacity
@@ -71,9 +73,11 @@ def ray_assigned_cpus() -> float | None:
 
 
 class DecodeSlots:
-    """At most ``n`` films in flight in this replica (thread-safe). A request that finds no free
-    slot is refused at once (503), never queued. A slot may have several owners (the request and
-    its decode thread); it is free again when the last one releases it."""
+    """At most ``n`` films in flight in this replica (thread-safe). Serve sends a replica at most
+    ``n`` requests at once (its ``max_ongoing_requests``) and queues the rest; a slot may still be
+    held for a moment by the decode thread of a request that has already answered (it cleans up
+    first), so a new request waits for it (:meth:`acquire`). A slot may have several owners (the
+    request and its decode thread); it is free again when the last one releases it."""
 
     def __init__(self, n: int):
         if n < 1:
@@ -92,6 +96,13 @@ class DecodeSlots:
                 return None
             self._in_use += 1
         return Slot(self)
+
+    async def acquire(self) -> "Slot":
+        """A slot, once one is free. Polled, not notified: slots are freed on decode threads, and
+        this wait is short (Serve admits no more requests than slots)."""
+        while (slot := self.try_acquire()) is None:
+            await asyncio.sleep(SLOT_POLL_S)
+        return slot
 
     def _free(self) -> None:
         with self._lock:

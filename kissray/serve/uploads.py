@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -16,6 +17,7 @@ from kissray.serve.api import SCORE_FIELDS, ApiError
 
 MAX_JSON_BYTES = 64 << 10  # a JSON request is a URI and a few numbers
 MAX_FIELD_BYTES = 1 << 10  # one non-file multipart field (a number or a title id)
+MAX_PART_HEADER_BYTES = 8 << 10  # all header names and values of one part (a browser sends ~200 bytes)
 _SAFE_SUFFIX = re.compile(r"\.[A-Za-z0-9]{1,8}$")
 
 
@@ -31,14 +33,23 @@ class Upload:
 
 
 class _MultipartSink:
-    """python-multipart callbacks: the ``file`` part goes to disk, other fields to small buffers."""
+    """python-multipart callbacks: the ``file`` part's bytes are collected for the caller to write
+    (:meth:`take_file_bytes`, off the event loop), other fields go to small buffers, and a part's
+    headers may not pass MAX_PART_HEADER_BYTES."""
 
-    def __init__(self, upload: Upload, out):
-        self.upload, self.out = upload, out
+    def __init__(self, upload: Upload):
+        self.upload = upload
         self._headers: dict[bytes, bytes] = {}
-        self._name = self._value = b""
+        self._name, self._value = bytearray(), bytearray()
+        self._header_bytes = 0
         self._part: tuple[str, str | None] | None = None
         self._buffer = bytearray()
+        self._file_bytes: list[bytes] = []
+
+    def take_file_bytes(self) -> list[bytes]:
+        """The ``file`` bytes parsed since the last call."""
+        pieces, self._file_bytes = self._file_bytes, []
+        return pieces
 
     def callbacks(self) -> dict:
         return {"on_part_begin": self._begin, "on_header_field": self._field, "on_header_value": self._val,
@@ -46,17 +57,24 @@ class _MultipartSink:
                 "on_part_data": self._data, "on_part_end": self._end}
 
     def _begin(self):
-        self._headers, self._buffer, self._part = {}, bytearray(), None
+        self._headers, self._buffer, self._part, self._header_bytes = {}, bytearray(), None, 0
 
     def _field(self, data, start, end):
+        self._count_header(end - start)
         self._name += data[start:end]
 
     def _val(self, data, start, end):
+        self._count_header(end - start)
         self._value += data[start:end]
 
+    def _count_header(self, n_bytes: int) -> None:
+        self._header_bytes += n_bytes
+        if self._header_bytes > MAX_PART_HEADER_BYTES:
+            raise ApiError(400, f"malformed multipart body: part headers longer than {MAX_PART_HEADER_BYTES} bytes")
+
     def _header_end(self):
-        self._headers[self._name.lower()] = self._value
-        self._name = self._value = b""
+        self._headers[bytes(self._name).lower()] = bytes(self._value)
+        self._name, self._value = bytearray(), bytearray()
 
     def _headers_done(self):
         from python_multipart.multipart import parse_options_header
@@ -75,7 +93,7 @@ class _MultipartSink:
 
     def _data(self, data, start, end):
         if self._part and self._part[0] == "file":
-            self.out.write(data[start:end])
+            self._file_bytes.append(bytes(data[start:end]))
             return
         self._buffer += data[start:end]
         if len(self._buffer) > MAX_FIELD_BYTES:
@@ -104,7 +122,7 @@ async def receive_upload(request: Request, max_bytes: int, upload_dir: str | Non
     upload = Upload(path)
     try:
         with os.fdopen(fd, "wb") as out:
-            await _stream_multipart(request, boundary, _MultipartSink(upload, out), max_bytes)
+            await _stream_multipart(request, boundary, _MultipartSink(upload), out, max_bytes)
         if not upload.n_files:
             raise ApiError(422, "file: missing (send the film as the multipart field 'file')")
         suffix = os.path.splitext(upload.filename)[1]
@@ -118,7 +136,9 @@ async def receive_upload(request: Request, max_bytes: int, upload_dir: str | Non
                 os.unlink(leftover)
 
 
-async def _stream_multipart(request: Request, boundary: bytes, sink: _MultipartSink, max_bytes: int) -> None:
+async def _stream_multipart(request: Request, boundary: bytes, sink: _MultipartSink, out, max_bytes: int) -> None:
+    """Parse the body as it arrives (on the event loop: cheap) and write the file's bytes to ``out``
+    on a worker thread (a slow disk never stalls the replica's other requests)."""
     from python_multipart.exceptions import MultipartParseError
     from python_multipart.multipart import MultipartParser
 
@@ -129,9 +149,21 @@ async def _stream_multipart(request: Request, boundary: bytes, sink: _MultipartS
             if sink.upload.n_bytes > max_bytes:
                 raise ApiError(413, f"upload is over the limit of {max_bytes} bytes")
             parser.write(chunk)
+            if pieces := sink.take_file_bytes():
+                await _write_off_loop(out, pieces)
         parser.finalize()
     except MultipartParseError as e:
         raise ApiError(400, f"malformed multipart body: {e}") from e
+
+
+async def _write_off_loop(out, pieces: list[bytes]) -> None:
+    """Write on a thread; a cancelled request still waits for it, so the file is never closed mid-write."""
+    write = asyncio.ensure_future(asyncio.to_thread(out.writelines, pieces))
+    try:
+        await asyncio.shield(write)
+    except asyncio.CancelledError:
+        await asyncio.wait([write])  # the write ends within one chunk's time; then the caller cleans up
+        raise
 
 
 async def read_json(request: Request) -> dict:
