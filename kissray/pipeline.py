@@ -9,9 +9,12 @@ The plan, streamed end to end so memory stays bounded however large the library:
       -> TitleWriter     one actor on the driver's node: per-title reduce (segments + three Parquet files)
       -> driver          progress (film-seconds, titles, ETA) and summary from small rows
 
-A title leaves the job as soon as its last window is scored, so a killed run keeps every title
-that finished. Faults: a fault of one title at any stage becomes that title's row (the stages
-never raise for a film); a lost task is retried by Ray; a lost actor is restarted; titles whose
+A title leaves the job as soon as its last window is scored: the writer stages its files and
+the driver commits them (the one committer, so nothing an ended attempt still writes can replace
+a later result), and a killed run keeps every title that finished. Faults: a fault of one title
+at any stage becomes that title's row (the stages never raise for a film); a lost task is retried
+and a lost actor restarted by Ray Data (its defaults); a title that keeps killing its process is
+found by the run's :class:`~kissray.batch.ledger.DeathLedger` and failed alone; titles whose
 result still never came back (an actor or node lost while holding them) are re-submitted by the
 driver in the same run, up to ``max_attempts`` times. The steps live in :mod:`kissray.batch.stages`.
 """
@@ -25,7 +28,6 @@ import math
 import os
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Iterator
@@ -33,12 +35,13 @@ from typing import Iterator
 import numpy as np
 
 from kissray.batch.faults import NO_FAULTS, FaultPlan
+from kissray.batch.ledger import DeathLedger
 from kissray.batch.lock import OutLock
 from kissray.batch.progress import Progress, expected_film_seconds
 from kissray.batch.stages import Classifier, DecodeSpec, TitleWriter, decode_window, probe_windows
 from kissray.batch.tables import ResultStore, TitleRecord, scores_table, segments_table
 from kissray.defaults import DECODE_TIMEOUT_S, STILLS_MODES, WINDOW_S
-from kissray.errors import CheckpointError, JobError, one_line
+from kissray.errors import CheckpointError, JobError, UsageError, one_line
 from kissray.inputs import Title, expand_inputs
 from kissray.model import CONFIG_FILE, WEIGHTS_FILE, ModelConfig
 from kissray.score import DEFAULT_BATCH_SIZE, SegmentParams
@@ -53,8 +56,7 @@ SPLIT_BELOW_TITLES_PER_CPU = 4  # fewer titles than this per CPU: cut films into
 MAX_DECODE_THREADS = 4  # threads of one window's decoder (more buys little for one stream)
 DECODE_TASK_MEMORY_BYTES = 512 << 20  # a decode task: its decoder child plus a block of clips
 MAX_ATTEMPTS = 3  # times one run submits a title whose result never came back
-TASK_MAX_RETRIES = 3  # Ray retries of a probe/decode task whose worker or node died
-ACTOR_MAX_RESTARTS = 4  # Ray restarts of a classifier/writer actor whose process or node died
+DRIVER_NODE_LABEL = "ray.io/node-id"  # every Ray node carries its id as this label
 WAIT_FOR_GPU_ACTORS_S = 900  # an autoscaler that brings no GPU node in this long ends the attempt
 
 
@@ -127,6 +129,7 @@ class LibraryJob:
     started: float = field(default_factory=time.monotonic)
     started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     stills: str = "exact"  # set by run_library; recorded in every titles row
+    lock: OutLock | None = None  # OUT's lock, checked before every commit
 
 
 def check_request(inputs: list[str], model_uri: str) -> tuple[list[Title], ModelConfig]:
@@ -137,31 +140,43 @@ def check_request(inputs: list[str], model_uri: str) -> tuple[list[Title], Model
 
 
 def prepare_library(inputs: list[str], model_uri: str, out: str,
-                    checked: tuple[list[Title], ModelConfig] | None = None) -> LibraryJob:
+                    checked: tuple[list[Title], ModelConfig] | None = None, lock: OutLock | None = None) -> LibraryJob:
     """Expand the inputs, read the checkpoint's config, make ``out`` and find the titles to do.
 
     Needs no Ray, so a CLI can fail fast: raises what :func:`check_request` raises (``checked``:
     its result, when the caller checked before taking the lock) or :class:`JobError` (``out`` not
-    writable). The caller holds ``out``'s lock (:func:`out_lock`) while preparing and running.
+    writable). The caller holds ``out``'s lock (:func:`out_lock`) while preparing and running, and
+    passes it: it names this run's temporary files and is checked before every commit.
     """
     started, started_at = time.monotonic(), datetime.now(timezone.utc)
     titles, config = checked or check_request(inputs, model_uri)
-    store = ResultStore(out)
+    store = ResultStore(out, lock.run_id if lock is not None else "")
     store.prepare()
     done = store.finished_titles(model_uri)
     return LibraryJob(titles, [t for t in titles if t.title_id not in done], model_uri, config, store, started,
-                      started_at)
+                      started_at, lock=lock)
 
 
-def out_lock(out: str) -> OutLock:
+def out_lock(out: str, **options) -> OutLock:
     """The lock of one output directory: a second live run on it is a usage error; an output
-    that cannot be made is :class:`JobError` (the job cannot go on)."""
+    that cannot be made is :class:`JobError` (the job cannot go on). ``options``: those of
+    :class:`OutLock` (tests)."""
     store = ResultStore(out)
     try:
         make_dirs(store.fs, store.root)
     except OSError as e:
         raise JobError(f"output {out} is not writable: {e}") from e  # SPEC 6: exit 1
-    return OutLock(store.fs, store.root, store.out)
+    return OutLock(store.fs, store.root, store.out, **options)
+
+
+def check_address(address: str | None, out: str) -> None:
+    """A Ray client (``ray://``) runs the job's workers on a remote cluster, whose writer cannot
+    reach this machine's disk: a local OUT is then a usage error (SPEC 7), raised before anything
+    is written."""
+    address = address or os.environ.get("RAY_ADDRESS") or ""
+    if address.startswith("ray://") and is_local(out):
+        raise UsageError(f"--out {out} is a local folder, but {address} is a Ray client connection: the cluster's "
+                         "writer cannot write to this machine; give an --out on shared storage (s3://, gs://, ...)")
 
 
 def score_library(inputs: list[str], model_uri: str, out: str, **options) -> LibrarySummary:
@@ -172,8 +187,8 @@ def score_library(inputs: list[str], model_uri: str, out: str, **options) -> Lib
     job. ``options`` are those of :func:`run_library`.
     """
     checked = check_request(inputs, model_uri)  # a usage error writes nothing, not even OUT
-    with out_lock(out):
-        return run_library(prepare_library(inputs, model_uri, out, checked), **options)
+    with out_lock(out) as lock:
+        return run_library(prepare_library(inputs, model_uri, out, checked, lock), **options)
 
 
 @dataclass(frozen=True)
@@ -186,6 +201,12 @@ class PoolPlan:
     threads: int  # torch threads per actor (0: torch's default)
     gpus_now: float
     gpus_possible: float  # GPUs now plus those the autoscaler may still add
+
+    @property
+    def device(self) -> str | None:
+        """The classifier's device: ``cpu`` when the pool reserves no GPU (an actor that can see
+        a GPU must not use one it did not reserve); None lets the scorer pick the reserved GPU."""
+        return None if self.gpus_per_actor else "cpu"
 
     def describe(self) -> str:
         pool = f"classifier pool 1..{self.max_actors or 'unbounded'} actors"
@@ -261,64 +282,70 @@ def decode_spec(job: LibraryJob, pool: PoolPlan, window_s: int, decode_timeout_s
 
 def _run_attempts(job: LibraryJob, spec: DecodeSpec, params: SegmentParams, pool: PoolPlan, batch_size: int,
                   max_attempts: int, summary: LibrarySummary, bar: "Progress") -> list[Title]:
-    """Submit the titles, then re-submit those whose result never came back; returns the rest."""
+    """Submit the titles, then re-submit those whose result never came back; returns the rest.
+    One death ledger serves every attempt, so a title that keeps killing its process is found."""
     pending = list(job.todo)
-    for attempt in range(1, max_attempts + 1):
-        summary.attempts = attempt
-        reported: set[str] = set()
-        dataset = build_dataset(pending, job.model_uri, job.store.out, job.config, spec, params,
-                                batch_size=batch_size, pool=pool)
-        try:
-            _collect(dataset, job, summary, bar, reported)
-        except Exception as e:  # lost objects, an actor out of restarts...: redo what did not come back
-            _check_cluster(e)
-            log.warning("attempt %d of the job ended early: %s", attempt, one_line(e))
-        pending = _adopt_committed(job, [t for t in pending if t.title_id not in reported], summary, bar)
-        if not pending:
-            return []
-        if attempt < max_attempts:
-            log.warning("re-submitting %d title(s) whose result never came back: %s", len(pending),
-                        ", ".join(t.title_id for t in pending[:5]) + (" ..." if len(pending) > 5 else ""))
-    return pending
+    spec = replace(spec, ledger=DeathLedger.start())
+    try:
+        for attempt in range(1, max_attempts + 1):
+            summary.attempts = attempt
+            reported: set[str] = set()
+            dataset = build_dataset(pending, job.model_uri, job.store.out, job.config, spec, params,
+                                    batch_size=batch_size, pool=pool, run_id=job.store.run_id, attempt=attempt)
+            try:
+                _collect(dataset, job, summary, bar, reported)
+            except JobError:
+                raise  # OUT lost or unwritable: nothing more may be written
+            except Exception as e:  # lost objects, an actor out of restarts...: redo what did not come back
+                _check_cluster(e)
+                log.warning("attempt %d of the job ended early: %s", attempt, one_line(e))
+            pending = [t for t in pending if t.title_id not in reported]
+            if not pending:
+                return []
+            if attempt < max_attempts:
+                log.warning("re-submitting %d title(s) whose result never came back: %s", len(pending),
+                            ", ".join(t.title_id for t in pending[:5]) + (" ..." if len(pending) > 5 else ""))
+        return pending
+    finally:
+        spec.ledger.close()
+        job.store.remove_leftovers(age_s=math.inf)  # what this run staged and never committed
 
 
 def build_dataset(titles: list[Title], model_uri: str, out: str, config: ModelConfig, spec: DecodeSpec,
-                  params: SegmentParams, *, batch_size: int, pool: PoolPlan):
-    """The lazy Ray Data plan; iterating it runs the job and yields summary and progress rows."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+                  params: SegmentParams, *, batch_size: int, pool: PoolPlan, run_id: str = "", attempt: int = 1):
+    """The lazy Ray Data plan; iterating it runs the job and yields summary and progress rows.
 
-    _configure_fault_tolerance(pool)
-    # Ray's own retries, explicit: a task whose worker or node died is rerun; an actor whose
-    # process or node died is restarted and its in-flight batch resent (README "Faults")
-    task_retries = {"max_retries": TASK_MAX_RETRIES, "retry_exceptions": False}
-    actor_restarts = {"max_restarts": ACTOR_MAX_RESTARTS, "max_task_retries": ACTOR_MAX_RESTARTS}
-    writer_args = dict(actor_restarts)
-    if is_local(out):  # results must land on the driver's disk, whichever node the writer is on
-        writer_args["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
-            ray.get_runtime_context().get_node_id(), soft=False)
+    Retries are Ray Data's own defaults: a task whose worker or node died is rerun, an actor
+    whose process or node died is restarted and its batch resent (docs/faults.md); the death
+    ledger in ``spec`` stops a title that kills its process every time."""
+    import ray
+
+    # results must land on the driver's disk, whichever node the writer would otherwise get
+    writer_nodes = {DRIVER_NODE_LABEL: ray.get_runtime_context().get_node_id()} if is_local(out) else None
     items = [{"title_id": t.title_id, "uri": t.uri} for t in titles]
-    with warnings.catch_warnings():  # Ray >= 2.60 deprecates per-operator remote args (pinned < 2.64)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return (
-            ray.data.from_items(items, override_num_blocks=len(items))
-            .flat_map(probe_windows, fn_kwargs={"spec": spec}, num_cpus=pool.cpus_per_actor, **task_retries)
-            .repartition(target_num_rows_per_block=1)  # one window per decode task (streaming, no barrier)
-            # the memory request sizes decode tasks; being unlike the actors' it also keeps decoding
-            # in CPU tasks instead of fused into the model's actors (fusion needs equal remote args)
-            .map_batches(decode_window, batch_size=1, batch_format="numpy", fn_kwargs={"spec": spec},
-                         num_cpus=pool.cpus_per_actor, memory=DECODE_TASK_MEMORY_BYTES, **task_retries)
-            .map_batches(Classifier, fn_constructor_kwargs={"model_uri": model_uri, "batch_size": batch_size,
-                                                              "num_threads": pool.threads, "faults": spec.faults},
-                         batch_size=batch_size, batch_format="numpy", num_cpus=pool.cpus_per_actor,
-                         num_gpus=pool.gpus_per_actor, **actor_restarts, runtime_env={"env_vars": _openmp_env()},
-                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool.max_actors))
-            .map_batches(TitleWriter, fn_constructor_kwargs={"out": out, "labels": list(config.labels),
-                                                             "model_uri": model_uri, "params": params,
-                                                             "faults": spec.faults, "stills": spec.stills},
-                         batch_size=None, batch_format="numpy", num_cpus=0, **writer_args,
-                         compute=ray.data.ActorPoolStrategy(size=1))  # one writer sees every row of a title
-        )
+    dataset = (
+        ray.data.from_items(items, override_num_blocks=len(items))
+        .flat_map(probe_windows, fn_kwargs={"spec": spec}, num_cpus=pool.cpus_per_actor)
+        .repartition(target_num_rows_per_block=1)  # one window per decode task (streaming, no barrier)
+        # the memory request sizes decode tasks; being unlike the actors' it also keeps decoding
+        # in CPU tasks instead of fused into the model's actors (fusion needs equal remote args)
+        .map_batches(decode_window, batch_size=1, batch_format="numpy", fn_kwargs={"spec": spec},
+                     num_cpus=pool.cpus_per_actor, memory=DECODE_TASK_MEMORY_BYTES)
+        .map_batches(Classifier, fn_constructor_kwargs={"model_uri": model_uri, "batch_size": batch_size,
+                                                          "device": pool.device, "num_threads": pool.threads,
+                                                          "faults": spec.faults, "ledger": spec.ledger},
+                     batch_size=batch_size, batch_format="numpy", num_cpus=pool.cpus_per_actor,
+                     num_gpus=pool.gpus_per_actor, runtime_env={"env_vars": _openmp_env()},
+                     compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool.max_actors))
+        .map_batches(TitleWriter, fn_constructor_kwargs={"out": out, "labels": list(config.labels),
+                                                         "model_uri": model_uri, "params": params,
+                                                         "faults": spec.faults, "stills": spec.stills,
+                                                         "run_id": run_id, "attempt": attempt},
+                     batch_size=None, batch_format="numpy", num_cpus=0, label_selector=writer_nodes,
+                     compute=ray.data.ActorPoolStrategy(size=1))  # one writer sees every row of a title
+    )
+    _configure(dataset.context, pool)
+    return dataset
 
 
 def _openmp_env() -> dict[str, str]:
@@ -327,13 +354,11 @@ def _openmp_env() -> dict[str, str]:
     return {name: os.environ.get(name, value) for name, value in OPENMP_ENV.items()}
 
 
-def _configure_fault_tolerance(pool: PoolPlan) -> None:
-    """Ray Data's fault-tolerance settings, explicit (README "Faults"). Our stages never raise for
-    a film, so an exception that reaches Ray Data is a system fault: it ends the attempt at once
-    (no blind retries of application errors), and the driver re-submits the titles it lost."""
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
+def _configure(ctx, pool: PoolPlan) -> None:
+    """Ray Data's settings on this dataset's own context (never the process-wide one, which other
+    code in the process may use), explicit (docs/faults.md). Our stages never raise for a film,
+    so an exception that reaches Ray Data is a system fault: it ends the attempt at once (no
+    blind retries of application errors), and the driver re-submits the titles it lost."""
     ctx.actor_task_retry_on_errors = False  # application errors: handled in the stages
     ctx.retried_map_errors = False
     ctx.max_errored_blocks = 0  # a block that errors ends the attempt; nothing is dropped silently
@@ -375,31 +400,30 @@ def _check_cluster(error: Exception) -> None:
 
 
 def _collect(dataset, job: LibraryJob, summary: LibrarySummary, bar: Progress, reported: set[str]) -> None:
-    """Run the plan, counting titles as their summary rows stream back (ids into ``reported``)."""
+    """Run the plan, committing each title as its summary row streams back (ids into ``reported``)."""
     for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
         for row in batch.to_pylist():
             if row["kind"] == "progress":
                 bar.update(clips=row["clips"], film_s=row["film_s"], opened=row["opened"])
                 continue
-            if not row["written"]:  # the writer could not write its row: try from here
-                _write_failed(job, row["title_id"], row["error"])
+            status, error = _commit(job, row), row["error"]
             reported.add(row["title_id"])
-            summary.add(row["status"], row["n_scored"], row["title_id"], row["error"])
-            bar.update(status=row["status"])
+            summary.add(status, row["n_scored"], row["title_id"], None if status == "ok" else error)
+            bar.update(status=status)
 
 
-def _adopt_committed(job: LibraryJob, titles: list[Title], summary: LibrarySummary, bar: Progress) -> list[Title]:
-    """Titles the writer committed in this run although their summary row was lost (or ``ok``
-    with this model from any run) count as done; returns the others."""
-    left = []
-    for title in titles:
-        row = job.store.title_row(title.title_id)
-        if row and row["model"] == job.model_uri and (row["status"] == "ok" or row["scored_at"] >= job.started_at):
-            summary.add(row["status"], row["n_scored"] or 0, title.title_id, row["error"])
-            bar.update(status=row["status"])
-        else:
-            left.append(title)
-    return left
+def _commit(job: LibraryJob, row: dict) -> str:
+    """Commit the files the writer staged for this summary row (or, if it could not, write the
+    title's ``failed`` row from here), once sure this run still holds OUT; returns the status
+    that stands."""
+    if job.lock is not None:
+        job.lock.check()  # raises LockLost: another run took OUT over while this one was paused
+    if not row["staged"]:  # the writer could not stage the title: its failed row from here
+        return _write_failed(job, row["title_id"], row["error"])
+    try:
+        return job.store.commit_staged(row["title_id"], row["status"], job.model_uri, row["staged"])
+    except Exception as e:
+        raise JobError(f"cannot write results to {job.store.out}: {one_line(e)}") from e
 
 
 def _write_failed(job: LibraryJob, title_id: str, error: str) -> str:
@@ -420,6 +444,8 @@ def _record_lost(job: LibraryJob, lost: list[Title], summary: LibrarySummary, at
     error = lost_error(attempts)
     for title in lost:
         log.warning("%s: %s", title.title_id, error)
+        if job.lock is not None:
+            job.lock.check()
         status = _write_failed(job, title.title_id, error)
         summary.add(status, 0, title.title_id, None if status == "ok" else error)
 

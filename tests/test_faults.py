@@ -9,6 +9,8 @@ import os
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -132,3 +134,113 @@ def test_a_file_with_glob_characters_in_its_name_is_a_file(films, tmp_path):
     path.write_bytes(open(films["clean"], "rb").read())
     (title,) = expand_inputs([str(path)])
     assert (title.title_id, title.uri) == ("Casablanca [1942]", str(path))
+
+
+def wait_for_file(path, timeout_s: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(path):
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.1)
+
+
+DEADLY = ("clean", "decode", "classifier", "write")  # title ids: the fault each one carries
+
+
+@pytest.fixture(scope="module")
+def deadly_run(checkpoint, tmp_path_factory, ray_session):
+    """One run with real process deaths: every decode task of ``decode`` and every classifier
+    call on ``classifier``'s clips SIGKILLs its process (a segfault, the OOM killer); the writer
+    finishing ``write`` hands that title to a late writer of its own and dies."""
+    from kissray.pipeline import score_library
+
+    root = tmp_path_factory.mktemp("deadly")
+    films = {name: make_film(root / f"{name}.mp4", 3) for name in DEADLY}
+    plan = FaultPlan(kill_at=(("decode", "decode"), ("classifier", "classifier")), linger_at=("write",),
+                     marker_dir=str(root / "markers"))
+    os.makedirs(plan.marker_dir)
+    summary = score_library(list(films.values()), checkpoint, str(root / "out"), params=PARAMS, window_s=3,
+                            batch_size=4, decode_timeout_s=20, progress=False, faults=plan)
+    return summary, root / "out", Path(plan.marker_dir), films
+
+
+def test_a_title_that_kills_its_worker_every_time_fails_alone(deadly_run, model):
+    """Retried alone, then failed alone with that reason; every title beside it ok in the same run."""
+    from kissray.batch.ledger import MAX_DEATHS
+
+    summary, out, markers, films = deadly_run
+    for stage in ("decode", "classifier"):  # real deaths, each of another process
+        pids = {m.name.rsplit("-", 1)[1] for m in markers.glob(f"killed-{stage}-{stage.encode().hex()}-*")}
+        assert len(pids) >= MAX_DEATHS, (stage, pids)
+    titles = read(out, "titles").set_index("title_id")
+    assert sorted(titles.index) == sorted(DEADLY)
+    for title_id in ("decode", "classifier"):
+        assert titles.status[title_id] == "failed", titles.error[title_id]
+        assert f"died {MAX_DEATHS} times" in titles.error[title_id] and "out of memory" in titles.error[title_id]
+    others = ["clean", "write"]
+    assert (titles.status[others] == "ok").all(), titles.error[others]
+    assert (summary.n_ok, summary.n_failed, summary.n_partial) == (2, 2, 0)
+    scores = read(out, "scores")
+    assert not scores.duplicated(["title_id", "label", "second"]).any() and set(scores.title_id) == set(others)
+    for title_id in others:
+        got = scores[scores.title_id == title_id].sort_values("second").p
+        np.testing.assert_allclose(got, expected_probs(films[title_id], model), atol=1e-5)
+
+
+def test_a_late_writer_never_replaces_a_later_result(deadly_run):
+    """The writer process finishing ``write`` dies while a late writer holds its result; a later
+    writer process commits the title; the late writer then writes what the dead one would have
+    (the writer's own call): it is never committed."""
+    import pyarrow.parquet as pq
+
+    summary, out, markers, _ = deadly_run
+    (payload,) = markers.glob("lingered-*.pickle")
+    wait_for_file(f"{payload}.done")
+    late_write_began = float(Path(f"{payload}.done").read_text())
+    committed = pq.read_table(out / "titles" / "write.parquet").to_pylist()
+    assert len(committed) == 1 and committed[0]["status"] == "ok"
+    assert committed[0]["scored_at"].timestamp() < late_write_began  # the later writer's row stands
+    for table in ("scores", "segments", "titles"):  # one visible file per title, nothing else
+        visible = sorted(p.name for p in (out / table).iterdir() if not p.name.startswith("."))
+        assert visible == sorted(f"{t}.parquet" for t in DEADLY), table
+
+
+def test_a_ray_client_with_a_local_out_is_refused(films, checkpoint, tmp_path, capsys):
+    """SPEC 7: the cluster's writer cannot reach this machine's disk; usage error, nothing written."""
+    from kissray.cli import main as cli_main
+
+    code = cli_main(["score", films["clean"], "--model", checkpoint, "--out", str(tmp_path / "out"),
+                     "--address", "ray://127.0.0.1:1", "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "ray://127.0.0.1:1" in err and "local folder" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_driver_counts_the_status_that_stands(films, checkpoint, tmp_path):
+    """A failed result the writer could not write, for a title already ok: the row stays ok and
+    the run counts it ok (the exit code agrees with the rows)."""
+    from kissray.batch.tables import TitleRecord, scores_table, segments_table
+    from kissray.pipeline import _commit, prepare_library
+
+    job = prepare_library([films["clean"]], checkpoint, str(tmp_path))
+    ok = TitleRecord("clean", films["clean"], "ok", None, 4.0, 4, 4, True, checkpoint)
+    job.store.write_title(ok, scores_table("clean", ["kiss"], np.full((4, 1), 0.5, np.float32)),
+                          segments_table("clean", []))
+    row = {"title_id": "clean", "status": "failed", "error": "cannot finish the title", "staged": ""}
+    assert _commit(job, row) == "ok"
+    assert read(tmp_path, "titles").status.tolist() == ["ok"]
+
+
+def test_a_cpu_pool_tells_the_classifier_its_device(checkpoint, ray_session):
+    """--num-gpus-per-actor 0: the classifier is told cpu, so an actor that can see a GPU does not
+    use one it did not reserve."""
+    import torch
+
+    from kissray.batch.stages import Classifier
+    from kissray.pipeline import plan_pool
+
+    pool = plan_pool(num_gpus_per_actor=0)
+    assert (pool.gpus_per_actor, pool.device) == (0.0, "cpu")
+    classifier = Classifier(checkpoint, device=pool.device)
+    assert next(classifier.scorer.model.parameters()).device == torch.device("cpu")
+    assert plan_pool(num_gpus_per_actor=1).device is None  # a reserved GPU: the scorer picks it

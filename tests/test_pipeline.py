@@ -212,9 +212,9 @@ def test_killed_run_loses_no_finished_title(tmp_path, checkpoint, ray_session):
            "--address", "local", "--window-s", "2", "--actors", "1", "--batch-size", "2", "--no-progress"]
     proc = subprocess.Popen(cmd, env={**os.environ, "RAY_ADDRESS": ""}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    try:  # a committed title, not the writer's temporary file
+    try:  # a committed title, not the writer's temporary (dot) file
         poll_run(lambda: (out / "titles").is_dir() and any(
-            p.suffix == ".parquet" and not p.name.startswith(".tmp-") for p in (out / "titles").iterdir()),
+            p.suffix == ".parquet" and not p.name.startswith(".") for p in (out / "titles").iterdir()),
             proc, "no title finished")
     finally:
         kill_run(proc)
@@ -258,6 +258,8 @@ def test_title_waits_for_clips_that_arrive_after_their_window_trailer(tmp_path):
     assert titles_done(writer(scored(_rows(window, clips[:2], spec), 0.9))) == []
     summary = titles_done(writer(scored(_rows(window, clips[2:], spec), 0.9)))
     assert summary == [{"title_id": "t/1", "status": "ok", "error": None, "n_clips": 3, "n_scored": 3}]
+    assert not os.path.exists(tmp_path / "titles" / "t%2F1.parquet")  # staged: the driver commits
+    assert writer.store.commit_staged("t/1", "ok", "ck", writer.tag) == "ok"
     assert list(read(tmp_path, "scores").p) == pytest.approx([0.9] * 3)
     assert read(tmp_path, "segments")[["start_s", "end_s"]].values.tolist() == [[0.0, 3.0]]
     assert os.listdir(tmp_path / "titles") == [f"{file_name_for('t/1')}.parquet"] == ["t%2F1.parquet"]
@@ -268,6 +270,7 @@ def test_remote_film_is_one_window_decoded_without_a_separate_probe(film, model,
     import fsspec
 
     from kissray.batch.faults import NO_FAULTS
+    from kissray.batch.ledger import NO_LEDGER
     from kissray.score import Scorer
     from kissray.batch.stages import WHOLE_FILM, Classifier, DecodeSpec, decode_window, probe_windows
 
@@ -283,7 +286,7 @@ def test_remote_film_is_one_window_decoded_without_a_separate_probe(film, model,
     clips = {k: v[:5] for k, v in rows.items()}
     assert list(clips["second"]) == list(range(5))
     classifier = Classifier.__new__(Classifier)  # the loaded fixture model, not a second load
-    classifier.scorer, classifier.faults = Scorer(model, batch_size=3), NO_FAULTS
+    classifier.scorer, classifier.faults, classifier.ledger = Scorer(model, batch_size=3), NO_FAULTS, NO_LEDGER
     np.testing.assert_allclose(classifier(clips)["p"][:, 0], film_result.probs[:, 0], atol=1e-5)
 
 
@@ -333,3 +336,36 @@ def test_keyframe_stills_are_recorded_in_titles(tmp_path, film, checkpoint, mode
     assert titles[["status", "stills"]].values.tolist() == [["ok", "keyframe"]]
     expected = score_film(film, model, stills="keyframe").probs[:, 0]
     np.testing.assert_allclose(read(tmp_path, "scores").sort_values("second").p, expected, atol=1e-5)
+
+
+def test_the_plan_uses_no_deprecated_ray_api_and_keeps_its_settings_to_itself(checkpoint, tmp_path, ray_session):
+    """Issue 21: no per-operator remote args that Ray deprecates (retries, node affinity); Ray
+    Data's settings go on the dataset's own context, not the process-wide one; the writer of a
+    local OUT is pinned to the driver's node by its label."""
+    import warnings
+
+    from ray.data import DataContext
+
+    from kissray.batch.faults import NO_FAULTS
+    from kissray.inputs import Title
+    from kissray.model import ModelConfig
+    from kissray.pipeline import DRIVER_NODE_LABEL, build_dataset, decode_spec, plan_pool, prepare_library
+
+    (tmp_path / "x.mp4").write_bytes(b"x")
+    job = prepare_library([str(tmp_path / "x.mp4")], checkpoint, str(tmp_path / "out"))
+    pool = plan_pool(num_gpus_per_actor=0)
+    spec = decode_spec(job, pool, 4, 10, None, "exact", NO_FAULTS)
+    process_wide = DataContext.get_current()
+    before = (process_wide.max_errored_blocks, process_wide.enable_progress_bars, process_wide.retried_map_errors)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dataset = build_dataset([Title("x", str(tmp_path / "x.mp4"))], checkpoint, job.store.out,
+                                ModelConfig(labels=["kiss"], image_size=64), spec, PARAMS, batch_size=4, pool=pool)
+    assert [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)] == []
+    assert dataset.context is not process_wide
+    assert (dataset.context.max_errored_blocks, dataset.context.enable_progress_bars) == (0, False)
+    assert (process_wide.max_errored_blocks, process_wide.enable_progress_bars,
+            process_wide.retried_map_errors) == before
+    writer = dataset._logical_plan.dag  # the last operator: the writer
+    assert writer.ray_remote_args.get("label_selector") == {
+        DRIVER_NODE_LABEL: ray_session.get_runtime_context().get_node_id()}

@@ -280,6 +280,40 @@ def test_killed_run_on_s3_leaves_only_whole_files_and_a_rerun_finishes(library, 
                                   .sort_values(["title_id", "second"]).reset_index(drop=True))
 
 
+ROUNDS_AT_THE_SAME_MOMENT = 3
+
+
+@pytest.mark.slow
+def test_two_runs_started_at_the_same_moment_on_one_s3_out(library, results, ray_session):
+    """Two ``kissray score`` processes on one ``s3://`` OUT, started together (both on the session's
+    Ray), three rounds: every title one row, all ok; one run scores, the other exits 2 naming it or
+    finds everything done. (The race itself is made deterministic in tests/test_lock.py.)"""
+    inputs = [library["uris"][t] for t in GOOD]
+    address = ray_session.get_runtime_context().gcs_address
+    for round_ in range(ROUNDS_AT_THE_SAME_MOMENT):
+        out = f"{results}/{unique(f'together{round_}')}"
+        cmd = [sys.executable, "-m", "kissray.cli", "score", *inputs, "--model", library["model"], "--out", out,
+               "--address", address, *SCORE_ARGS]
+        runs = [subprocess.Popen(cmd, env={**os.environ, "RAY_ADDRESS": ""}, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        done = [(run.wait(timeout=400), *run.communicate()) for run in runs]
+        codes = sorted(code for code, _, _ in done)
+        assert codes in ([0, 0], [0, 2]), done
+        scored = [stdout for code, stdout, _ in done if f"{len(GOOD)} ok" in stdout]
+        assert len(scored) == 1, done  # one run scored every title
+        if codes == [0, 2]:
+            assert any("in use by another run" in stderr for code, _, stderr in done if code == 2), done
+        else:  # the other started after the first ended: it found everything done
+            assert any(f"0 ok, 0 partial, 0 failed, {len(GOOD)} skipped" in stdout for _, stdout, _ in done), done
+        titles = read(out, "titles")
+        assert sorted(titles.title_id) == sorted(GOOD) and (titles.status == "ok").all()
+        scores = read(out, "scores")
+        assert not scores.duplicated(["title_id", "label", "second"]).any()
+        assert len(scores) == int(titles.n_scored.sum()) == sum(GOOD.values())
+        for table in TABLES:
+            assert [Path(p).name for p in visible_files(out)[table]] == sorted(f"{t}.parquet" for t in GOOD)
+
+
 def tone_corpus(root: Path, prefix: str) -> tuple[str, str]:
     """Four 4 s films whose ``kiss`` seconds carry the tone, split train/train/val/test by the CSV;
     the same annotations for the local films and for their copies under ``prefix`` on S3."""

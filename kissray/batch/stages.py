@@ -9,7 +9,10 @@ Only :class:`Classifier` touches the model; none of this imports Ray.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import pickle
+import uuid
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -18,6 +21,7 @@ import pyarrow as pa
 
 from kissray.audio import SILENCE_LOG_MEL
 from kissray.batch.faults import NO_FAULTS, FaultPlan
+from kissray.batch.ledger import MAX_DEATHS, NO_LEDGER, DeathLedger, died_error
 from kissray.batch.tables import ResultStore, TitleRecord, scores_table, segments_table
 from kissray.errors import StorageError, one_line
 from kissray.media import ClipReader, probe
@@ -32,8 +36,8 @@ WHOLE_FILM = -1  # a window's stop when the film is decoded in one piece (its le
 # row per batch (clips scored, seconds of film newly known) so the driver's bar moves within titles.
 SUMMARY_SCHEMA = pa.schema([
     ("kind", pa.string()), ("title_id", pa.string()), ("status", pa.string()), ("error", pa.string()),
-    ("n_clips", pa.int32()), ("n_scored", pa.int32()), ("written", pa.bool_()),
-    ("clips", pa.int64()), ("film_s", pa.int64()), ("opened", pa.int32()),
+    ("n_clips", pa.int32()), ("n_scored", pa.int32()),
+    ("clips", pa.int64()), ("film_s", pa.int64()), ("opened", pa.int32()), ("staged", pa.string()),
 ])
 
 
@@ -50,6 +54,7 @@ class DecodeSpec:
     decode_threads: int = 1  # decoder threads per window
     decode_slots: int = 1  # decode tasks the cluster runs at once: a short film is cut into about this many windows
     faults: FaultPlan = NO_FAULTS  # tests only
+    ledger: DeathLedger = NO_LEDGER  # the run's record of work that killed its process
 
 
 def probe_windows(title: dict, spec: DecodeSpec) -> list[dict]:
@@ -93,8 +98,16 @@ def decode_window(windows: dict[str, np.ndarray], spec: DecodeSpec) -> Iterator[
     with a one-line error; nothing raises out of here."""
     for i in range(len(windows["title_id"])):
         window = {k: v[i] for k, v in windows.items()}
-        spec.faults.crash("decode", str(window["title_id"]))
+        title_id = str(window["title_id"])
+        key = f"decode:{title_id}:{int(window['start'])}"
+        deaths, condemned = spec.ledger.begin(key, [title_id])
+        if deaths >= MAX_DEATHS or condemned:  # this title kills its decoder: report it, do not retry
+            spec.ledger.condemn(title_id)
+            yield _safe_rows(window, [], spec, trailer=(died_error(max(deaths, MAX_DEATHS)), 0))
+            continue
+        spec.faults.crash("decode", title_id)
         if str(window["error"]):  # the film failed to open: only its trailer goes on
+            spec.ledger.end(key)
             yield _safe_rows(window, [], spec, trailer=(str(window["error"]), 0))
             continue
         clips, n_delivered, error = [], 0, ""
@@ -111,6 +124,7 @@ def decode_window(windows: dict[str, np.ndarray], spec: DecodeSpec) -> Iterator[
             error = one_line(e) or "decode failed"
         if not error and n_delivered < int(window["stop"]) - int(window["start"]):
             error = f"decoder stopped after {n_delivered} of the window's clips"
+        spec.ledger.end(key)
         yield _safe_rows(window, clips, spec, trailer=(error, n_delivered))
 
 
@@ -171,39 +185,73 @@ class Classifier:
     actor): adds ``p`` (float32[n_labels]) to clip rows. Trailer rows pass through with ``p`` = NaN;
     frames and log-mels are dropped from the output. A batch whose forward pass fails is redone
     title by title, so a fault (a poisoned input, an out-of-memory) costs only the titles it
-    touches: their rows carry the error and ``p`` = NaN.
+    touches: their rows carry the error and ``p`` = NaN. A batch that killed its process before
+    (the run's :class:`DeathLedger` says so) is redone title by title too, each title on its own,
+    so a title that keeps killing its process is found, and failed, alone.
     """
 
     def __init__(self, model_uri: str, batch_size: int = 32, device: str | None = None,
-                 num_threads: int | None = None, faults: FaultPlan = NO_FAULTS):
+                 num_threads: int | None = None, faults: FaultPlan = NO_FAULTS, ledger: DeathLedger = NO_LEDGER):
         from kissray.score import Scorer
 
         self.scorer = Scorer(model_uri, device=device, batch_size=batch_size, num_threads=num_threads)
-        self.faults = faults
+        self.faults, self.ledger = faults, ledger
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         clips = ~batch["trailer"]
         titles = batch["title_id"].astype(str)
         p = np.full((len(clips), len(self.scorer.labels)), np.nan, np.float32)
         errors = np.asarray(batch["error"], object).copy()
-        for title_id in np.unique(titles[clips]):
-            self.faults.crash("classifier", title_id)
         if clips.any():
-            try:
-                for title_id in np.unique(titles[clips]):
-                    self.faults.check("classifier", title_id)
-                p[clips] = self._predict(batch, clips)
-            except Exception:
-                for title_id in np.unique(titles[clips]):
-                    rows = clips & (titles == title_id)
-                    try:
-                        self.faults.check("classifier", title_id)
-                        p[rows] = self._predict(batch, rows)
-                    except Exception as e:
-                        errors[rows] = f"classifier: {one_line(e)}"
+            key = "classify:" + hashlib.sha1(pickle.dumps((titles[clips].tolist(),
+                                                           batch["second"][clips].tolist()))).hexdigest()
+            deaths, condemned = self.ledger.begin(key, sorted(set(titles[clips])))
+            for title_id in condemned:
+                errors[clips & (titles == title_id)] = f"classifier: {died_error(MAX_DEATHS)}"
+            todo = clips & ~np.isin(titles, condemned)
+            if deaths == 0:
+                self._predict_batch(batch, todo, titles, p, errors)
+            else:
+                for title_id in np.unique(titles[todo]):
+                    self._predict_alone(batch, todo & (titles == title_id), f"{key}:{title_id}", title_id, p, errors)
+            self.ledger.end(key)
         out = {k: v for k, v in batch.items() if k not in ("frames", "log_mel")}
         out["p"], out["error"] = p, errors
         return out
+
+    def _predict_batch(self, batch, rows: np.ndarray, titles: np.ndarray, p: np.ndarray, errors: np.ndarray) -> None:
+        """One forward pass over ``rows``; if it raises, title by title (a fault costs only its title)."""
+        for title_id in np.unique(titles[rows]):
+            self.faults.crash("classifier", title_id)
+        try:
+            for title_id in np.unique(titles[rows]):
+                self.faults.check("classifier", title_id)
+            p[rows] = self._predict(batch, rows)
+        except Exception:
+            for title_id in np.unique(titles[rows]):
+                mine = rows & (titles == title_id)
+                try:
+                    self.faults.check("classifier", title_id)
+                    p[mine] = self._predict(batch, mine)
+                except Exception as e:
+                    errors[mine] = f"classifier: {one_line(e)}"
+
+    def _predict_alone(self, batch, rows: np.ndarray, key: str, title_id: str, p: np.ndarray,
+                       errors: np.ndarray) -> None:
+        """One title's rows of a batch that killed its process before: once they have killed it
+        :data:`MAX_DEATHS` times on their own, they carry that error instead."""
+        deaths, _ = self.ledger.begin(key)
+        if deaths >= MAX_DEATHS:
+            self.ledger.condemn(title_id)
+            errors[rows] = f"classifier: {died_error(deaths)}"
+            return
+        self.faults.crash("classifier", title_id)
+        try:
+            self.faults.check("classifier", title_id)
+            p[rows] = self._predict(batch, rows)
+        except Exception as e:
+            errors[rows] = f"classifier: {one_line(e)}"
+        self.ledger.end(key)
 
     def _predict(self, batch: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
         return self.scorer.predict(batch["frames"][rows], batch["log_mel"][rows])
@@ -227,18 +275,20 @@ class _OpenTitle:
 
 class TitleWriter:
     """Ray Data actor (one): the per-title reduce. Collects a title's rows as they stream in; once
-    all of them are in, segments the scores, writes the title's three files and emits one summary
-    row. It holds only the titles still in flight (a few floats per scored second), and a title
-    is written as soon as it is complete, not at the end of the job. A fault while finishing a
-    title (segmenter, write) makes that title ``failed``; the summary row says whether its
-    ``titles`` row could be written (if not, the driver writes it)."""
+    all of them are in, segments the scores, stages the title's three files (hidden names of this
+    run and ``attempt``) and emits one summary row; the driver commits them. It holds only the
+    titles still in flight (a few floats per scored second), and a title is staged as soon as it
+    is complete, not at the end of the job. A fault while finishing a title (segmenter, write)
+    makes that title ``failed``; the summary row says whether its files could be staged (if not,
+    the driver writes its ``failed`` row)."""
 
     def __init__(self, out: str, labels: list[str], model_uri: str, params: SegmentParams,
-                 faults: FaultPlan = NO_FAULTS, stills: str = "exact"):
-        self.store = ResultStore(out)
+                 faults: FaultPlan = NO_FAULTS, stills: str = "exact", run_id: str = "", attempt: int = 1):
+        self.store = ResultStore(out, run_id)
         self.store.make_folders()  # the driver made them too, but maybe on another machine's disk
         self.labels, self.model_uri, self.params, self.faults = list(labels), model_uri, params, faults
         self.stills = stills
+        self.tag = f"a{attempt}-{uuid.uuid4().hex[:8]}"  # this process's staged files: a restarted writer has another
         self.open: dict[str, _OpenTitle] = {}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -260,8 +310,8 @@ class TitleWriter:
                 state.clip_error = state.clip_error or str(batch["error"][i])
             if state.complete(int(batch["n_windows"][i])):
                 finished.append(self._finish_safely(title_id, self.open.pop(title_id)))
-        progress = {"kind": "progress", "title_id": "", "written": False, "clips": n_clips, "film_s": film_s,
-                    "opened": opened}
+        progress = {"kind": "progress", "title_id": "", "clips": n_clips, "film_s": film_s,
+                    "opened": opened, "staged": ""}
         return pa.Table.from_pylist(finished + [progress], schema=SUMMARY_SCHEMA)
 
     def _finish_safely(self, title_id: str, state: _OpenTitle) -> dict:
@@ -273,12 +323,12 @@ class TitleWriter:
             record = TitleRecord(title_id, str(first["uri"]), "failed", error, None, 0, 0, False, self.model_uri,
                                  self.stills)
             try:
-                standing = self.store.write_title(record, scores_table(title_id, self.labels, _no_scores(self.labels)),
-                                                  segments_table(title_id, []))
+                self._stage(record, scores_table(title_id, self.labels, _no_scores(self.labels)),
+                            segments_table(title_id, []))
             except Exception as write_error:  # the driver writes the row
                 return _summary(title_id, "failed", f"{error}; cannot write here: {one_line(write_error)}", 0, 0,
-                                written=False)
-            return _summary(title_id, standing, None if standing == "ok" else error, 0, 0, written=True)
+                                staged="")
+            return _summary(title_id, "failed", error, 0, 0, staged=self.tag)
 
     def finish(self, title_id: str, state: _OpenTitle) -> dict:
         """Write one complete title; returns its summary row. The result is assembled exactly as
@@ -294,17 +344,21 @@ class TitleWriter:
         record = TitleRecord(title_id, film.uri, film.status, film.error, film.duration_s, film.n_clips,
                              film.n_scored, film.has_audio, self.model_uri, self.stills)
         self.faults.check("write", title_id)
-        standing = self.store.write_title(record, scores_table(title_id, self.labels, film.probs),
-                                          segments_table(title_id, film.segments))
-        if standing != film.status:  # an ok row was there already (a re-submitted title): it stays
-            return _summary(title_id, standing, None, film.n_clips, film.n_scored, written=True)
-        return _summary(title_id, film.status, film.error, film.n_clips, film.n_scored, written=True)
+        self._stage(record, scores_table(title_id, self.labels, film.probs), segments_table(title_id, film.segments))
+        return _summary(title_id, film.status, film.error, film.n_clips, film.n_scored, staged=self.tag)
+
+    def _stage(self, record: TitleRecord, scores: pa.Table, segments: pa.Table) -> None:
+        args = (record, scores, segments, self.tag)
+        if self.faults.linger(record.title_id, pickle.dumps((self.store.stage_title, args))):
+            return  # tests only: a late writer took the call over and this process ended
+        self.store.stage_title(*args)
 
 
 def _no_scores(labels: list[str]) -> np.ndarray:
     return np.zeros((0, len(labels)), np.float32)
 
 
-def _summary(title_id: str, status: str, error: str | None, n_clips: int, n_scored: int, written: bool) -> dict:
+def _summary(title_id: str, status: str, error: str | None, n_clips: int, n_scored: int, staged: str) -> dict:
+    """A title's summary row; ``staged``: the tag of its staged files ("" when none could be written)."""
     return {"kind": "title", "title_id": title_id, "status": status, "error": error, "n_clips": n_clips,
-            "n_scored": n_scored, "written": written, "clips": 0, "film_s": 0, "opened": 0}
+            "n_scored": n_scored, "clips": 0, "film_s": 0, "opened": 0, "staged": staged}

@@ -5,11 +5,19 @@ Each title is three Parquet files, ``OUT/{scores,segments,titles}/<name>.parquet
 written to a hidden temporary name and renamed into place, scores and segments before titles:
 a ``titles`` file is the commit record, so a killed run never leaves a half-written title that a
 rerun would skip. Readers (pandas / pyarrow datasets) ignore the hidden temporary files.
+
+Temporary names carry the run's id (``.tmp-<run>-...``): a run removes its own, and those of
+other runs only once they are older than a lock's takeover age (a dead run's leftovers), never a
+file that another live run may be writing. The library job's writer only *stages* a title
+(:meth:`ResultStore.stage_title`, names that also carry the attempt and the writer process); the driver, the one process
+that knows which attempt is current, *commits* it (:meth:`ResultStore.commit_staged`). So a
+writer that finishes after its attempt ended can leave a hidden file behind, never a result.
 """
 
 from __future__ import annotations
 
 import posixpath
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -24,6 +32,7 @@ from kissray.uris import make_dirs
 
 TABLES = ("scores", "segments", "titles")
 TEMP_PREFIX = ".tmp-"  # leading dot: ignored by pyarrow / pandas dataset readers
+LEFTOVER_AGE_S = 120.0  # another run's temporary file older than this is a dead run's (the lock's takeover age)
 
 SCORES_SCHEMA = pa.schema([
     ("title_id", pa.string()), ("label", pa.string()), ("second", pa.int32()),
@@ -90,26 +99,33 @@ def titles_table(record: TitleRecord) -> pa.Table:
 class ResultStore:
     """The output directory ``OUT`` (any fsspec URI): per-title atomic writes and resume."""
 
-    def __init__(self, out: str):
+    def __init__(self, out: str, run_id: str = ""):
         import fsspec
 
         self.out = str(out).rstrip("/")
         self.fs, self.root = fsspec.core.url_to_fs(self.out)
         self.root = self.root.rstrip("/")
+        self.run_id = run_id or uuid.uuid4().hex  # names this run's temporary files
 
     def prepare(self) -> None:
-        """Create the table folders, prove they are writable, and drop temp files of killed runs."""
+        """Create the table folders, prove they are writable, and drop temporary files of dead runs."""
         try:
             self.make_folders()
-            probe = f"{self._dir('titles')}/{TEMP_PREFIX}write-test-{uuid.uuid4().hex}"
+            probe = self._temp("titles", "write-test")
             with self.fs.open(probe, "wb") as f:
                 f.write(b"ok")
             self.fs.rm(probe)
         except (OSError, PermissionError, ValueError) as e:
             raise JobError(f"output {self.out} is not writable: {e}") from e  # SPEC 6: exit 1
+        self.remove_leftovers()
+
+    def remove_leftovers(self, age_s: float = LEFTOVER_AGE_S) -> None:
+        """Remove this run's temporary files, and other runs' older than ``age_s`` (dead runs')."""
         for table in TABLES:
-            for path in self._list(table, f"{TEMP_PREFIX}*"):
-                self._remove_quietly(path)
+            self.fs.invalidate_cache(self._dir(table))
+            for path, info in self.fs.glob(f"{self._dir(table)}/{TEMP_PREFIX}*", detail=True).items():
+                if posixpath.basename(path).startswith(f"{TEMP_PREFIX}{self.run_id}-") or _age_s(info) > age_s:
+                    self._remove_quietly(path)
 
     def make_folders(self) -> None:
         for table in TABLES:
@@ -155,23 +171,57 @@ class ResultStore:
         if standing and standing["status"] == "ok" and (standing["model"] == record.model or record.status != "ok"):
             return "ok"
         name = file_name_for(record.title_id)
-        self._write_atomic("scores", name, scores)
-        self._write_atomic("segments", name, segments)
-        self._write_atomic("titles", name, titles_table(record))
+        for table_name, table in zip(TABLES, (scores, segments, titles_table(record))):
+            self._write_atomic(table_name, name, table)
         return record.status
 
-    def _write_atomic(self, table_name: str, name: str, table: pa.Table) -> None:
-        import pyarrow.parquet as pq
+    def stage_title(self, record: TitleRecord, scores: pa.Table, segments: pa.Table, tag: str) -> None:
+        """Write the title's three files under temporary names of this run and ``tag`` (one per
+        writer process and attempt), for :meth:`commit_staged` (the driver) to commit or drop."""
+        name = file_name_for(record.title_id)
+        for table_name, table in zip(TABLES, (scores, segments, titles_table(record))):
+            self._write_parquet(self._staged(table_name, name, tag), table)
 
-        folder = self._dir(table_name)
-        tmp = f"{folder}/{TEMP_PREFIX}{name}-{uuid.uuid4().hex}.parquet"
+    def commit_staged(self, title_id: str, status: str, model: str, tag: str) -> str:
+        """Rename the files :meth:`stage_title` wrote under ``tag`` into place, the titles file
+        last, unless an ``ok`` row stands (the rule of :meth:`write_title`); returns the status
+        that now stands. Only the driver calls this, with the tag of a summary row of the attempt
+        it is running: files another writer process staged (one that died, or an ended
+        attempt's, finishing late) have other names and are never committed."""
+        name = file_name_for(title_id)
+        standing = self.title_row(title_id)
+        if standing and standing["status"] == "ok" and (standing["model"] == model or status != "ok"):
+            for table_name in TABLES:
+                self._remove_quietly(self._staged(table_name, name, tag))
+            return "ok"
+        for table_name in TABLES:
+            self.fs.mv(self._staged(table_name, name, tag), f"{self._dir(table_name)}/{name}.parquet")
+        return status
+
+    def _write_atomic(self, table_name: str, name: str, table: pa.Table) -> None:
+        tmp = self._temp(table_name, name)
         try:
-            with self.fs.open(tmp, "wb") as f:
-                pq.write_table(table, f)
-            self.fs.mv(tmp, f"{folder}/{name}.parquet")
+            self._write_parquet(tmp, table)
+            self.fs.mv(tmp, f"{self._dir(table_name)}/{name}.parquet")
         except BaseException:
             self._remove_quietly(tmp)
             raise
+
+    def _write_parquet(self, path: str, table: pa.Table) -> None:
+        import pyarrow.parquet as pq
+
+        try:
+            with self.fs.open(path, "wb") as f:
+                pq.write_table(table, f)
+        except BaseException:
+            self._remove_quietly(path)
+            raise
+
+    def _temp(self, table_name: str, name: str) -> str:
+        return f"{self._dir(table_name)}/{TEMP_PREFIX}{self.run_id}-{name}-{uuid.uuid4().hex[:8]}.parquet"
+
+    def _staged(self, table_name: str, name: str, tag: str) -> str:
+        return f"{self._dir(table_name)}/{TEMP_PREFIX}{self.run_id}-{tag}-{name}.parquet"
 
     def _remove_quietly(self, path: str) -> None:
         try:
@@ -188,3 +238,16 @@ class ResultStore:
 
     def _dir(self, table_name: str) -> str:
         return f"{self.root}/{table_name}"
+
+
+def _age_s(info: dict) -> float:
+    """Seconds since a listed file was last written (local mtime, S3 LastModified, GCS updated);
+    infinite when the store does not say (such a leftover is old enough to go)."""
+    stamp = info.get("mtime") or info.get("LastModified") or info.get("updated") or info.get("created")
+    if stamp is None:
+        return float("inf")
+    if isinstance(stamp, str):
+        stamp = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    if isinstance(stamp, datetime):
+        stamp = stamp.timestamp()
+    return time.time() - float(stamp)

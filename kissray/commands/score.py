@@ -52,17 +52,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kissray.pipeline import check_request, out_lock, prepare_library, ray_connection, run_library
+    from kissray.pipeline import check_address, check_request, out_lock, prepare_library, ray_connection, run_library
     from kissray.provenance import describe, warning
     from kissray.score import SegmentParams
 
     params = SegmentParams(args.threshold, args.min_len, args.min_fraction)
+    check_address(args.address, args.out)  # a Ray client with a local OUT: usage error, nothing written
     checked = check_request(args.inputs, args.model)  # usage errors before anything is written or started
     caution = warning(checked[1].provenance)
     print(f"kissray score: {'WARNING: ' + caution if caution else 'model: ' + describe(checked[1].provenance)}",
           file=sys.stderr)
-    with out_lock(args.out):  # a second live run on OUT: usage error naming this one
-        job = prepare_library(args.inputs, args.model, args.out, checked)
+    with out_lock(args.out) as lock:  # a second live run on OUT: usage error naming this one
+        job = prepare_library(args.inputs, args.model, args.out, checked, lock)
         with ray_connection(args.address):
             summary = run_library(job, params=params, window_s=args.window_s, batch_size=args.batch_size,
                                   max_actors=args.max_actors, num_gpus_per_actor=args.num_gpus_per_actor,
