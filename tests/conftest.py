@@ -6,9 +6,14 @@ seconds listed in ``tone_seconds``, so RGB order and audio/video alignment can b
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
+import signal
+import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +52,64 @@ def make_film(path: str | Path, duration_s: float = 5.0, fps: str = "25", size=(
     return write_film(str(path), lambda n: frames[int(np.floor((n + 0.5) / rate))], n_frames, fps,
                       audio=track, sample_rate=sample_rate, video_args=video_args,
                       extra_args=extra_args, **kwargs)
+
+
+def poll(condition, failure: str = "the condition never held", timeout_s: float = 120, every_s: float = 0.1):
+    """Wait until ``condition()`` is truthy and return its value; fail with ``failure`` after ``timeout_s``.
+
+    Tests wait for outcomes, never for a fixed time: the deadline is generous because the machine
+    running the suite may be loaded (2 cores shared with other work)."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        assert time.monotonic() < deadline, failure
+        time.sleep(every_s)
+    return value
+
+
+def run_cli_in_process(argv: list[str]) -> tuple[int, str, str]:
+    """``kissray ARGV`` in this process: (exit code, stdout, stderr); argparse's refusals (SystemExit)
+    give their code. Cheaper than a child that imports torch and starts a Ray of its own."""
+    from kissray.cli import main as cli_main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            code = cli_main(argv)
+        except SystemExit as e:
+            code = e.code
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
+def session_members(sid: int) -> list[int]:
+    """Live (not zombie) processes of the session ``sid``."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) == sid and fields[0] != "Z":
+                members.append(int(stat.parent.name))
+    return members
+
+
+def kill_run(proc: subprocess.Popen, timeout_s: float = 120) -> None:
+    """SIGKILL a run started with ``start_new_session=True`` and every process of its session at
+    once: its driver and its own Ray (GCS, raylet, workers: process groups of their own, which
+    would otherwise finish the writes they have in flight). Returns when none is left, so nothing
+    of the killed run lands afterwards."""
+    deadline = time.monotonic() + timeout_s
+    while members := session_members(proc.pid):
+        for pid in members:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        assert time.monotonic() < deadline, f"the killed run's processes did not end: {members}"
+        time.sleep(0.05)
+    proc.wait()
+
+
+def poll_run(condition, proc: subprocess.Popen, failure: str, timeout_s: float = 240) -> None:
+    """Wait until ``condition()`` holds while the run ``proc`` is alive; fail if it ends first."""
+    poll(lambda: condition() or proc.poll() is not None, failure, timeout_s, every_s=0.05)
+    assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before: {failure}"
 
 
 _S3_PORT = None  # the test S3 server's port: chosen (and the AWS variables set) before anything starts Ray
@@ -92,6 +155,24 @@ def film(media_dir) -> str:
 
 
 @pytest.fixture(scope="session")
+def faststart_12s(media_dir) -> str:
+    """12 s with its index first (``+faststart``): the first half of its bytes is a film cut short."""
+    return make_film(media_dir / "faststart-12s.mp4", duration_s=12, extra_args=("-movflags", "+faststart"))
+
+
+@pytest.fixture(scope="session")
+def faststart_20s(media_dir) -> str:
+    """20 s with its index first (``+faststart``), tone in seconds 1 and 3."""
+    return make_film(media_dir / "faststart-20s.mp4", duration_s=20, extra_args=("-movflags", "+faststart"))
+
+
+@pytest.fixture(scope="session")
+def film_20s(media_dir) -> str:
+    """20 s, index at the end (ffmpeg's default): far more clips than a pipe holds."""
+    return make_film(media_dir / "film-20s.mp4", duration_s=20)
+
+
+@pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory) -> str:
     """A random-weight av checkpoint with 64 px stills (fast on CPU)."""
     from kissray.model import ModelConfig, init_model, save_model
@@ -106,6 +187,14 @@ def model(checkpoint):
     from kissray.model import load_model
 
     return load_model(checkpoint)
+
+
+@pytest.fixture(scope="session")
+def film_result(film, model):
+    """``score_film(film, model)`` with the defaults, scored once for the session (do not mutate it)."""
+    from kissray.score import score_film
+
+    return score_film(film, model)
 
 
 @pytest.fixture(scope="session")

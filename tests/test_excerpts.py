@@ -117,6 +117,13 @@ def first_and_last_frames(path: str) -> tuple[float, float, np.ndarray, np.ndarr
         len(frames), has_audio
 
 
+def keyframe_times(path: str) -> list[float]:
+    """Seconds of the video keyframes of a file, from its packets."""
+    with av.open(path) as c:
+        video = c.streams.video[0]
+        return [float(p.pts * video.time_base) for p in c.demux(video) if p.is_keyframe and p.pts is not None]
+
+
 def assert_colour(frame: np.ndarray, second: int) -> None:
     centre = frame[frame.shape[0] // 2, frame.shape[1] // 2].astype(int)
     assert np.abs(centre - colour_of_second(second).astype(int)).max() < 40, (centre, colour_of_second(second))
@@ -169,9 +176,13 @@ def test_existing_outputs_are_skipped_and_copy_mode_cuts_at_keyframes(library, t
     again = write_excerpts(library["out"], str(tmp_path), options=ExcerptOptions(copy=True))
     assert not again.written and sorted(again.skipped) == sorted(first.written)
     assert all(os.stat(p).st_mtime_ns == m for p, m in mtimes.items())
-    # film a has one keyframe every 2 s (-g 50): a copy of [1, 6) starts at the keyframe at 0 s
-    t0, duration_s, first_frame, _, _, has_audio = first_and_last_frames(str(tmp_path / "a" / f"{excerpt_stem('kiss', 0, 2, 5)}.mp4"))
-    assert has_audio and duration_s >= 5.0 - 0.05
+    # segment [2, 5) padded by 1 s is [1, 6): a copy starts at the last keyframe at or before 1 s
+    keyframe_s = max(t for t in keyframe_times(library["films"]["a"]) if t <= 1.0)
+    assert keyframe_s < 1.0, "film a needs a keyframe before 1 s, or copy and exact cuts look alike"
+    _, duration_s, first_frame, _, _, has_audio = first_and_last_frames(
+        str(tmp_path / "a" / f"{excerpt_stem('kiss', 0, 2, 5)}.mp4"))
+    assert_colour(first_frame, int(keyframe_s))  # the keyframe's second, not the cut start's
+    assert has_audio and duration_s >= 6.0 - keyframe_s - 0.05  # an exact cut would last 5 s
     assert not list(tmp_path.rglob("*.part*")), "no temporary files left behind"
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import make_film
+from conftest import make_film, run_cli_in_process
 from kissray.batch.faults import RAISE_STAGES, FaultPlan
 from kissray.score import SegmentParams, score_film
 
@@ -80,18 +80,15 @@ def test_process_deaths_are_redone_in_the_same_run(films, checkpoint, model, tmp
         np.testing.assert_allclose(got, expected_probs(films[title], model), atol=1e-5)
 
 
-def run_cli(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kissray.cli", *argv], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "RAY_ADDRESS": ""})
-
-
 @pytest.mark.parametrize("option", [["--threshold", "nan"], ["--threshold", "1.5"], ["--min-fraction", "nan"],
                                     ["--min-len", "0"], ["--decode-timeout-s", "inf"], ["--max-actors", "0"],
                                     ["--stills", "bogus"], ["--num-gpus-per-actor", "-1"]])
 def test_option_values_out_of_range_exit_2(option, films, checkpoint, tmp_path):
-    done = run_cli("score", films["clean"], "--model", checkpoint, "--out", str(tmp_path), *option)
-    assert done.returncode == 2, done.stderr
-    assert option[0] in done.stderr and "Traceback" not in done.stderr
+    code, _, stderr = run_cli_in_process(["score", films["clean"], "--model", checkpoint, "--out",
+                                          str(tmp_path / "out"), "--address", "local", *option])
+    assert code == 2, stderr
+    assert option[0] in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "out").exists()  # nothing written
 
 
 def test_a_second_live_run_on_out_exits_2_naming_the_first(films, checkpoint, tmp_path):
@@ -102,10 +99,11 @@ def test_a_second_live_run_on_out_exits_2_naming_the_first(films, checkpoint, tm
         lock = {"host": socket.gethostname(), "pid": holder.pid, "pid_start": _process_start(holder.pid),
                 "started": "2026-11-30T07:00:00+00:00", "run": "other", "heartbeat": 0}
         (tmp_path / LOCK_NAME).write_text(json.dumps(lock))
-        done = run_cli("score", films["clean"], "--model", checkpoint, "--out", str(tmp_path), "--no-progress")
-        assert done.returncode == 2, done.stderr
-        assert f"pid {holder.pid}" in done.stderr and socket.gethostname() in done.stderr
-        assert "2026-11-30T07:00:00" in done.stderr and not (tmp_path / "titles").exists()
+        code, _, stderr = run_cli_in_process(["score", films["clean"], "--model", checkpoint, "--out", str(tmp_path),
+                                              "--address", "local", "--no-progress"])
+        assert code == 2, stderr
+        assert f"pid {holder.pid}" in stderr and socket.gethostname() in stderr
+        assert "2026-11-30T07:00:00" in stderr and not (tmp_path / "titles").exists()
     finally:
         holder.kill()
         holder.wait()

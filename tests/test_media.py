@@ -188,10 +188,8 @@ def decode_all_or_error(path):
     return clips, None
 
 
-def test_file_cut_in_half(tmp_path, media_dir):
-    src = make_film(media_dir / "long-faststart.mp4", duration_s=20, tone_seconds=(1, 3),
-                    extra_args=("-movflags", "+faststart"))
-    data = open(src, "rb").read()
+def test_file_cut_in_half(tmp_path, faststart_20s):
+    data = open(faststart_20s, "rb").read()
     path = write_bytes(tmp_path / "half.mp4", data[: len(data) // 2])
     assert probe(path).n_clips == 20  # what the container declares
     clips, error = decode_all_or_error(path)
@@ -202,9 +200,8 @@ def test_file_cut_in_half(tmp_path, media_dir):
     assert [tone_present(c) for c in clips] == [i in (1, 3) for i in range(len(clips))]
 
 
-def test_corrupted_bytes_in_the_middle(tmp_path, media_dir):
-    src = make_film(media_dir / "long.mp4", duration_s=20)
-    data = bytearray(open(src, "rb").read())
+def test_corrupted_bytes_in_the_middle(tmp_path, film_20s):
+    data = bytearray(open(film_20s, "rb").read())
     rng = np.random.default_rng(0)
     middle = len(data) // 2
     data[middle:middle + 4000] = rng.integers(0, 256, 4000, dtype=np.uint8).tobytes()
@@ -260,7 +257,7 @@ def test_abandoned_reader_kills_its_decoder(film):
 @pytest.fixture(scope="module")
 def long_film(media_dir) -> str:
     """30 s: ~800 KB of clips at 32 px, far more than a pipe holds, so its decoder is mid-film."""
-    return make_film(media_dir / "long.mp4", duration_s=30.0, tone_seconds=())
+    return make_film(media_dir / "long-30s-silent.mp4", duration_s=30.0, tone_seconds=())
 
 
 @pytest.mark.parametrize("how", ["hang", "crash"])
@@ -270,11 +267,10 @@ def test_hung_or_crashed_decoder_is_a_typed_error_and_never_reused(film, long_fi
         next(clips)
         pid = decoder_pid(reader)
         os.kill(pid, signal.SIGSTOP if how == "hang" else signal.SIGKILL)
-        started = time.monotonic()
         error = DecodeTimeoutError if how == "hang" else DecodeError
         with pytest.raises(error, match="no progress for 2 s" if how == "hang" else "decoder died"):
             list(clips)
-        assert time.monotonic() - started < 10
+    assert reader._child._proc.poll() is not None  # the hung child was killed, not left stopped
     with ClipReader(film, 0, 1, size=32) as again:
         assert len(list(again)) == 1 and decoder_pid(again) != pid
 
@@ -483,9 +479,9 @@ def test_a_decoder_pipe_numbered_above_1024_is_read(film):
     if hard != resource.RLIM_INFINITY and hard < 1200:
         pytest.skip(f"the descriptor limit here is {hard}")
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    DECODERS.close()  # before the low numbers are taken: closing a pooled child frees some of them
     held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
     try:
-        DECODERS.close()  # a new child: its pipes get the next (high) numbers
         with ClipReader(film, 0, 2, size=32) as reader:
             assert reader._child._proc.stdout.fileno() >= 1024
             assert [c.index for c in reader] == [0, 1]

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import make_film
+from conftest import kill_run, make_film, poll_run
+from test_segment import brute_force_segments
 from kissray.names import file_name_for
 from kissray.cli import main as cli_main
 from kissray.score import SegmentParams, score_film
-from kissray.segment import find_segments
 
 PARAMS = SegmentParams(threshold=0.47, min_len=3, min_fraction=0.6)  # random weights: p is near 0.5
 WINDOW_S = 4  # several windows per film, so windows of one title meet again in the reduce
@@ -26,7 +23,7 @@ GOOD = {"seven": 7, "silent": 4, "twelve": 12, "ntsc": 5}
 BAD = {"short": "too short", "empty": "", "text": "", "missing": "no such file"}
 
 
-def write_library(root: Path, media_dir: Path) -> dict[str, str]:
+def write_library(root: Path, faststart_20s: str) -> dict[str, str]:
     """Mixed films, good and bad; title_id -> uri."""
     root.mkdir(parents=True, exist_ok=True)
     films = {
@@ -41,8 +38,7 @@ def write_library(root: Path, media_dir: Path) -> dict[str, str]:
     (root / "empty.mp4").write_bytes(b"")
     (root / "text.mp4").write_text("this is not a film\n" * 40)
     films["empty"], films["text"] = str(root / "empty.mp4"), str(root / "text.mp4")
-    src = make_film(media_dir / "pipeline-faststart.mp4", 20, extra_args=("-movflags", "+faststart"))
-    data = open(src, "rb").read()
+    data = open(faststart_20s, "rb").read()
     (root / "half.mp4").write_bytes(data[: len(data) // 2])
     films["half"] = str(root / "half.mp4")
     return films
@@ -53,12 +49,12 @@ def read(out: Path, table: str) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def library(tmp_path_factory, media_dir, checkpoint, ray_session):
+def library(tmp_path_factory, faststart_20s, checkpoint, ray_session):
     """One scoring run over a directory plus a missing file; (films, out, summary)."""
     from kissray.pipeline import score_library
 
     root = tmp_path_factory.mktemp("library")
-    films = write_library(root / "films", media_dir)
+    films = write_library(root / "films", faststart_20s)
     films["missing"] = str(root / "films" / "missing.mp4")
     (root / "more.txt").write_text(films["missing"] + "\n")  # a manifest's missing entry: a failed row
     out = root / "out"
@@ -127,7 +123,7 @@ def test_scores_equal_score_film_and_are_contiguous(library, model):
     assert not scores.duplicated(["title_id", "label", "second"]).any()
 
 
-def test_segments_match_find_segments_on_stored_scores(library):
+def test_segments_follow_spec_5_on_stored_scores(library):
     _, out, _ = library
     scores, segments = read(out, "scores"), read(out, "segments")
     assert len(segments) > 0  # PARAMS are chosen so that random weights give some segments
@@ -136,7 +132,7 @@ def test_segments_match_find_segments_on_stored_scores(library):
         p = np.full(n_clips[title_id], np.nan)  # unscored seconds: NaN, below any threshold
         p[mine.second.to_numpy()] = mine.p.to_numpy()
         found = segments[segments.title_id == title_id].sort_values("segment")
-        spans = find_segments(p, PARAMS.threshold, PARAMS.min_len, PARAMS.min_fraction)
+        spans = brute_force_segments(p, PARAMS.threshold, PARAMS.min_len, PARAMS.min_fraction)  # SPEC 5, literally
         assert list(zip(found.start_s, found.end_s)) == [(float(s), float(e)) for s, e in spans]
         assert list(found.segment) == list(range(len(spans)))
         assert list(found.n_seconds) == [e - s for s, e in spans]
@@ -211,24 +207,18 @@ def test_killed_run_loses_no_finished_title(tmp_path, checkpoint, ray_session):
     for i in range(N_KILLED_RUN):
         make_film(films / f"film{i}.mp4", 3 + i % 3)
     out = tmp_path / "out"
-    # batches of 2 clips: titles finish one by one, so the kill lands between two of them
+    # batches of 2 clips on one actor: titles finish one by one, so the kill lands between two of them
     cmd = [sys.executable, "-m", "kissray.cli", "score", str(films), "--model", checkpoint, "--out", str(out),
            "--address", "local", "--window-s", "2", "--actors", "1", "--batch-size", "2", "--no-progress",
            "--embeddings"]
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.monotonic() + 480  # the first title, on a loaded box (it breaks out as soon as one is in)
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if (out / "titles").is_dir() and any(p.suffix == ".parquet" and not p.name.startswith(".")
-                                                 for p in (out / "titles").iterdir()):
-                break
-            time.sleep(0.05)
+    proc = subprocess.Popen(cmd, env={**os.environ, "RAY_ADDRESS": ""}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:  # a committed title, not the writer's temporary (dot) file
+        poll_run(lambda: (out / "titles").is_dir() and any(
+            p.suffix == ".parquet" and not p.name.startswith(".") for p in (out / "titles").iterdir()),
+            proc, "no title finished")
     finally:
-        with contextlib.suppress(ProcessLookupError):  # the group is gone if the run died by itself
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_run(proc)
     finished = set(read(out, "titles").title_id)
     assert 1 <= len(finished) < N_KILLED_RUN, "kill the run mid-way"
     before = read(out, "scores")
@@ -245,7 +235,8 @@ def test_killed_run_loses_no_finished_title(tmp_path, checkpoint, ray_session):
     assert not scores.duplicated(["title_id", "label", "second"]).any()
     assert len(scores) == int(titles.n_scored.sum()) == sum(3 + i % 3 for i in range(N_KILLED_RUN))
     kept = scores[scores.title_id.isin(finished)].sort_values(["title_id", "second"]).reset_index(drop=True)
-    pd.testing.assert_frame_equal(kept, before.sort_values(["title_id", "second"]).reset_index(drop=True))
+    pd.testing.assert_frame_equal(kept, before[before.title_id.isin(finished)]  # a title's scores land before
+                                  .sort_values(["title_id", "second"]).reset_index(drop=True))  # its titles row
 
 
 def test_title_waits_for_clips_that_arrive_after_their_window_trailer(tmp_path):
@@ -281,7 +272,7 @@ def test_title_waits_for_clips_that_arrive_after_their_window_trailer(tmp_path):
     assert os.listdir(tmp_path / "titles") == [f"{file_name_for('t/1')}.parquet"] == ["t%2F1.parquet"]
 
 
-def test_remote_film_is_one_window_decoded_without_a_separate_probe(film, model):
+def test_remote_film_is_one_window_decoded_without_a_separate_probe(film, model, film_result):
     """A remote film is staged once (by its one decoder), and still scores exactly as score_film."""
     import fsspec
 
@@ -303,7 +294,7 @@ def test_remote_film_is_one_window_decoded_without_a_separate_probe(film, model)
     assert list(clips["second"]) == list(range(5))
     classifier = Classifier.__new__(Classifier)  # the loaded fixture model, not a second load
     classifier.scorer, classifier.faults, classifier.ledger = Scorer(model, batch_size=3), NO_FAULTS, NO_LEDGER
-    np.testing.assert_allclose(classifier(clips)["p"][:, 0], score_film(film, model).probs[:, 0], atol=1e-5)
+    np.testing.assert_allclose(classifier(clips)["p"][:, 0], film_result.probs[:, 0], atol=1e-5)
 
 
 def test_title_whose_result_never_came_back_gets_a_failed_row(tmp_path, checkpoint):

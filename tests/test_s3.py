@@ -8,15 +8,11 @@ looks at the bucket through its own S3 clients, never through kissray's.
 from __future__ import annotations
 
 import base64
-import contextlib
-import io
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 import uuid
 from dataclasses import asdict
 from pathlib import Path
@@ -25,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import make_film
+from conftest import kill_run, make_film, poll_run, run_cli_in_process
 from kissray.cli import main as cli_main
 from kissray.names import file_name_for
 from kissray.score import SegmentParams, score_film
@@ -62,14 +58,13 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-def write_films(root: Path, media_dir: Path) -> dict[str, Path]:
+def write_films(root: Path, faststart_12s: str) -> dict[str, Path]:
     """Two good films, a zero-byte .mp4 and a film cut in half (title_id -> local file)."""
     root.mkdir(parents=True, exist_ok=True)
     films = {"five": Path(make_film(root / "five.mp4", 5, extra_args=("-bf", "2", "-g", "12"))),
              "silent": Path(make_film(root / "silent.mkv", 4, audio=False))}
     (root / "empty.mp4").write_bytes(b"")
-    whole = make_film(media_dir / "s3-faststart.mp4", 12, extra_args=("-movflags", "+faststart"))
-    data = Path(whole).read_bytes()
+    data = Path(faststart_12s).read_bytes()
     (root / "half.mp4").write_bytes(data[: len(data) // 2])
     films["empty"], films["half"] = root / "empty.mp4", root / "half.mp4"
     return films
@@ -103,10 +98,10 @@ def visible_files(out: str) -> dict[str, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def library(s3, tmp_path_factory, media_dir, checkpoint):
+def library(s3, tmp_path_factory, faststart_12s, checkpoint):
     """The films on S3 (and their local copies) and the checkpoint on S3."""
     root = tmp_path_factory.mktemp("s3-library")
-    local = write_films(root / "films", media_dir)
+    local = write_films(root / "films", faststart_12s)
     prefix = f"s3://films/{unique('lib')}"
     uris = {t: upload(path, f"{prefix}/{path.name}") for t, path in local.items()}
     model_uri = upload(checkpoint, f"{prefix}-ck")
@@ -115,11 +110,8 @@ def library(s3, tmp_path_factory, media_dir, checkpoint):
 
 def score(inputs: list[str], model: str, out: str, ray_session) -> tuple[int, str, str]:
     """``kissray score INPUTS --model MODEL --out OUT`` on the session's Ray: (exit code, stdout, stderr)."""
-    stdout, stderr = io.StringIO(), io.StringIO()
     address = ray_session.get_runtime_context().gcs_address
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        code = cli_main(["score", *inputs, "--model", model, "--out", out, "--address", address, *SCORE_ARGS])
-    return code, stdout.getvalue(), stderr.getvalue()
+    return run_cli_in_process(["score", *inputs, "--model", model, "--out", out, "--address", address, *SCORE_ARGS])
 
 
 @pytest.fixture(scope="module")
@@ -226,35 +218,6 @@ def test_rerun_on_s3_skips_ok_titles_without_rewriting_them(scored, library, ray
 N_KILLED_RUN = 8  # titles of the run that is killed
 
 
-def wait_for(condition, proc, timeout_s: float = 240.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and proc.poll() is None:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def session_members(sid: int) -> list[int]:
-    """Live (not zombie) processes of the session ``sid``."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[3]) == sid and fields[0] != "Z":
-                members.append(int(stat.parent.name))
-    return members
-
-
-def wait_for_session_end(sid: int, timeout_s: float = 60.0) -> None:
-    """Ray's workers have process groups of their own: SIGKILL to the run's group leaves them to
-    notice that their raylet is gone, and to finish writes in flight meanwhile (a few seconds)."""
-    deadline = time.monotonic() + timeout_s
-    while session_members(sid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not session_members(sid), "the killed run's processes did not end"
-
-
 def assert_every_object_is_complete_parquet(out: str) -> None:
     """What readers see is whole: every object under the tables (temporary ones included) is a
     complete Parquet file, and no upload is left half-done."""
@@ -262,11 +225,13 @@ def assert_every_object_is_complete_parquet(out: str) -> None:
 
     fs = observer()
     for table in TABLES:
-        for path in fs.find(f"{out.removeprefix('s3://')}/{table}"):
-            with fs.open(path, "rb") as f:
-                assert pq.ParquetFile(f).metadata.num_rows >= 0, path
         frame = read(out, table)  # what pandas sees: the dataset, temporaries left out
         assert list(frame.columns)[:2] == ["title_id", "label" if table != "titles" else "uri"]
+        for path in fs.find(f"{out.removeprefix('s3://')}/{table}"):
+            with fs.open(path, "rb") as f:
+                whole = pq.read_table(f)  # every row group read back, not only the footer
+            assert whole.column_names == list(frame.columns), path
+            assert table != "titles" or whole.num_rows == 1, path  # one title's row per titles object
 
 
 @pytest.mark.slow
@@ -284,17 +249,14 @@ def test_killed_run_on_s3_leaves_only_whole_files_and_a_rerun_finishes(library, 
     proc = subprocess.Popen(cmd, env={**os.environ, "RAY_ADDRESS": ""}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        assert wait_for(lambda: fs.exists(lock), proc), "the run never took OUT's lock"
+        poll_run(lambda: fs.exists(lock), proc, "the run never took OUT's lock")
         # a second run on the same OUT while the first is alive: a usage error naming the holder
         code, _, stderr = score([f"{prefix}/"], library["model"], out, ray_session)
         assert code == 2 and "in use by another run" in stderr and f"pid {proc.pid}," in stderr, stderr
-        assert wait_for(lambda: any(p.endswith(".parquet") and "/.tmp-" not in p for p in fs.find(titles_dir)),
-                        proc), "no title finished"
+        poll_run(lambda: any(p.endswith(".parquet") and "/.tmp-" not in p for p in fs.find(titles_dir)), proc,
+                 "no title finished")
     finally:
-        with contextlib.suppress(ProcessLookupError):  # the group is gone if the run died by itself
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        wait_for_session_end(proc.pid)
+        kill_run(proc)
     finished = set(read(out, "titles").title_id)
     assert 1 <= len(finished) < N_KILLED_RUN, "kill the run mid-way"
     assert_every_object_is_complete_parquet(out)
@@ -453,7 +415,9 @@ def test_excerpts_from_an_s3_out_are_the_local_outs(excerpted, scored, s3, capsy
     assert files_under(excerpted["elsewhere"]) == local
     capsys.readouterr()
     assert cli_main(["excerpts", "--scores", scored[0], "--pad", "0.5"]) == 0  # all there already
-    assert f"0 files written, {len(expected)} already there, 0 films failed" in capsys.readouterr().out
+    n = len(expected) // 2  # an excerpt and its thumbnail per segment
+    assert (f"0 excerpts written, {n} excerpts + {n} thumbnails already there; 0 films failed"
+            in capsys.readouterr().out)
     code = cli_main(["excerpts", "--scores", scored[0], "--pad", "0.5", "--out", "s3://no-such-cuts-bucket/cuts"])
     assert code != 0 and "no bucket s3://no-such-cuts-bucket" in capsys.readouterr().err
     assert not any(b["Name"] == "no-such-cuts-bucket" for b in s3_client(s3).list_buckets()["Buckets"])

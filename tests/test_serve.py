@@ -13,8 +13,10 @@ look at the answers themselves.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
+import select
 import shutil
 import socket
 import time
@@ -26,7 +28,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import make_film
+from conftest import make_film, poll
 from kissray.errors import UsageError
 from kissray.score import score_film
 from kissray.serve import ServeConfig, UriPolicy, canonical_uri
@@ -250,10 +252,10 @@ def test_healthz_says_the_head_was_never_trained(server, checkpoint):
     assert "never trained" in body["warning"] and "placeholders" in body["warning"]
 
 
-def test_upload_equals_score_film(server, film, model):
+def test_upload_equals_score_film(server, film, film_result):
     r = server.upload(film)
     assert r.status_code == 200, r.text
-    assert_matches(r.json(), score_film(film, model), "film")
+    assert_matches(r.json(), film_result, "film")
 
 
 def test_segment_params_as_form_fields_and_query(server, film, model):
@@ -375,15 +377,45 @@ def test_burst_of_12_is_queued_and_answered(server, film_10s, model):
         assert_matches(r.json(), expected, f"b{i}")
     seconds = [s for _, s in answers]
     print(f"12 x 10-s film at once: p50 {np.percentile(seconds, 50):.1f} s, p95 {np.percentile(seconds, 95):.1f} s")
+    # whether two requests met in one batch here depends on the box's scheduling: printed, not
+    # asserted (test_calls_waiting_together_share_one_forward_pass asserts the batching itself)
     stats = serve.get_deployment_handle("Classifier", app_name=APP).stats.remote().result()
-    assert stats["max_requests"] > 1  # clips of different requests shared a forward pass
-    assert stats["max_calls"] > 1
+    print(f"batches: {stats['calls_per_batch']} calls each, up to {stats['max_requests']} requests in one")
 
 
-def test_healthy_after_bad_requests_and_no_temp_files_left(server, film, model):
+def test_calls_waiting_together_share_one_forward_pass(checkpoint, film, monkeypatch):
+    """The Classifier's batcher, outside Serve: calls of three requests that are waiting at once go
+    through one forward pass, each answered with its own rows (those of score_film's scorer)."""
+    import asyncio
+
+    from ray.serve import batching
+
+    from kissray.media import iter_clips
+    # outside a replica only this log-only check fails (it reads the replica's max_ongoing_requests);
+    # the queue and batching logic under test are Serve's own
+    monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests",
+                        lambda self: None)
+    from kissray.score import Scorer
+    from kissray.serve.app import Classifier
+
+    clips = list(iter_clips(film, size=64))
+    classifier = Classifier.func_or_class(checkpoint, "cpu", max_batch_size=64, batch_wait_timeout_s=0.5)
+
+    async def three_requests():
+        return await asyncio.gather(*(classifier.predict(f"r{i}", clips[i:i + 2]) for i in range(3)))
+
+    answers = asyncio.run(three_requests())
+    stats = classifier.stats()
+    assert stats["n_batches"] == 1 and stats["max_requests"] == 3 and stats["n_clips"] == 6
+    expected = Scorer(checkpoint, device="cpu").predict_clips(clips)
+    for i, rows in enumerate(answers):
+        np.testing.assert_allclose(rows, expected[i:i + 2], atol=1e-6)
+
+
+def test_healthy_after_bad_requests_and_no_temp_files_left(server, film, film_result):
     r = httpx.get(f"{server.url}/healthz", timeout=60)
     assert r.status_code == 200
-    assert_matches(server.upload(film).json(), score_film(film, model), "film")
+    assert_matches(server.upload(film).json(), film_result, "film")
     assert temp_files(server) == []
 
 
@@ -466,8 +498,11 @@ def test_api_key_required_everywhere_but_healthz(server):
 def test_api_key_never_logged(server, film):
     import ray
 
-    server.upload(film)
-    httpx.post(f"{server.url}/v1/score", json={"uri": "x"}, headers={"authorization": "Bearer wrong"}, timeout=60)
+    name = f"logged-{os.urandom(4).hex()}.mp4"
+    assert server.upload(film, name=name).status_code == 200  # a request that went all the way through
+    r = httpx.post(f"{server.url}/v1/score", json={"uri": "x"}, headers={"authorization": "Bearer wrong"}, timeout=60)
+    assert_error(r, 401, "API key")
+    poll(lambda: f"of {name!r}" in ingress_log(), "the Ingress never logged the scored upload")  # logs written
     logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
     for path in logs.rglob("*"):
         if path.is_file():
@@ -476,18 +511,24 @@ def test_api_key_never_logged(server, film):
 
 
 def test_ingress_decoders_get_a_minimal_environment(server, film):
-    assert server.upload(film).status_code == 200
-    pids = ingress_decoders()
-    assert pids  # the idle pool
-    for pid in pids:
-        environ = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+    environs = []  # the idle pool's children (the pool may retire one: then upload again)
+
+    def some_decoder_read() -> bool:
+        assert server.upload(film).status_code == 200
+        for pid in ingress_decoders():
+            with contextlib.suppress(OSError):  # it may have just exited
+                environs.append(Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0"))
+        return bool(environs)
+
+    poll(some_decoder_read, "no decoder child of the Ingress found")
+    for environ in environs:
         env = dict(item.split("=", 1) for item in environ if "=" in item)
         assert env["TMPDIR"] == str(server.uploads)  # decoder scratch files go to the upload dir too
         assert "PATH" in env and not [k for k in env if k.startswith(("RAY_", "AWS_", "KISSRAY_API"))], sorted(env)
 
 
-def test_partial_film_is_200_with_nulls(server, media_dir, tmp_path, model):
-    src = make_film(media_dir / "serve-cut.mp4", duration_s=12, extra_args=("-movflags", "+faststart"))
+def test_partial_film_is_200_with_nulls(server, faststart_12s, tmp_path, model):
+    src = faststart_12s
     data = Path(src).read_bytes()
     cut = tmp_path / "cut.mp4"
     cut.write_bytes(data[: len(data) // 2])
@@ -546,6 +587,7 @@ def test_slow_upload_past_the_deadline_is_408(server):
     with stalled_upload(server.port, headers=SHORT_DEADLINE) as s:
         reply = read_reply(s)  # nothing more is sent: the server gives up at its deadline
     assert reply.startswith(b"HTTP/1.1 408"), reply
+    wait_until_clean(server)  # the abandoned upload's spooled bytes are gone too
 
 
 def read_reply(sock: socket.socket) -> bytes:
@@ -561,16 +603,31 @@ def read_reply(sock: socket.socket) -> bytes:
             break
         reply += chunk
     return reply
-    wait_until_clean(server)
+
+
+CANCELLED = "cancelled (the client went away)"  # the Ingress's log line for a request whose client left
+
+
+def request_head(body: bytes, content_type: str) -> bytes:
+    return (f"POST /v1/score HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
 
 
 def disconnecting_client(port: int, body: bytes, content_type: str, cut_at: int, wait_s: float) -> None:
     """Send the request up to byte ``cut_at`` of its body, wait ``wait_s``, then drop the connection."""
-    head = (f"POST /v1/score HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
-            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-        s.sendall(head + body[:cut_at])
+        s.sendall(request_head(body, content_type) + body[:cut_at])
         time.sleep(wait_s)
+
+
+def hang_up_once_admitted(server: Server, body: bytes, content_type: str) -> None:
+    """Send the whole request and drop the connection as soon as the Ingress has spooled the upload
+    (renamed it with its suffix): the request holds a decode slot and is being scored (unless it is
+    answered first: then this was no hang-up after admission, and the caller tries again)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+        s.sendall(request_head(body, content_type) + body)
+        poll(lambda: list(server.uploads.glob("kissray-upload-*.mp4")) or select.select([s], [], [], 0)[0],
+             "the upload was neither spooled nor answered", every_s=0.005)
 
 
 def stalled_upload(port: int, prefix: str = "", headers: bytes = b"") -> socket.socket:
@@ -590,7 +647,7 @@ def wait_for(condition, what: str, timeout_s: float = 90) -> None:
         time.sleep(0.2)
 
 
-def test_clients_that_disconnect_leave_nothing_behind(server, media_dir, film, model):
+def test_clients_that_disconnect_leave_nothing_behind(server, media_dir, film, film_result):
     """24 hang-ups: 8 mid-upload, 8 after the upload (opening, decoding, classifying), 8 while
     queued (both slots held by stalled uploads): no temp file, decoders back to the idle pool, and
     the queued ones never reach the replica (Serve drops them)."""
@@ -599,12 +656,22 @@ def test_clients_that_disconnect_leave_nothing_behind(server, media_dir, film, m
     content_type = f"multipart/form-data; boundary={boundary}"
     body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="gone.mp4"\r\n\r\n'.encode()
             + long.read_bytes() + f"\r\n--{boundary}--\r\n".encode())
+    cancelled_before = ingress_log().count(CANCELLED)
     rng = random.Random(16)
     moments = [(rng.randrange(1, len(body)), rng.uniform(0, 0.3)) if i % 2 == 0 else (len(body), rng.uniform(0, 2.5))
                for i in range(16)]
     with ThreadPoolExecutor(3) as pool:
         list(pool.map(lambda m: disconnecting_client(server.port, body, content_type, *m), moments))
     print(f"clean {wait_until_clean(server):.1f} s after 16 hang-ups mid-upload and mid-decode")
+
+    def three_cancelled() -> bool:  # hang-ups after admission did happen (the moments above are random)
+        if ingress_log().count(CANCELLED) - cancelled_before >= 3:
+            return True
+        hang_up_once_admitted(server, body, content_type)
+        wait_until_clean(server)
+        return False
+
+    poll(three_cancelled, "hang-ups after admission were never cancelled", timeout_s=240)
 
     ingress_before, proxy_before = len(ingress_log()), proxy_log().count(PROXY_GONE)
     holders = [stalled_upload(server.port) for _ in range(DECODE_SLOTS)]
@@ -629,9 +696,8 @@ def test_clients_that_disconnect_leave_nothing_behind(server, media_dir, film, m
     started = ingress_log()[ingress_before:]
     never = [port for _, port in queued] + ports[DECODE_SLOTS:]  # never decoded, never read
     assert not [port for port in never if f":{port} " in started], started
-    assert_matches(server.upload(film).json(), score_film(film, model), "film")  # the next request is right
+    assert_matches(server.upload(film).json(), film_result, "film")  # the next request is right
     wait_until_clean(server)
-    assert ingress_log().count("cancelled (the client went away)") >= 3  # hang-ups after admission happened
 
 
 PROXY_GONE = "disconnected, cancelling request"  # Serve's proxy log, for a client gone before its answer
@@ -772,7 +838,7 @@ def test_cli_serves_on_loopback_until_sigterm(checkpoint, film, tmp_path):
         print(log.read()[-3000:])
 
 
-def test_one_film_has_the_same_scores_on_every_path(server, film, model, checkpoint, tmp_path):
+def test_one_film_has_the_same_scores_on_every_path(server, film, model, film_result, checkpoint, tmp_path):
     """SPEC 3: score_film, the Ray job, Serve and eval score one film with one scorer and one result
     assembly, so the scores agree (CPU, fp32: equal up to batch composition, 1e-6)."""
     import pandas as pd
@@ -780,7 +846,7 @@ def test_one_film_has_the_same_scores_on_every_path(server, film, model, checkpo
     from kissray.evaluate import predict_films
     from kissray.pipeline import score_library
 
-    expected = score_film(film, model).probs[:, 0]
+    expected = film_result.probs[:, 0]
     served = np.asarray([row[0] for row in server.upload(film).json()["scores"]], np.float32)
     score_library([film], checkpoint, str(tmp_path / "out"), progress=False)
     job = pd.read_parquet(tmp_path / "out" / "scores").sort_values("second").p.to_numpy()

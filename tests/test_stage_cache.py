@@ -13,7 +13,6 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -108,20 +107,31 @@ def test_a_caller_waiting_on_a_download_gets_heartbeats(tmp_path, monkeypatch):
     monkeypatch.setattr(stage_cache, "WAIT_POLL_S", 0.01)
     monkeypatch.setattr(stage_cache, "WAIT_PROGRESS_S", 0.05)
     uri, data = memory_object(20_000)
-    started = threading.Event()
+    started, three_beats = threading.Event(), threading.Event()
 
-    def download_slowly():
-        with staged_copy(uri, directory=str(tmp_path), on_progress=lambda n: (started.set(), time.sleep(0.02))):
+    def hold_mid_download(n_bytes: int) -> None:
+        started.set()
+        if n_bytes == 10_000:  # bytes are on disk (past the write buffer): hold until the waiter saw them
+            three_beats.wait(60)
+
+    def download():
+        with staged_copy(uri, directory=str(tmp_path), on_progress=hold_mid_download):
             pass
 
-    downloader = threading.Thread(target=download_slowly)
-    downloader.start()
-    assert started.wait(5)
     beats = []
-    with staged_copy(uri, directory=str(tmp_path), on_progress=beats.append) as path:
+
+    def beat(n_bytes: int) -> None:
+        beats.append(n_bytes)
+        if sum(b > 0 for b in beats) >= 3:
+            three_beats.set()
+
+    downloader = threading.Thread(target=download)
+    downloader.start()
+    assert started.wait(120)
+    with staged_copy(uri, directory=str(tmp_path), on_progress=beat) as path:
         assert Path(path).read_bytes() == data
     downloader.join()
-    assert len(beats) >= 3 and beats == sorted(beats) and 0 < beats[-1] <= len(data)
+    assert sum(b > 0 for b in beats) >= 3 and beats == sorted(beats) and beats[-1] <= len(data)
 
 
 def test_least_recently_used_entries_are_evicted_to_make_room(tmp_path, monkeypatch):
