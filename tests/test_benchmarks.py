@@ -83,7 +83,7 @@ def test_remote_benchmark_runs_on_a_tiny_film(tmp_path):
 def test_embeddings_benchmark_runs_quick(tmp_path):
     out = tmp_path / "r.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "embeddings.py"), "--quick", "--titles", "20", "--seconds", "3",
+        [sys.executable, str(ROOT / "benchmarks" / "embeddings.py"), "--size", "64", "--titles", "20", "--seconds", "3",
          "--vectors", "3000", "--queries", "10", "--threads", "2", "--skip-usearch", "--json", str(out)],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
