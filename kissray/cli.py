@@ -17,8 +17,8 @@ import sys
 from kissray.errors import CheckpointError, JobError, KissrayError, UsageError
 from kissray.terminal import engine_logs, log_path
 
-COMMANDS = ("init", "score", "serve", "train", "eval", "annotations", "demo", "excerpts", "export", "report",
-            "review")
+COMMANDS = ("init", "score", "rescore", "similar", "serve", "train", "eval", "annotations", "demo", "excerpts", "export",
+            "report", "review")
 EXIT_OK, EXIT_JOB, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 
 

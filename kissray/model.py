@@ -170,20 +170,30 @@ class KissModel(nn.Module):
         self.pixel_std = self.pixel_std.to(dtype)
         return self.eval()
 
-    @torch.inference_mode()
     def predict_proba(self, frames: np.ndarray | torch.Tensor, log_mel: np.ndarray | torch.Tensor,
                       batch_size: int = 32) -> np.ndarray:
         """Sigmoid probabilities float32[B, n_labels], computed in batches on the model's device."""
+        return self.predict_and_embed(frames, log_mel, batch_size, keep_embeddings=False)[0]
+
+    @torch.inference_mode()
+    def predict_and_embed(self, frames: np.ndarray | torch.Tensor, log_mel: np.ndarray | torch.Tensor,
+                          batch_size: int = 32, keep_embeddings: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """One forward pass: probabilities float32[B, n_labels] and the head's input vectors as
+        stored (float16[B, feature_dim]; empty [0, feature_dim] unless ``keep_embeddings``)."""
         device = self.head.weight.device
         n = len(frames) if frames is not None else len(log_mel)
-        out = []
+        probs, embeddings = [], []
         for lo in range(0, n, batch_size):
             f = _to_device(frames, lo, batch_size, device) if self.resnet is not None else None
             m = _to_device(log_mel, lo, batch_size, device) if self.vggish is not None else None
-            out.append(torch.sigmoid(self(f, m)).float().cpu())
-        if not out:
-            return np.zeros((0, len(self.config.labels)), np.float32)
-        return torch.cat(out).numpy()
+            features = self.embed(f, m)
+            probs.append(torch.sigmoid(self.head(features.float())).float().cpu())
+            if keep_embeddings:
+                embeddings.append(features.to(torch.float16).cpu())
+        width = len(self.config.labels)
+        p = torch.cat(probs).numpy() if probs else np.zeros((0, width), np.float32)
+        e = torch.cat(embeddings).numpy() if embeddings else np.zeros((0, self.config.feature_dim), np.float16)
+        return p, e
 
 
 def _to_device(array, lo: int, n: int, device: torch.device) -> torch.Tensor:
@@ -212,19 +222,7 @@ def save_model(model: KissModel, uri: str, extra_files: dict[str, bytes] | None 
 
 def load_model(uri: str, device: str = "cpu") -> KissModel:
     """Rebuild a :class:`KissModel` from a checkpoint directory (safetensors only, no pickle)."""
-    import fsspec
-    from safetensors.torch import load
-
-    fs, root = fsspec.core.url_to_fs(str(uri))
-    try:
-        with fs.open(f"{root.rstrip('/')}/{CONFIG_FILE}", "rb") as f:
-            config = ModelConfig.from_dict(json.loads(f.read()))
-        with fs.open(f"{root.rstrip('/')}/{WEIGHTS_FILE}", "rb") as f:
-            state = load(f.read())
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{uri}: not a kissray checkpoint (missing {e.filename or e})") from e
-    except (ValueError, json.JSONDecodeError, TypeError) as e:
-        raise CheckpointError(f"{uri}: unreadable checkpoint: {e}") from e
+    config, state = read_checkpoint_state(uri)
     with torch.device("meta"):  # no random init of ~80M parameters only to overwrite them
         model = KissModel(config)
     try:
@@ -310,3 +308,37 @@ def init_model(config: ModelConfig, resnet_weights: str | None = None,
     torch.manual_seed(seed)
     config = replace(config, provenance=untrained(resnet_weights, vggish_weights))
     return load_backbones(KissModel(config), resnet_weights, vggish_weights).eval()
+
+
+# ---------------------------------------------------------------- backbone fingerprint
+
+
+def backbone_fingerprint(config: ModelConfig, state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over what the head's input depends on: the backbone weights (every tensor but the
+    head's, by name, as float32) and the preprocessing (modality, image size, frames per clip).
+    Two checkpoints with one fingerprint produce the same embeddings (SPEC section 11)."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"modality": config.modality, "image_size": config.image_size,
+                              "frames_per_clip": config.frames_per_clip}, sort_keys=True).encode())
+    for name in sorted(state):
+        if not name.startswith("head."):
+            digest.update(name.encode())
+            digest.update(state[name].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def read_checkpoint_state(uri: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """A checkpoint's config and its float32 tensors on the CPU, without building the model."""
+    import fsspec
+    from safetensors.torch import load
+
+    fs, root = fsspec.core.url_to_fs(str(uri))
+    try:
+        with fs.open(f"{root.rstrip('/')}/{CONFIG_FILE}", "rb") as f:
+            config = ModelConfig.from_dict(json.loads(f.read()))
+        with fs.open(f"{root.rstrip('/')}/{WEIGHTS_FILE}", "rb") as f:
+            return config, load(f.read())
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{uri}: not a kissray checkpoint (missing {e.filename or e})") from e
+    except (ValueError, json.JSONDecodeError, TypeError) as e:
+        raise CheckpointError(f"{uri}: unreadable checkpoint: {e}") from e

@@ -40,6 +40,7 @@ from kissray.batch.lock import OutLock
 from kissray.batch.progress import Progress, expected_film_seconds
 from kissray.batch.stages import Classifier, DecodeSpec, TitleWriter, decode_window, probe_windows
 from kissray.batch.tables import ResultStore, TitleRecord, scores_table, segments_table
+from kissray.embeddings import EmbeddingsMeta, meta_for_checkpoint
 from kissray.defaults import DECODE_TIMEOUT_S, STILLS_MODES, WINDOW_S
 from kissray.errors import CheckpointError, JobError, UsageError, one_line
 from kissray.inputs import Title, expand_inputs
@@ -130,6 +131,7 @@ class LibraryJob:
     started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     stills: str = "exact"  # set by run_library; recorded in every titles row
     lock: OutLock | None = None  # OUT's lock, checked before every commit
+    embeddings: EmbeddingsMeta | None = None  # with ``score --embeddings``: what the vectors' files record
 
 
 def check_request(inputs: list[str], model_uri: str) -> tuple[list[Title], ModelConfig]:
@@ -140,21 +142,25 @@ def check_request(inputs: list[str], model_uri: str) -> tuple[list[Title], Model
 
 
 def prepare_library(inputs: list[str], model_uri: str, out: str,
-                    checked: tuple[list[Title], ModelConfig] | None = None, lock: OutLock | None = None) -> LibraryJob:
+                    checked: tuple[list[Title], ModelConfig] | None = None, lock: OutLock | None = None,
+                    embeddings: bool = False) -> LibraryJob:
     """Expand the inputs, read the checkpoint's config, make ``out`` and find the titles to do.
 
     Needs no Ray, so a CLI can fail fast: raises what :func:`check_request` raises (``checked``:
     its result, when the caller checked before taking the lock) or :class:`JobError` (``out`` not
     writable). The caller holds ``out``'s lock (:func:`out_lock`) while preparing and running, and
     passes it: it names this run's temporary files and is checked before every commit.
+    ``embeddings``: also write ``out/embeddings`` (SPEC section 11); titles already ``ok`` without
+    their embeddings file are done again (their scores stand; they gain the file).
     """
     started, started_at = time.monotonic(), datetime.now(timezone.utc)
     titles, config = checked or check_request(inputs, model_uri)
-    store = ResultStore(out, lock.run_id if lock is not None else "")
+    meta = meta_for_checkpoint(model_uri, "exact") if embeddings else None  # stills: set by run_library
+    store = ResultStore(out, lock.run_id if lock is not None else "", embeddings=embeddings)
     store.prepare()
     done = store.finished_titles(model_uri)
     return LibraryJob(titles, [t for t in titles if t.title_id not in done], model_uri, config, store, started,
-                      started_at, lock=lock)
+                      started_at, lock=lock, embeddings=meta)
 
 
 def out_lock(out: str, **options) -> OutLock:
@@ -179,7 +185,8 @@ def check_address(address: str | None, out: str) -> None:
                          "writer cannot write to this machine; give an --out on shared storage (s3://, gs://, ...)")
 
 
-def score_library(inputs: list[str], model_uri: str, out: str, **options) -> LibrarySummary:
+def score_library(inputs: list[str], model_uri: str, out: str, embeddings: bool = False,
+                  **options) -> LibrarySummary:
     """Score every film named by ``inputs`` with the checkpoint ``model_uri`` into ``out``.
 
     Ray must be initialised (``ray.init``). Titles already ``ok`` in ``out`` with the same model
@@ -188,7 +195,7 @@ def score_library(inputs: list[str], model_uri: str, out: str, **options) -> Lib
     """
     checked = check_request(inputs, model_uri)  # a usage error writes nothing, not even OUT
     with out_lock(out) as lock:
-        return run_library(prepare_library(inputs, model_uri, out, checked, lock), **options)
+        return run_library(prepare_library(inputs, model_uri, out, checked, lock, embeddings), **options)
 
 
 @dataclass(frozen=True)
@@ -252,7 +259,7 @@ def run_library(job: LibraryJob, *, params: SegmentParams = SegmentParams(), win
     if stills not in STILLS_MODES:
         raise ValueError(f"stills must be one of {', '.join(STILLS_MODES)}")
     summary = LibrarySummary(n_titles=len(job.titles), n_skipped=len(job.titles) - len(job.todo))
-    job = replace(job, stills=stills)
+    job = replace(job, stills=stills, embeddings=job.embeddings and replace(job.embeddings, stills=stills))
     if job.todo:
         pool = plan_pool(num_gpus_per_actor, max_actors)
         if progress:
@@ -291,7 +298,8 @@ def _run_attempts(job: LibraryJob, spec: DecodeSpec, params: SegmentParams, pool
             summary.attempts = attempt
             reported: set[str] = set()
             dataset = build_dataset(pending, job.model_uri, job.store.out, job.config, spec, params,
-                                    batch_size=batch_size, pool=pool, run_id=job.store.run_id, attempt=attempt)
+                                    batch_size=batch_size, pool=pool, run_id=job.store.run_id, attempt=attempt,
+                                    embeddings=job.embeddings)
             try:
                 _collect(dataset, job, summary, bar, reported)
             except JobError:
@@ -312,8 +320,10 @@ def _run_attempts(job: LibraryJob, spec: DecodeSpec, params: SegmentParams, pool
 
 
 def build_dataset(titles: list[Title], model_uri: str, out: str, config: ModelConfig, spec: DecodeSpec,
-                  params: SegmentParams, *, batch_size: int, pool: PoolPlan, run_id: str = "", attempt: int = 1):
+                  params: SegmentParams, *, batch_size: int, pool: PoolPlan, run_id: str = "", attempt: int = 1,
+                  embeddings: EmbeddingsMeta | None = None):
     """The lazy Ray Data plan; iterating it runs the job and yields summary and progress rows.
+    ``embeddings``: the classifier also emits each clip's vector, the writer stores them.
 
     Retries are Ray Data's own defaults: a task whose worker or node died is rerun, an actor
     whose process or node died is restarted and its batch resent (docs/faults.md); the death
@@ -333,14 +343,16 @@ def build_dataset(titles: list[Title], model_uri: str, out: str, config: ModelCo
                      num_cpus=pool.cpus_per_actor, memory=DECODE_TASK_MEMORY_BYTES)
         .map_batches(Classifier, fn_constructor_kwargs={"model_uri": model_uri, "batch_size": batch_size,
                                                           "device": pool.device, "num_threads": pool.threads,
-                                                          "faults": spec.faults, "ledger": spec.ledger},
+                                                          "faults": spec.faults, "ledger": spec.ledger,
+                                                          "embeddings": embeddings is not None},
                      batch_size=batch_size, batch_format="numpy", num_cpus=pool.cpus_per_actor,
                      num_gpus=pool.gpus_per_actor, runtime_env={"env_vars": _openmp_env()},
                      compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool.max_actors))
         .map_batches(TitleWriter, fn_constructor_kwargs={"out": out, "labels": list(config.labels),
                                                          "model_uri": model_uri, "params": params,
                                                          "faults": spec.faults, "stills": spec.stills,
-                                                         "run_id": run_id, "attempt": attempt},
+                                                         "run_id": run_id, "attempt": attempt,
+                                                         "embeddings": embeddings},
                      batch_size=None, batch_format="numpy", num_cpus=0, label_selector=writer_nodes,
                      compute=ray.data.ActorPoolStrategy(size=1))  # one writer sees every row of a title
     )

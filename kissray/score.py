@@ -129,6 +129,10 @@ class Scorer:
         """float32[n, n_labels] for stills uint8[n, K, S, S, 3] and log-mels float32[n, 96, 64]."""
         return self.model.predict_proba(frames, log_mel, batch_size=self.batch_size)
 
+    def predict_and_embed(self, frames: np.ndarray, log_mel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`predict` plus the head's input vectors (float16[n, feature_dim]) of the same pass."""
+        return self.model.predict_and_embed(frames, log_mel, batch_size=self.batch_size)
+
     def predict_clips(self, clips: list[Clip]) -> np.ndarray:
         frames = np.stack([c.frames for c in clips]) if clips else np.zeros((0,), np.uint8)
         log_mel = np.stack([c.log_mel for c in clips]) if clips else np.zeros((0, 96, 64), np.float32)

@@ -20,7 +20,7 @@ import copy
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -116,7 +116,9 @@ def load_clip_set(films: list[str], annotations: Annotations, model: KissModel, 
                     with torch.inference_mode():
                         features = model.embed(torch.as_tensor(frames, device=device),
                                                torch.as_tensor(log_mel, device=device))
-                    parts["features"].append(features.float().cpu().numpy())
+                    # the vectors as ``score --embeddings`` stores them (float16): head mode on films
+                    # and ``train --embeddings`` train on the same numbers (kissray.training.embeddings)
+                    parts["features"].append(features.to(torch.float16).float().cpu().numpy())
                 else:
                     parts["frames"].append(frames)
                     parts["log_mel"].append(log_mel)
@@ -404,19 +406,29 @@ def load_split_sets(annotations: Annotations, splits: dict[str, list[str]], mode
 
 
 def train(annotations: Annotations, out: str, options: TrainOptions = TrainOptions(), init: str | None = None,
-          show_progress: bool = True) -> dict:
+          show_progress: bool = True, embeddings: str | None = None) -> dict:
     """Train on ``annotations`` and save the best epoch's checkpoint (with ``metrics.json``) to ``out``.
 
-    Returns the metrics that were saved.
+    ``embeddings``: a ``score --embeddings`` output whose stored vectors replace decoding (head
+    mode, ``init`` required: the checkpoint whose backbones made them). Returns the saved metrics.
     """
     torch.manual_seed(options.seed)
     device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    fingerprint = _check_embeddings_request(options, init) if embeddings else None
     model = start_model(annotations.labels, options, init).prepare(device)
     splits = split_films(annotations, options.seed)
     if not splits["train"]:
         raise UsageError("no training films: every film is in the val or test split")
     skipped: list[str] = []
-    sets = load_split_sets(annotations, splits, model, options, skipped, show_progress)
+    if embeddings:
+        from kissray.embeddings import EmbeddingsDir
+        from kissray.training.embeddings import embedded_clip_sets
+
+        options = replace(options, stills=EmbeddingsDir(embeddings).meta().stills)
+        sets = embedded_clip_sets(embeddings, annotations, splits, model.labels, options.unlabelled, init,
+                                  fingerprint, skipped)
+    else:
+        sets = load_split_sets(annotations, splits, model, options, skipped, show_progress)
     if not len(sets["train"]):
         raise UsageError("no labelled clips in the training films (see --unlabelled)")
     started = time.perf_counter()
@@ -430,6 +442,7 @@ def train(annotations: Annotations, out: str, options: TrainOptions = TrainOptio
         metrics = fit(full_job(model, sets, options.seed, criterion), sets, model.labels, options, balance,
                       show_progress)
     metrics = {"labels": model.labels, "annotations": annotations.path, "reviews": annotations.reviews, "init": init,
+               "embeddings": embeddings,
                "options": {**asdict(options), "device": device}, "seed": options.seed,
                "splits": splits, "n_clips": {k: len(s) for k, s in sets.items()},
                "n_positive": {k: dict(zip(model.labels, (s.targets >= 0.5).sum(0).astype(int).tolist()))
@@ -438,6 +451,20 @@ def train(annotations: Annotations, out: str, options: TrainOptions = TrainOptio
     model.config.provenance = provenance.trained(metrics)  # what the head learnt from, in config.json
     save_model(model.eval(), out, extra_files={METRICS_FILE: json.dumps(metrics, indent=2).encode()})
     return metrics
+
+
+def _check_embeddings_request(options: TrainOptions, init: str | None) -> str:
+    """Training from stored embeddings trains a head on ``init``'s backbones: returns their fingerprint."""
+    from kissray.model import backbone_fingerprint, read_checkpoint_state
+
+    if options.mode != "head":
+        raise UsageError("--embeddings trains the head only (--mode head): a full fine-tune needs the films")
+    if init is None:
+        raise UsageError("--embeddings needs --init: the checkpoint whose backbones made the embeddings")
+    config, state = read_checkpoint_state(init)
+    if options.modality not in (None, config.modality):
+        raise UsageError(f"--embeddings: --modality {options.modality} differs from --init's {config.modality}")
+    return backbone_fingerprint(config, state)
 
 
 def read_metrics(checkpoint: str) -> dict | None:

@@ -230,7 +230,10 @@ def test_usage_errors_exit_2(ava, capsys):
         main(["annotations"])  # no source given
     assert exit_info.value.code == 2
     assert main(_args(ava, "kiss (a person)", "--label", "none")) == 2
-    assert main(_args(ava, "kiss (a person)", "--offset-s", "-1")) == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:  # refused by the option's parser, named
+        main(_args(ava, "kiss (a person)", "--offset-s", "-1"))
+    assert exit_info.value.code == 2 and "--offset-s" in capsys.readouterr().err
     (ava / "ava_action_list_v2.2.pbtxt").unlink()
     assert main(_args(ava)) == 2
     assert "no such label map file" in capsys.readouterr().err

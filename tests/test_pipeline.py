@@ -209,7 +209,8 @@ def test_killed_run_loses_no_finished_title(tmp_path, checkpoint, ray_session):
     out = tmp_path / "out"
     # batches of 2 clips on one actor: titles finish one by one, so the kill lands between two of them
     cmd = [sys.executable, "-m", "kissray.cli", "score", str(films), "--model", checkpoint, "--out", str(out),
-           "--address", "local", "--window-s", "2", "--actors", "1", "--batch-size", "2", "--no-progress"]
+           "--address", "local", "--window-s", "2", "--actors", "1", "--batch-size", "2", "--no-progress",
+           "--embeddings"]
     proc = subprocess.Popen(cmd, env={**os.environ, "RAY_ADDRESS": ""}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:  # a committed title, not the writer's temporary (dot) file
@@ -221,8 +222,14 @@ def test_killed_run_loses_no_finished_title(tmp_path, checkpoint, ray_session):
     finished = set(read(out, "titles").title_id)
     assert 1 <= len(finished) < N_KILLED_RUN, "kill the run mid-way"
     before = read(out, "scores")
-    summary = score_library([str(films)], checkpoint, str(out), window_s=2, progress=False)
+    summary = score_library([str(films)], checkpoint, str(out), embeddings=True, window_s=2, progress=False)
     assert summary.n_skipped == len(finished) and summary.n_ok == N_KILLED_RUN - len(finished)
+    # SPEC 11: one embeddings file per ok title, one row per scored second, none doubled
+    files = sorted(p.stem for p in (out / "embeddings").glob("*.parquet") if not p.name.startswith("."))
+    assert files == sorted(f"film{i}" for i in range(N_KILLED_RUN))
+    embeddings = read(out, "embeddings")
+    assert len(embeddings) == sum(3 + i % 3 for i in range(N_KILLED_RUN))
+    assert not embeddings.duplicated(["title_id", "second"]).any()
     titles, scores = read(out, "titles"), read(out, "scores")
     assert sorted(titles.title_id) == sorted(f"film{i}" for i in range(N_KILLED_RUN)) and (titles.status == "ok").all()
     assert not scores.duplicated(["title_id", "label", "second"]).any()

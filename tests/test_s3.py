@@ -415,7 +415,9 @@ def test_excerpts_from_an_s3_out_are_the_local_outs(excerpted, scored, s3, capsy
     assert files_under(excerpted["elsewhere"]) == local
     capsys.readouterr()
     assert cli_main(["excerpts", "--scores", scored[0], "--pad", "0.5"]) == 0  # all there already
-    assert f"0 files written, {len(expected)} already there, 0 films failed" in capsys.readouterr().out
+    n = len(expected) // 2  # an excerpt and its thumbnail per segment
+    assert (f"0 excerpts written, {n} excerpts + {n} thumbnails already there; 0 films failed"
+            in capsys.readouterr().out)
     code = cli_main(["excerpts", "--scores", scored[0], "--pad", "0.5", "--out", "s3://no-such-cuts-bucket/cuts"])
     assert code != 0 and "no bucket s3://no-such-cuts-bucket" in capsys.readouterr().err
     assert not any(b["Name"] == "no-such-cuts-bucket" for b in s3_client(s3).list_buckets()["Buckets"])

@@ -23,6 +23,7 @@ from kissray.audio import SILENCE_LOG_MEL
 from kissray.batch.faults import NO_FAULTS, FaultPlan
 from kissray.batch.ledger import MAX_DEATHS, NO_LEDGER, DeathLedger, died_error
 from kissray.batch.tables import ResultStore, TitleRecord, scores_table, segments_table
+from kissray.embeddings import EmbeddingsMeta, embeddings_table
 from kissray.errors import StorageError, one_line
 from kissray.media import ClipReader, probe
 from kissray.media.source import is_remote
@@ -190,17 +191,21 @@ class Classifier:
     so a title that keeps killing its process is found, and failed, alone.
     """
 
+    embeddings = False  # also emit each clip's vector (``score --embeddings``)
+
     def __init__(self, model_uri: str, batch_size: int = 32, device: str | None = None,
-                 num_threads: int | None = None, faults: FaultPlan = NO_FAULTS, ledger: DeathLedger = NO_LEDGER):
+                 num_threads: int | None = None, faults: FaultPlan = NO_FAULTS, ledger: DeathLedger = NO_LEDGER,
+                 embeddings: bool = False):
         from kissray.score import Scorer
 
         self.scorer = Scorer(model_uri, device=device, batch_size=batch_size, num_threads=num_threads)
-        self.faults, self.ledger = faults, ledger
+        self.faults, self.ledger, self.embeddings = faults, ledger, embeddings
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         clips = ~batch["trailer"]
         titles = batch["title_id"].astype(str)
         p = np.full((len(clips), len(self.scorer.labels)), np.nan, np.float32)
+        self._vectors = np.zeros((len(clips), self.scorer.config.feature_dim if self.embeddings else 0), np.float16)
         errors = np.asarray(batch["error"], object).copy()
         if clips.any():
             key = "classify:" + hashlib.sha1(pickle.dumps((titles[clips].tolist(),
@@ -217,6 +222,8 @@ class Classifier:
             self.ledger.end(key)
         out = {k: v for k, v in batch.items() if k not in ("frames", "log_mel")}
         out["p"], out["error"] = p, errors
+        if self.embeddings:  # the head's input, from the same forward pass (SPEC section 11)
+            out["embedding"] = self._vectors
         return out
 
     def _predict_batch(self, batch, rows: np.ndarray, titles: np.ndarray, p: np.ndarray, errors: np.ndarray) -> None:
@@ -254,7 +261,12 @@ class Classifier:
         self.ledger.end(key)
 
     def _predict(self, batch: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
-        return self.scorer.predict(batch["frames"][rows], batch["log_mel"][rows])
+        """p of ``rows``; with embeddings, their vectors go into this batch's ``_vectors``."""
+        frames, log_mel = batch["frames"][rows], batch["log_mel"][rows]
+        if not self.embeddings:
+            return self.scorer.predict(frames, log_mel)
+        p, self._vectors[rows] = self.scorer.predict_and_embed(frames, log_mel)
+        return p
 
 
 @dataclass
@@ -262,6 +274,7 @@ class _OpenTitle:
     """What has arrived so far for one title."""
 
     probs: dict[int, np.ndarray] = field(default_factory=dict)  # second -> p[n_labels]
+    vectors: dict[int, np.ndarray] = field(default_factory=dict)  # second -> embedding (with --embeddings)
     trailers: dict[int, dict] = field(default_factory=dict)  # window start -> its trailer row
     clips_have_audio: bool = True
     clip_error: str = ""  # the first error carried by a clip row (e.g. the classifier's)
@@ -283,11 +296,12 @@ class TitleWriter:
     the driver writes its ``failed`` row)."""
 
     def __init__(self, out: str, labels: list[str], model_uri: str, params: SegmentParams,
-                 faults: FaultPlan = NO_FAULTS, stills: str = "exact", run_id: str = "", attempt: int = 1):
-        self.store = ResultStore(out, run_id)
+                 faults: FaultPlan = NO_FAULTS, stills: str = "exact", run_id: str = "", attempt: int = 1,
+                 embeddings: EmbeddingsMeta | None = None):
+        self.store = ResultStore(out, run_id, embeddings=embeddings is not None)
         self.store.make_folders()  # the driver made them too, but maybe on another machine's disk
         self.labels, self.model_uri, self.params, self.faults = list(labels), model_uri, params, faults
-        self.stills = stills
+        self.stills, self.embeddings = stills, embeddings
         self.tag = f"a{attempt}-{uuid.uuid4().hex[:8]}"  # this process's staged files: a restarted writer has another
         self.open: dict[str, _OpenTitle] = {}
 
@@ -306,6 +320,8 @@ class TitleWriter:
             else:
                 n_clips += 1
                 state.probs[int(batch["second"][i])] = batch["p"][i]
+                if self.embeddings is not None:
+                    state.vectors[int(batch["second"][i])] = batch["embedding"][i]
                 state.clips_have_audio &= bool(batch["clip_has_audio"][i])
                 state.clip_error = state.clip_error or str(batch["error"][i])
             if state.complete(int(batch["n_windows"][i])):
@@ -344,14 +360,25 @@ class TitleWriter:
         record = TitleRecord(title_id, film.uri, film.status, film.error, film.duration_s, film.n_clips,
                              film.n_scored, film.has_audio, self.model_uri, self.stills)
         self.faults.check("write", title_id)
-        self._stage(record, scores_table(title_id, self.labels, film.probs), segments_table(title_id, film.segments))
+        self._stage(record, scores_table(title_id, self.labels, film.probs), segments_table(title_id, film.segments),
+                    self._embeddings(title_id, film, state.vectors))
         return _summary(title_id, film.status, film.error, film.n_clips, film.n_scored, staged=self.tag)
 
-    def _stage(self, record: TitleRecord, scores: pa.Table, segments: pa.Table) -> None:
-        args = (record, scores, segments, self.tag)
+    def _stage(self, record: TitleRecord, scores: pa.Table, segments: pa.Table,
+               embeddings: pa.Table | None = None) -> None:
+        args = (record, scores, segments, self.tag, embeddings)
         if self.faults.linger(record.title_id, pickle.dumps((self.store.stage_title, args))):
             return  # tests only: a late writer took the call over and this process ended
         self.store.stage_title(*args)
+
+    def _embeddings(self, title_id: str, film, vectors: dict[int, np.ndarray]) -> pa.Table | None:
+        """The title's embeddings table: one row per scored second (none without --embeddings)."""
+        if self.embeddings is None:
+            return None
+        seconds = np.flatnonzero(np.isfinite(film.probs).all(axis=1)).astype(np.int32)
+        rows = [vectors[int(s)] for s in seconds]
+        stacked = np.stack(rows) if rows else np.zeros((0, self.embeddings.feature_dim), np.float16)
+        return embeddings_table(title_id, seconds, stacked, self.embeddings)
 
 
 def _no_scores(labels: list[str]) -> np.ndarray:

@@ -31,6 +31,7 @@ from kissray.score import Segment
 from kissray.uris import make_dirs
 
 TABLES = ("scores", "segments", "titles")
+EMBEDDINGS = "embeddings"  # the fourth table, with ``score --embeddings`` (kissray.embeddings)
 TEMP_PREFIX = ".tmp-"  # leading dot: ignored by pyarrow / pandas dataset readers
 LEFTOVER_AGE_S = 120.0  # another run's temporary file older than this is a dead run's (the lock's takeover age)
 
@@ -99,10 +100,11 @@ def titles_table(record: TitleRecord) -> pa.Table:
 class ResultStore:
     """The output directory ``OUT`` (any fsspec URI): per-title atomic writes and resume."""
 
-    def __init__(self, out: str, run_id: str = ""):
+    def __init__(self, out: str, run_id: str = "", embeddings: bool = False):
         import fsspec
 
         self.out = str(out).rstrip("/")
+        self.tables = TABLES + ((EMBEDDINGS,) if embeddings else ())
         self.fs, self.root = fsspec.core.url_to_fs(self.out)
         self.root = self.root.rstrip("/")
         self.run_id = run_id or uuid.uuid4().hex  # names this run's temporary files
@@ -121,24 +123,28 @@ class ResultStore:
 
     def remove_leftovers(self, age_s: float = LEFTOVER_AGE_S) -> None:
         """Remove this run's temporary files, and other runs' older than ``age_s`` (dead runs')."""
-        for table in TABLES:
+        for table in self.tables:
             self.fs.invalidate_cache(self._dir(table))
             for path, info in self.fs.glob(f"{self._dir(table)}/{TEMP_PREFIX}*", detail=True).items():
                 if posixpath.basename(path).startswith(f"{TEMP_PREFIX}{self.run_id}-") or _age_s(info) > age_s:
                     self._remove_quietly(path)
 
     def make_folders(self) -> None:
-        for table in TABLES:
+        for table in self.tables:
             make_dirs(self.fs, self._dir(table))
 
     def finished_titles(self, model: str) -> set[str]:
-        """Ids of titles already ``ok`` with this model (a rerun skips them)."""
+        """Ids of titles already ``ok`` with this model (a rerun skips them); with embeddings
+        wanted, only those that have their embeddings file too."""
         table = self.read("titles")
         if table is None or table.num_rows == 0:
             return set()
         frame = table.select(["title_id", "status", "model"]).to_pandas()
-        done = frame[(frame["status"] == "ok") & (frame["model"] == model)]
-        return set(done["title_id"])
+        done = set(frame[(frame["status"] == "ok") & (frame["model"] == model)]["title_id"])
+        if EMBEDDINGS in self.tables:
+            have = {posixpath.basename(p)[:-len(".parquet")] for p in self._list(EMBEDDINGS, "*.parquet")}
+            done = {t for t in done if file_name_for(t) in have}
+        return done
 
     def read(self, name: str) -> pa.Table | None:
         """One table over all titles written so far, or None when there is none yet."""
@@ -163,22 +169,34 @@ class ResultStore:
             return None
         return rows[0] if rows else None
 
-    def write_title(self, record: TitleRecord, scores: pa.Table, segments: pa.Table) -> str:
-        """Replace the title's three files, the titles file last (it commits the title); returns
-        the status that now stands. A title written ``ok`` is never rewritten, except by an ``ok``
-        result of another checkpoint (a deliberate rescoring): then its ``ok`` stands."""
+    def write_title(self, record: TitleRecord, scores: pa.Table, segments: pa.Table,
+                    embeddings: pa.Table | None = None) -> str:
+        """Replace the title's files, the titles file last (it commits the title); returns the
+        status that now stands. A title written ``ok`` is never rewritten, except by an ``ok``
+        result of another checkpoint (a deliberate rescoring): then its ``ok`` stands. An ``ok``
+        title scored before without embeddings only gains its embeddings file."""
         standing = self.title_row(record.title_id)
-        if standing and standing["status"] == "ok" and (standing["model"] == record.model or record.status != "ok"):
-            return "ok"
         name = file_name_for(record.title_id)
+        if standing and standing["status"] == "ok" and (standing["model"] == record.model or record.status != "ok"):
+            if embeddings is not None and record.status == "ok" and standing["model"] == record.model:
+                self._write_atomic(EMBEDDINGS, name, embeddings)
+            return "ok"
+        if embeddings is not None and record.n_scored:  # before the commit: an ok title always has its file
+            self._write_atomic(EMBEDDINGS, name, embeddings)
+        elif embeddings is not None:  # nothing scored now: no vectors of an earlier attempt stay behind
+            self._remove_quietly(f"{self._dir(EMBEDDINGS)}/{name}.parquet")
         for table_name, table in zip(TABLES, (scores, segments, titles_table(record))):
             self._write_atomic(table_name, name, table)
         return record.status
 
-    def stage_title(self, record: TitleRecord, scores: pa.Table, segments: pa.Table, tag: str) -> None:
-        """Write the title's three files under temporary names of this run and ``tag`` (one per
-        writer process and attempt), for :meth:`commit_staged` (the driver) to commit or drop."""
+    def stage_title(self, record: TitleRecord, scores: pa.Table, segments: pa.Table, tag: str,
+                    embeddings: pa.Table | None = None) -> None:
+        """Write the title's files under temporary names of this run and ``tag`` (one per writer
+        process and attempt), for :meth:`commit_staged` (the driver) to commit or drop. The
+        embeddings file (``score --embeddings``) is staged only for a title with scored seconds."""
         name = file_name_for(record.title_id)
+        if embeddings is not None and record.n_scored:
+            self._write_parquet(self._staged(EMBEDDINGS, name, tag), embeddings)
         for table_name, table in zip(TABLES, (scores, segments, titles_table(record))):
             self._write_parquet(self._staged(table_name, name, tag), table)
 
@@ -190,10 +208,18 @@ class ResultStore:
         attempt's, finishing late) have other names and are never committed."""
         name = file_name_for(title_id)
         standing = self.title_row(title_id)
+        vectors = self._staged(EMBEDDINGS, name, tag) if EMBEDDINGS in self.tables else None
+        has_vectors = vectors is not None and self.fs.exists(vectors)
         if standing and standing["status"] == "ok" and (standing["model"] == model or status != "ok"):
-            for table_name in TABLES:
+            if has_vectors and status == "ok" and standing["model"] == model:  # gains its embeddings
+                self.fs.mv(vectors, f"{self._dir(EMBEDDINGS)}/{name}.parquet")
+            for table_name in self.tables:
                 self._remove_quietly(self._staged(table_name, name, tag))
             return "ok"
+        if has_vectors:  # before the commit: an ok title always has its file
+            self.fs.mv(vectors, f"{self._dir(EMBEDDINGS)}/{name}.parquet")
+        elif vectors is not None:  # nothing scored now: no vectors of an earlier attempt stay behind
+            self._remove_quietly(f"{self._dir(EMBEDDINGS)}/{name}.parquet")
         for table_name in TABLES:
             self.fs.mv(self._staged(table_name, name, tag), f"{self._dir(table_name)}/{name}.parquet")
         return status

@@ -48,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames-per-clip", type=positive_int, default=None, help="stills per clip (default: the checkpoint's)")
     p.add_argument("--decode-timeout-s", type=positive, default=DECODE_TIMEOUT_S,
                    help="a window whose decoder makes no progress this long fails (%(default)s)")
+    p.add_argument("--embeddings", action="store_true",
+                   help="also write OUT/embeddings: each scored second's vector (float16), for `kissray train "
+                        "--embeddings`, `kissray rescore` and `kissray similar` (docs/embeddings.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars at all (ours or Ray Data's)")
 
 
@@ -63,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"kissray score: {'WARNING: ' + caution if caution else 'model: ' + describe(checked[1].provenance)}",
           file=sys.stderr)
     with out_lock(args.out) as lock:  # a second live run on OUT: usage error naming this one
-        job = prepare_library(args.inputs, args.model, args.out, checked, lock)
+        job = prepare_library(args.inputs, args.model, args.out, checked, lock, embeddings=args.embeddings)
         with ray_connection(args.address):
             summary = run_library(job, params=params, window_s=args.window_s, batch_size=args.batch_size,
                                   max_actors=args.max_actors, num_gpus_per_actor=args.num_gpus_per_actor,

@@ -73,6 +73,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default: half the free space of its volume)")
     p.add_argument("--stills", choices=STILLS_MODES, default=None,
                    help="exact: the frame at each still time (default); keyframe: the last keyframe before it")
+    p.add_argument("--embeddings", action="append", default=[], metavar="DIR",
+                   help="serve POST /v1/similar over this `kissray score --embeddings` output (repeatable: "
+                        "one library)")
     p.set_defaults(func=run)
 
 
@@ -85,9 +88,14 @@ def config_from_args(args: argparse.Namespace):
                    require_api_key=args.require_api_key or None,
                    api_key_file=args.api_key_file and os.path.abspath(args.api_key_file),  # replicas run
                    upload_dir=args.upload_dir and os.path.abspath(args.upload_dir),  # in other directories
+                   embeddings=tuple(_absolute(out) for out in args.embeddings),
                    stage_dir=args.stage_dir and os.path.abspath(args.stage_dir),
                    batch_wait_timeout_s=None if args.batch_wait_ms is None else args.batch_wait_ms / 1000)
     return ServeConfig.from_dict({k: v for k, v in options.items() if v is not None})
+
+
+def _absolute(out: str) -> str:
+    return out if "://" in out else os.path.abspath(out)
 
 
 def _replicas(value: str) -> int | str:

@@ -24,6 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--annotations", required=True, help="CSV: uri,start_s,end_s,label[,split] (docs/weights-and-training.md)")
     p.add_argument("--out", required=True, help="checkpoint directory to write (any fsspec URI)")
+    p.add_argument("--embeddings", default=None, metavar="DIR",
+                   help="head mode from a `kissray score --embeddings` output's stored vectors: no decoding, "
+                        "the films need not be reachable (needs --init: the checkpoint that scored DIR)")
     p.add_argument("--init", default=None, help="start from this checkpoint (backbones, head rows of shared labels)")
     p.add_argument("--modality", choices=MODALITIES, default=None, help="default: the --init checkpoint's, else av")
     p.add_argument("--mode", choices=MODES, default=_DEFAULTS.mode,
@@ -54,13 +57,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from kissray.train import train
 
-    annotations = read_annotations(args.annotations)
+    annotations = read_annotations(args.annotations, check_films=args.embeddings is None)
     options = TrainOptions(mode=args.mode, modality=args.modality, epochs=args.epochs, lr=args.lr,
                            batch_size=args.batch_size, seed=args.seed, unlabelled=args.unlabelled,
                            image_size=args.image_size, frames_per_clip=args.frames_per_clip, device=args.device,
                            ray_workers=args.ray_workers, balance=args.balance, select_on=args.select_on,
                            stills=args.stills)
-    metrics = train(annotations, args.out, options, init=args.init)
+    metrics = train(annotations, args.out, options, init=args.init, embeddings=args.embeddings)
     balance = metrics["balance"]
     print(f"wrote {args.out} (best epoch {metrics['best_epoch']} by {metrics['selected_on']} "
           f"{metrics['selection']['metric'].upper()}; balance {balance['method']}"

@@ -45,6 +45,15 @@ class ScoreParams(BaseModel):
         return SegmentParams(self.threshold, self.min_len, self.min_fraction)
 
 
+class SimilarParams(BaseModel):
+    """The body of POST /v1/similar (SPEC 11)."""
+
+    model_config = ConfigDict(extra="forbid")
+    title_id: str = Field(min_length=1, max_length=256)
+    second: int = Field(ge=0, lt=2**31)
+    k: int = Field(20, ge=1, le=1000)
+
+
 class ApiError(HTTPException):
     """An HTTP error whose body is ``{"error": detail}``."""
 
@@ -104,6 +113,8 @@ class Scorer(Protocol):
 
     async def score(self, request: Request) -> JSONResponse: ...
 
+    async def similar(self, params: SimilarParams) -> JSONResponse: ...
+
 
 def build_api(scorer: Scorer, key: ApiKey | None) -> FastAPI:
     """The FastAPI app of one Ingress replica: GET /healthz, POST /v1/score, docs at /docs."""
@@ -118,6 +129,12 @@ def build_api(scorer: Scorer, key: ApiKey | None) -> FastAPI:
     async def score(request: Request) -> JSONResponse:
         """Score a film sent as multipart ``file``, or named by a JSON ``uri`` under an allowed prefix."""
         return await scorer.score(request)
+
+    @api.post("/v1/similar")
+    async def similar(params: SimilarParams) -> JSONResponse:
+        """The k seconds of the served library (``kissray serve --embeddings``) most like one of its
+        seconds: ``{results: [{title_id, second, similarity}]}``; 404 for an unknown title or second."""
+        return await scorer.similar(params)
 
     api.add_exception_handler(HTTPException, _http_error)
     api.add_exception_handler(RequestValidationError, _validation_error)

@@ -38,7 +38,7 @@ from kissray.errors import MediaError, UsageError
 from kissray.media import MediaInfo, MediaTooLargeError
 from kissray.media.stage_cache import LIMIT_VARIABLE as STAGE_LIMIT_VARIABLE
 from kissray.score import FilmResult, Scorer, assemble_film, title_id_for
-from kissray.serve.api import ApiError, ScoreParams, build_api, parse_params, result_json
+from kissray.serve.api import ApiError, ScoreParams, SimilarParams, build_api, parse_params, result_json
 from kissray.serve.config import MB, ServeConfig
 from kissray.serve.films import FilmDecoder, FilmLimits, FilmTooLongError
 from kissray.serve.limits import ApiKey, DecodeSlots, Slot, cpu_allotment
@@ -159,6 +159,8 @@ class Ingress:
         if config.upload_dir:
             os.makedirs(config.upload_dir, exist_ok=True)
         self._model_info: dict | None = None
+        self._library = None  # the embeddings POST /v1/similar searches, loaded on first use
+        self._library_lock = asyncio.Lock()
         if cpu_allotment() < self.slots.n:
             logger.warning("ingress: %d decode slots but only %d CPUs for this replica: films will share them",
                            self.slots.n, cpu_allotment())
@@ -285,6 +287,23 @@ class Ingress:
         probs = await response
         decoder.chunk_done()
         return list(zip(indices, probs))
+
+    async def similar(self, params: SimilarParams) -> JSONResponse:
+        """SPEC 11's ``similar`` over ``config.embeddings`` (404 when none is served)."""
+        from kissray.errors import UsageError
+
+        if not self.config.embeddings:
+            raise ApiError(404, "no embeddings are served (start the server with --embeddings DIR)")
+        async with self._library_lock:  # loaded once per replica, off the event loop
+            if self._library is None:
+                from kissray.similar import Library
+
+                self._library = await asyncio.to_thread(Library, list(self.config.embeddings))
+        try:
+            matches = await asyncio.to_thread(self._library.similar_to, params.title_id, params.second, params.k)
+        except UsageError as e:  # no such title or second
+            raise ApiError(404, str(e)) from e
+        return JSONResponse({"results": [dataclasses.asdict(m) for m in matches]})
 
     async def model_info(self) -> dict:
         if self._model_info is None:

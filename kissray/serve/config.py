@@ -51,10 +51,13 @@ class ServeConfig:
     max_queued_requests: int = 16  # requests Serve's proxy holds for the Ingress beyond those; then 503
     decode_timeout_s: float = DEFAULT_TIMEOUT_S  # longest wait for one clip from the decoder
     stills: str = "exact"  # exact | keyframe (SPEC section 2), as in `kissray score --stills`
+    embeddings: tuple[str, ...] = ()  # score outputs with embeddings: POST /v1/similar searches them (SPEC 11)
 
     def __post_init__(self):
         prefixes = self.allow_uri_prefixes
         object.__setattr__(self, "allow_uri_prefixes", (prefixes,) if isinstance(prefixes, str) else tuple(prefixes))
+        outs = self.embeddings
+        object.__setattr__(self, "embeddings", (outs,) if isinstance(outs, str) else tuple(outs))
         positive = {"max_upload_mb": self.max_upload_mb, "max_batch_size": self.max_batch_size,
                     "stage_max_mb": 1 if self.stage_max_mb is None else self.stage_max_mb,
                     "chunk_clips": self.chunk_clips, "max_film_s": self.max_film_s,

@@ -1,0 +1,1 @@
+"""Training helpers beyond :mod:`kissray.train`: learning from stored embeddings."""
