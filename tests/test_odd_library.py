@@ -20,10 +20,11 @@ def scored(tmp_path_factory, checkpoint, ray_session):
     """The library scored by `kissray score` on the session's Ray: (exit code, stderr, expected, titles)."""
     root = tmp_path_factory.mktemp("odd")
     expected = build(root / "films")
-    missing = root / "films" / "missing.mp4"
+    manifest = root / "missing.txt"  # a missing file on the command line is a usage error; in a manifest, a row
+    manifest.write_text(f"{root / 'films' / 'missing.mp4'}\n")
     out = root / "out"
     address = ray_session.get_runtime_context().gcs_address
-    code, _, stderr = run_cli_in_process(["score", str(root / "films"), str(missing), "--model", checkpoint,
+    code, _, stderr = run_cli_in_process(["score", str(root / "films"), str(manifest), "--model", checkpoint,
                                           "--out", str(out), "--address", address, "--no-progress"])
     expected = {os.path.splitext(name)[0]: status for name, status in expected.items()}
     expected["missing"] = "failed"
