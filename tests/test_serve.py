@@ -399,7 +399,14 @@ def test_calls_waiting_together_share_one_forward_pass(checkpoint, film, monkeyp
     from kissray.serve.app import Classifier
 
     clips = list(iter_clips(film, size=64))
-    classifier = Classifier.func_or_class(checkpoint, "cpu", max_batch_size=64, batch_wait_timeout_s=0.5)
+    from ray import serve
+
+    class Batcher(Classifier.func_or_class):
+        # a batcher of its own: @serve.batch keeps one queue per decorated function, and a queue made
+        # in this process would make the deployment class unpicklable for the apps of later tests
+        predict_batch = serve.batch(Classifier.func_or_class.predict_batch.__wrapped__)
+
+    classifier = Batcher(checkpoint, "cpu", max_batch_size=64, batch_wait_timeout_s=0.5)
 
     async def three_requests():
         return await asyncio.gather(*(classifier.predict(f"r{i}", clips[i:i + 2]) for i in range(3)))
