@@ -301,7 +301,7 @@ def _run_attempts(job: LibraryJob, spec: DecodeSpec, params: SegmentParams, pool
                                     batch_size=batch_size, pool=pool, run_id=job.store.run_id, attempt=attempt,
                                     embeddings=job.embeddings)
             try:
-                _collect(dataset, job, summary, bar, reported)
+                _collect(dataset, job, summary, bar, reported, spec.faults)
             except JobError:
                 raise  # OUT lost or unwritable: nothing more may be written
             except Exception as e:  # lost objects, an actor out of restarts...: redo what did not come back
@@ -411,7 +411,8 @@ def _check_cluster(error: Exception) -> None:
         raise JobError(f"lost the Ray cluster ({one_line(error)})") from e
 
 
-def _collect(dataset, job: LibraryJob, summary: LibrarySummary, bar: Progress, reported: set[str]) -> None:
+def _collect(dataset, job: LibraryJob, summary: LibrarySummary, bar: Progress, reported: set[str],
+             faults: FaultPlan = NO_FAULTS) -> None:
     """Run the plan, committing each title as its summary row streams back (ids into ``reported``)."""
     for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
         for row in batch.to_pylist():
@@ -422,6 +423,7 @@ def _collect(dataset, job: LibraryJob, summary: LibrarySummary, bar: Progress, r
             reported.add(row["title_id"])
             summary.add(status, row["n_scored"], row["title_id"], None if status == "ok" else error)
             bar.update(status=status)
+            faults.hold("commit", str(len(reported)))
 
 
 def _commit(job: LibraryJob, row: dict) -> str:

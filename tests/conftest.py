@@ -208,3 +208,48 @@ def ray_session():
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+CHROME_ARGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               "--no-first-run", "--window-size=1200,900")
+
+
+def open_chromium(profile_dir: Path):
+    """Headless Debian chromium under selenium (the test is skipped where it is not installed,
+    and fails under CI, where a skip would hide it)."""
+    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and chromedriver):
+        why = "no chromium + chromedriver on PATH: `make browser` (apt-get install chromium chromium-driver)"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set, so the browser tests must run: {why}")  # in CI a skip would hide them
+        pytest.skip(why)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in (*CHROME_ARGS, f"--user-data-dir={profile_dir}"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(chromedriver), options=options)
+
+
+@pytest.fixture(scope="session")
+def chromium(tmp_path_factory):
+    """One headless chromium for the session's browser tests (started on first use)."""
+    driver = open_chromium(tmp_path_factory.mktemp("chrome") / "profile")
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture()
+def browser(chromium):
+    """The session's chromium, as a test finds a new one: one window, an empty console log."""
+    chromium.get("about:blank")
+    chromium.get_log("browser")  # what earlier pages logged is not this test's
+    yield chromium
+    for handle in chromium.window_handles[1:]:
+        chromium.switch_to.window(handle)
+        chromium.close()
+    chromium.switch_to.window(chromium.window_handles[0])

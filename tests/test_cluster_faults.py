@@ -35,46 +35,30 @@ def films(tmp_path_factory) -> Path:
 
 
 def run_scenario(scenario: str, films: Path, checkpoint: str, out: Path) -> dict:
-    # the GPU node joins as soon as the job runs: the pool then has minutes of film to grow on
-    after = ["--after-titles", "0"] if scenario == "gpu_added" else []
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cluster_faults.py"), "--films", str(films),
-                           "--model", checkpoint, "--out", str(out), "--scenario", scenario, *after],
+                           "--model", checkpoint, "--out", str(out), "--scenario", scenario],
                           capture_output=True, text=True, timeout=480, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
-def long_films(tmp_path_factory) -> Path:
-    """Two minutes of film for a slow model: the job is still young when the GPU node joins."""
-    root = tmp_path_factory.mktemp("cluster-long-films")
-    for i, seconds in enumerate((6, 40, 40, 40)):
-        make_film(root / f"long{i}.mp4", seconds)
-    return root
+def expected(films, checkpoint) -> dict[str, np.ndarray]:
+    """``score_film`` of each film, computed once for the four scenarios."""
+    from kissray.model import load_model
 
-
-@pytest.fixture(scope="module")
-def slow_checkpoint(tmp_path_factory) -> str:
-    """A 448-px model: on CPU it is much slower than decoding, so the classifier pool has a queue
-    to grow for when a GPU node joins."""
-    from kissray.model import ModelConfig, init_model, save_model
-
-    path = str(tmp_path_factory.mktemp("ckpt224") / "ck")
-    save_model(init_model(ModelConfig(labels=["kiss"], image_size=448), seed=0), path)
-    return path
+    model = load_model(checkpoint)
+    return {p.stem: score_film(str(p), model).probs[:, 0] for p in sorted(films.iterdir())}
 
 
 @pytest.mark.parametrize("scenario", ["node_removed", "classifier_killed", "writer_killed", "gpu_added"])
-def test_every_title_ok_in_the_same_run(scenario, films, long_films, checkpoint, slow_checkpoint, tmp_path):
-    from kissray.model import load_model
-
-    if scenario == "gpu_added":
-        films, checkpoint = long_films, slow_checkpoint
-    model = load_model(checkpoint)
-    expected = {p.stem: score_film(str(p), model).probs[:, 0] for p in sorted(films.iterdir())}
+def test_every_title_ok_in_the_same_run(scenario, films, expected, checkpoint, tmp_path):
+    """The job waits at a hold point while the harm is done (benchmarks/cluster_faults.py
+    ``hold_point``), so the harm lands mid-run by construction; what the pool did is read from
+    the GCS actor table afterwards, not sampled."""
     result = run_scenario(scenario, films, checkpoint, tmp_path)
     assert result["action"] and result["action"] != "nothing", result  # the harm was done mid-run
-    if scenario.endswith("_killed"):  # a process was actually killed
+    if scenario.endswith("_killed"):  # the held actor's process was actually killed
         assert result["action"] == "SIGKILL to 1 actor(s)", result
     assert result["at_titles"] < len(expected), result
     assert (result["n_ok"], result["n_failed"], result["n_partial"]) == (len(expected), 0, 0), result
@@ -85,7 +69,8 @@ def test_every_title_ok_in_the_same_run(scenario, films, long_films, checkpoint,
     for title_id, probs in expected.items():
         got = scores[scores.title_id == title_id].sort_values("second").p.to_numpy()
         np.testing.assert_allclose(got, probs, atol=1e-5, err_msg=title_id)
-    if scenario == "gpu_added":  # the pool grew onto the GPU node that joined
+    if scenario == "gpu_added":  # the pool grew onto the GPU node that joined: two at once, one there
+        assert result["added_node"] in result["classifier_nodes"], result
         assert result["max_classifiers"] == 2, result
-    if scenario == "writer_killed":  # the titles it held were re-submitted
+    if scenario == "writer_killed":  # killed holding a title's earlier rows: that title was re-submitted
         assert result["attempts"] >= 2, result

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -18,11 +16,6 @@ from kissray.excerpts import ExcerptOptions, write_excerpts
 from kissray.outputs import read_outputs
 from kissray.report import PAGE_SIZE, _steps, library_summary, write_report
 from test_excerpts import Title, probs_with_peak, write_score_out
-
-CHROME_ARGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               "--no-first-run", "--window-size=1200,900")
-
 
 @pytest.fixture(scope="module")
 def library(tmp_path_factory) -> dict:
@@ -95,25 +88,6 @@ def test_page_is_self_contained_and_escapes_titles(library, tmp_path):
     assert "decoder died (signal 9)" in page and "no video stream" in page
 
 
-def open_chromium(profile_dir: Path):
-    """Headless Debian chromium under selenium (the test is skipped where it is not installed)."""
-    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and chromedriver):
-        why = "no chromium + chromedriver on PATH: `make browser` (apt-get install chromium chromium-driver)"
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set, so the browser tests must run: {why}")  # in CI a skip would hide them
-        pytest.skip(why)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for arg in (*CHROME_ARGS, f"--user-data-dir={profile_dir}"):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(service=Service(chromedriver), options=options)
-
-
 def first_screen_has_a_timeline(driver) -> bool:
     """A timeline is drawn in the first viewport (what a reader sees without scrolling)."""
     return driver.execute_script("""
@@ -121,13 +95,6 @@ def first_screen_has_a_timeline(driver) -> bool:
         return Array.from(document.querySelectorAll('svg.timeline')).some(svg => {
           const r = svg.getBoundingClientRect();
           return r.width > 100 && r.height > 20 && r.top >= 0 && r.bottom <= window.innerHeight; });""")
-
-
-@pytest.fixture()
-def browser(tmp_path):
-    driver = open_chromium(tmp_path / "chrome-profile")
-    yield driver
-    driver.quit()
 
 
 def _severe_console_messages(driver) -> list[str]:

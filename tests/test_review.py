@@ -30,7 +30,7 @@ from kissray.review.server import ReviewSite, make_server
 from kissray.train import read_metrics
 from s3_server import free_port
 from test_excerpts import Title, write_score_out
-from test_report import first_screen_has_a_timeline, open_chromium
+from test_report import first_screen_has_a_timeline
 
 SCREENSHOT_MAX_BYTES = 150_000
 DEADLINE_S = 90.0  # generous: the box is shared
@@ -100,13 +100,6 @@ def server(library):
     if process.proc.poll() is None:
         process.proc.terminate()
         process.proc.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    driver = open_chromium(tmp_path_factory.mktemp("chrome") / "profile")
-    yield driver
-    driver.quit()
 
 
 def open_page(driver, url: str) -> None:

@@ -18,7 +18,10 @@ Faults aimed at one title at one stage:
 And pauses at named points, for races between processes: ``hold_at`` (point, key) makes the
 caller write ``held-<point>`` in ``marker_dir`` and wait until the test writes ``release-<point>``
 there (points: ``lock-read``, between reading and writing OUT's lock; ``heartbeat``, before a
-renewal, as a paused holder).
+renewal, as a paused holder; ``commit``, keyed by a count, the driver once it has committed that
+many titles; ``classifier``, keyed by a title, a model actor about to score a batch of it;
+``writer``, keyed by a title, the writer about to add a batch of a title it holds earlier rows of).
+The marker holds the held process's pid, so a test can kill exactly that process.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from dataclasses import dataclass
 RAISE_STAGES = ("probe", "windows", "decode", "rows", "classifier", "segmenter", "write")
 CRASH_STAGES = ("decode", "classifier", "writer")
 KILL_STAGES = ("decode", "classifier")
-HOLD_POINTS = ("lock-read", "heartbeat")
+HOLD_POINTS = ("lock-read", "heartbeat", "commit", "classifier", "writer")
 HOLD_TIMEOUT_S = 600.0  # a held caller gives up waiting for its release after this long
 
 
@@ -82,7 +85,10 @@ class FaultPlan:
         """Wait here until the test releases ``point`` (a no-op unless the plan holds it)."""
         if (point, key) not in self.hold_at:
             return
-        os.close(os.open(os.path.join(self.marker_dir, f"held-{point}"), os.O_CREAT | os.O_WRONLY))
+        marker = os.path.join(self.marker_dir, f"held-{point}")
+        with open(f"{marker}.{os.getpid()}.tmp", "w") as f:  # whole, or not there at all
+            f.write(str(os.getpid()))
+        os.replace(f"{marker}.{os.getpid()}.tmp", marker)
         release = os.path.join(self.marker_dir, f"release-{point}")
         deadline = time.monotonic() + HOLD_TIMEOUT_S
         while not os.path.exists(release) and time.monotonic() < deadline:

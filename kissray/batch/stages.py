@@ -207,6 +207,8 @@ class Classifier:
         p = np.full((len(clips), len(self.scorer.labels)), np.nan, np.float32)
         self._vectors = np.zeros((len(clips), self.scorer.config.feature_dim if self.embeddings else 0), np.float16)
         errors = np.asarray(batch["error"], object).copy()
+        for title_id in np.unique(titles):
+            self.faults.hold("classifier", title_id)
         if clips.any():
             key = "classify:" + hashlib.sha1(pickle.dumps((titles[clips].tolist(),
                                                            batch["second"][clips].tolist()))).hexdigest()
@@ -311,6 +313,7 @@ class TitleWriter:
         for i in range(len(batch["title_id"])):
             title_id = str(batch["title_id"][i])
             if title_id in held:
+                self.faults.hold("writer", title_id)  # a test may kill it here, holding earlier rows
                 self.faults.crash("writer", title_id)  # dies holding the title's earlier rows
             if title_id not in self.open:
                 film_s, opened = film_s + int(batch["n_clips"][i]), opened + 1
