@@ -280,7 +280,7 @@ def test_killed_run_on_s3_leaves_only_whole_files_and_a_rerun_finishes(library, 
                                   .sort_values(["title_id", "second"]).reset_index(drop=True))
 
 
-ROUNDS_AT_THE_SAME_MOMENT = 3
+ROUNDS_AT_THE_SAME_MOMENT = 1  # the race itself is made deterministic in tests/test_lock.py
 
 
 @pytest.mark.slow

@@ -646,14 +646,6 @@ def stalled_upload(port: int, prefix: str = "", headers: bytes = b"") -> socket.
     return s
 
 
-def wait_for(condition, what: str, timeout_s: float = 90) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not seen within {timeout_s:.0f} s: {what}")
-        time.sleep(0.2)
-
-
 def test_clients_that_disconnect_leave_nothing_behind(server, media_dir, film, film_result):
     """24 hang-ups: 8 mid-upload, 8 after the upload (opening, decoding, classifying), 8 while
     queued (both slots held by stalled uploads): no temp file, decoders back to the idle pool, and
@@ -683,7 +675,7 @@ def test_clients_that_disconnect_leave_nothing_behind(server, media_dir, film, f
     ingress_before, proxy_before = len(ingress_log()), proxy_log().count(PROXY_GONE)
     holders = [stalled_upload(server.port) for _ in range(DECODE_SLOTS)]
     ports = [h.getsockname()[1] for h in holders]
-    wait_for(lambda: all(f":{port} " in ingress_log()[ingress_before:] for port in ports), "both slots taken")
+    poll(lambda: all(f":{port} " in ingress_log()[ingress_before:] for port in ports), "both slots taken")
     with stalled_upload(server.port, headers=SHORT_DEADLINE) as late:  # the deadline covers the queue
         assert read_reply(late).startswith(b"HTTP/1.1 408")
         ports.append(late.getsockname()[1])
@@ -696,7 +688,7 @@ def test_clients_that_disconnect_leave_nothing_behind(server, media_dir, film, f
     time.sleep(0.5)  # let the proxy route them into its queue
     for q, _ in queued:
         q.close()
-    wait_for(lambda: proxy_log().count(PROXY_GONE) >= proxy_before + len(queued), "Serve dropped the queued")
+    poll(lambda: proxy_log().count(PROXY_GONE) >= proxy_before + len(queued), "Serve dropped the queued")
     for h in holders:
         h.close()
     print(f"clean {wait_until_clean(server):.1f} s after 8 hang-ups while queued")
@@ -787,12 +779,12 @@ def test_ingress_scales_with_its_queue(server, checkpoint, tmp_path):
         # each holder asks Serve's proxy for a longer deadline (its own header): the queue outlives the test's wait
         holders = [stalled_upload(server.port, "/scaling", b"x-request-timeout-seconds: 300\r\n") for _ in range(6)]
         start = time.monotonic()
-        wait_for(lambda: ingress_replicas(SCALING_APP) == 2, "a second Ingress replica", timeout_s=180)
+        poll(lambda: ingress_replicas(SCALING_APP) == 2, "a second Ingress replica", timeout_s=180, every_s=0.2)
         up_s, start = time.monotonic() - start, time.monotonic()
         for h in holders:
             h.close()
         holders = []
-        wait_for(lambda: ingress_replicas(SCALING_APP) == 1, "back to one replica when idle", timeout_s=180)
+        poll(lambda: ingress_replicas(SCALING_APP) == 1, "back to one replica when idle", timeout_s=180, every_s=0.2)
         down_s = time.monotonic() - start
         print(f"Ingress autoscaling: 2 replicas {up_s:.0f} s into a queue of 5, 1 again {down_s:.0f} s after it emptied")
     finally:
