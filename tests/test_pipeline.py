@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -196,7 +197,7 @@ def test_an_unwritable_out_exits_1_with_one_line(tmp_path, checkpoint, film, cap
     assert code == 1 and "not writable" in err and "Traceback" not in err
 
 
-N_KILLED_RUN = 10  # titles in the run that is killed
+N_KILLED_RUN = 3  # titles in the run that is killed (after its first commit)
 
 
 def test_killed_run_loses_no_finished_title(tmp_path, checkpoint, ray_session):
@@ -206,21 +207,20 @@ def test_killed_run_loses_no_finished_title(tmp_path, checkpoint, ray_session):
     films.mkdir()
     for i in range(N_KILLED_RUN):
         make_film(films / f"film{i}.mp4", 3 + i % 3)
-    out = tmp_path / "out"
-    # batches of 2 clips on one actor: titles finish one by one, so the kill lands between two of them
+    out, markers = tmp_path / "out", tmp_path / "markers"
+    markers.mkdir()
+    # the driver waits once it has committed its first title (a test-only hold): the kill lands there
+    hold = json.dumps({"hold_at": [["commit", "1"]], "marker_dir": str(markers)})
     cmd = [sys.executable, "-m", "kissray.cli", "score", str(films), "--model", checkpoint, "--out", str(out),
-           "--address", "local", "--window-s", "2", "--actors", "1", "--batch-size", "2", "--no-progress",
-           "--embeddings"]
-    proc = subprocess.Popen(cmd, env={**os.environ, "RAY_ADDRESS": ""}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    try:  # a committed title, not the writer's temporary (dot) file
-        poll_run(lambda: (out / "titles").is_dir() and any(
-            p.suffix == ".parquet" and not p.name.startswith(".") for p in (out / "titles").iterdir()),
-            proc, "no title finished")
+           "--address", "local", "--window-s", "2", "--no-progress", "--embeddings"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "RAY_ADDRESS": "", "KISSRAY_TEST_FAULTS": hold},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        poll_run(lambda: (markers / "held-commit").exists(), proc, "the run never committed a title")
     finally:
-        kill_run(proc)
+        kill_run(proc)  # the driver and its own Ray: nothing of this run lands afterwards
     finished = set(read(out, "titles").title_id)
-    assert 1 <= len(finished) < N_KILLED_RUN, "kill the run mid-way"
+    assert len(finished) == 1, finished  # the one title committed before the hold, nothing after
     before = read(out, "scores")
     summary = score_library([str(films)], checkpoint, str(out), embeddings=True, window_s=2, progress=False)
     assert summary.n_skipped == len(finished) and summary.n_ok == N_KILLED_RUN - len(finished)

@@ -215,7 +215,7 @@ def test_rerun_on_s3_skips_ok_titles_without_rewriting_them(scored, library, ray
     assert len(read(out, "scores")) == int(after.n_scored.sum())
 
 
-N_KILLED_RUN = 8  # titles of the run that is killed
+N_KILLED_RUN = 3  # titles of the run that is killed (after its first commit)
 
 
 def assert_every_object_is_complete_parquet(out: str) -> None:
@@ -242,23 +242,24 @@ def test_killed_run_on_s3_leaves_only_whole_files_and_a_rerun_finishes(library, 
     out = f"{results}/{unique('killed')}"
     fs = observer()
     lock = f"{out.removeprefix('s3://')}/_kissray.lock"
-    titles_dir = f"{out.removeprefix('s3://')}/titles"
-    # batches of 2 clips on one actor: titles finish one by one, so the kill lands between two of them
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    # the driver waits once it has committed its first title (a test-only hold): the kill lands there
+    hold = json.dumps({"hold_at": [["commit", "1"]], "marker_dir": str(markers)})
     cmd = [sys.executable, "-m", "kissray.cli", "score", f"{prefix}/", "--model", library["model"], "--out", out,
-           "--address", "local", "--window-s", "2", "--actors", "1", "--batch-size", "2", "--no-progress"]
-    proc = subprocess.Popen(cmd, env={**os.environ, "RAY_ADDRESS": ""}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+           "--address", "local", "--window-s", "2", "--no-progress"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "RAY_ADDRESS": "", "KISSRAY_TEST_FAULTS": hold},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         poll_run(lambda: fs.exists(lock), proc, "the run never took OUT's lock")
         # a second run on the same OUT while the first is alive: a usage error naming the holder
         code, _, stderr = score([f"{prefix}/"], library["model"], out, ray_session)
         assert code == 2 and "in use by another run" in stderr and f"pid {proc.pid}," in stderr, stderr
-        poll_run(lambda: any(p.endswith(".parquet") and "/.tmp-" not in p for p in fs.find(titles_dir)), proc,
-                 "no title finished")
+        poll_run(lambda: (markers / "held-commit").exists(), proc, "the run never committed a title")
     finally:
-        kill_run(proc)
+        kill_run(proc)  # the driver and its own Ray: nothing of this run lands afterwards
     finished = set(read(out, "titles").title_id)
-    assert 1 <= len(finished) < N_KILLED_RUN, "kill the run mid-way"
+    assert len(finished) == 1, finished  # the one title committed before the hold, nothing after
     assert_every_object_is_complete_parquet(out)
     bucket, _, key = out.removeprefix("s3://").partition("/")
     assert not s3_client(s3).list_multipart_uploads(Bucket=bucket, Prefix=key).get("Uploads")

@@ -1,5 +1,7 @@
 """Test-only fault injection for the library job: nothing happens unless a :class:`FaultPlan` is
-passed to :func:`kissray.pipeline.run_library` (``faults=``); the default plan is empty.
+passed to :func:`kissray.pipeline.run_library` (``faults=``); the default plan is empty. A test that
+runs ``kissray score`` as a process of its own (to SIGKILL it) hands it a plan as JSON in
+``KISSRAY_TEST_FAULTS`` (:func:`plan_from_env`); unset, as everywhere but in tests, nothing happens.
 
 Faults aimed at one title at one stage:
 
@@ -26,6 +28,7 @@ The marker holds the held process's pid, so a test can kill exactly that process
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -112,6 +115,18 @@ class FaultPlan:
 
 
 NO_FAULTS = FaultPlan()
+TEST_PLAN_ENV = "KISSRAY_TEST_FAULTS"
+
+
+def plan_from_env() -> FaultPlan:
+    """The plan in ``KISSRAY_TEST_FAULTS`` (FaultPlan's fields as JSON, pairs as lists), or the
+    empty plan when it is unset."""
+    raw = os.environ.get(TEST_PLAN_ENV, "")
+    if not raw:
+        return NO_FAULTS
+    fields = json.loads(raw)
+    return FaultPlan(**{name: tuple(tuple(v) if isinstance(v, list) else v for v in value)
+                        if isinstance(value, list) else value for name, value in fields.items()})
 
 
 def _write_late(payload_path: str) -> None:

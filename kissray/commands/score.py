@@ -55,6 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kissray.batch.faults import plan_from_env
     from kissray.pipeline import check_address, check_request, out_lock, prepare_library, ray_connection, run_library
     from kissray.provenance import describe, warning
     from kissray.score import SegmentParams
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
             summary = run_library(job, params=params, window_s=args.window_s, batch_size=args.batch_size,
                                   max_actors=args.max_actors, num_gpus_per_actor=args.num_gpus_per_actor,
                                   decode_timeout_s=args.decode_timeout_s, frames_per_clip=args.frames_per_clip,
-                                  stills=args.stills, progress=not args.no_progress)
+                                  stills=args.stills, progress=not args.no_progress, faults=plan_from_env())
     for title_id, status, error in summary.failures:
         print(f"{status}: {title_id}: {error}", file=sys.stderr)
     print("\n".join(closing_lines(job, summary, params, caution)))
