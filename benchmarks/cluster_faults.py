@@ -5,8 +5,10 @@ and to measure what a lost node costs.
 Scenarios: ``none``; ``node_removed`` (a worker node is removed once titles have started to
 finish); ``classifier_killed`` / ``writer_killed`` (the actor's process gets SIGKILL mid-run, the
 writer while it holds a title's earlier rows); ``gpu_added`` (the head has no GPU, one worker a GPU
-resource; a second GPU node joins mid-run and the classifier pool must grow onto it). The job
-waits at a test-only hold point (:func:`hold_point`) while the harm is done, so it lands mid-run by
+resource; a second GPU node joins mid-run and the classifier pool must grow onto it);
+``actors_killed`` (the classifier, then the writer, each SIGKILLed while it holds a title);
+``nodes_changed`` (``gpu_added``, then the CPU worker node is removed, in one run). The job waits
+at a test-only hold point (:func:`steps`) while the harm is done, so it lands mid-run by
 construction. Prints one JSON object: the run's summary, what was done to the cluster, and from
 the GCS actor table (not sampled) the largest number of classifier actors alive at once and the
 nodes that ran one.
@@ -29,7 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SCENARIOS = ("none", "node_removed", "classifier_killed", "writer_killed", "gpu_added")
+SCENARIOS = ("none", "node_removed", "classifier_killed", "writer_killed", "gpu_added", "actors_killed",
+             "nodes_changed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--after-titles", type=int, default=1, help="node_removed: act once this many titles are committed")
     p.add_argument("--grow-timeout-s", type=float, default=300.0,
-                   help="gpu_added: how long the held classifier waits for the pool to grow onto the new node")
+                   help="gpu_added, nodes_changed: how long the held classifier waits for the pool to grow onto the new node")
     return p
 
 
@@ -51,20 +54,28 @@ def start_cluster(scenario: str, workers: int):
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    nodes = [cluster.add_node(num_cpus=1, num_gpus=1 if scenario == "gpu_added" and i == 0 else 0)
+    gpus = scenario in ("gpu_added", "nodes_changed")  # the first worker has a GPU; one more joins mid-run
+    nodes = [cluster.add_node(num_cpus=1, num_gpus=1 if gpus and i == 0 else 0)
              for i in range(workers)]
     cluster.wait_for_nodes()
     return cluster, nodes
 
 
-def hold_point(scenario: str, first_title: str, after_titles: int) -> tuple[str, str] | None:
-    """Where the job waits (test-only hold, kissray/batch/faults.py) while the harm is done, so the
-    harm lands mid-run by construction, not by the luck of a sample: ``node_removed`` once
-    ``after_titles`` are committed; ``classifier_killed`` and ``gpu_added`` in the model actor
-    about to score the first title (which is then not finished); ``writer_killed`` in the writer
-    about to add rows to a title it holds earlier rows of (so the kill loses them)."""
-    return {"node_removed": ("commit", str(after_titles)), "classifier_killed": ("classifier", first_title),
-            "gpu_added": ("classifier", first_title), "writer_killed": ("writer", first_title)}.get(scenario)
+def steps(scenario: str, titles: list[str], after_titles: int) -> list[tuple[tuple[str, str], list[str]]]:
+    """The scenario's harms, each done while the job waits at a test-only hold point
+    (kissray/batch/faults.py), so it lands mid-run by construction, not by the luck of a sample:
+    [(hold point, harms done while held)]. ``commit``: once ``after_titles`` are committed;
+    ``classifier``: the model actor about to score a title (which is then not finished);
+    ``writer``: the writer about to add rows to a title it holds earlier rows of (a kill loses
+    them). ``actors_killed`` and ``nodes_changed`` do two harms in one run."""
+    first, second = titles[0], titles[1 % len(titles)]
+    return {"none": [],
+            "node_removed": [(("commit", str(after_titles)), ["remove_node"])],
+            "classifier_killed": [(("classifier", first), ["kill_classifier"])],
+            "writer_killed": [(("writer", first), ["kill_writer"])],
+            "gpu_added": [(("classifier", first), ["add_gpu_node"])],
+            "actors_killed": [(("classifier", first), ["kill_classifier"]), (("writer", second), ["kill_writer"])],
+            "nodes_changed": [(("classifier", first), ["add_gpu_node", "remove_node"])]}[scenario]
 
 
 def classifier_actors() -> list[dict]:
@@ -102,44 +113,47 @@ def written_titles(out: str) -> int:
     return sum(p.suffix == ".parquet" and not p.name.startswith(".") for p in folder.iterdir()) if folder.is_dir() else 0
 
 
-def disturb(cluster, nodes, args, point: tuple[str, str], markers: Path, done: threading.Event) -> dict:
-    """Wait until the job is held at ``point``, do the scenario's harm, then release it."""
-    seen = {"action": None, "at_titles": None, "added_node": None}
-    if point is None:
-        done.wait()
-        return {**seen, "action": "nothing"}
-    held, release = markers / f"held-{point[0]}", markers / f"release-{point[0]}"
+def disturb(cluster, nodes, args, plan: list, markers: Path, done: threading.Event) -> dict:
+    """Whenever the job is held at one of the plan's points, do its harms, then release it."""
+    seen = {"actions": [], "at_titles": None, "added_node": None}
+    workers = list(nodes)  # as started: the node removed is the last of these
+    pending = list(plan)
     try:
-        while not done.is_set() and not held.exists():
+        while pending and not done.is_set():
+            for point, harms in [step for step in pending if (markers / f"held-{step[0][0]}").exists()]:
+                at = written_titles(args.out)
+                seen["at_titles"] = at if seen["at_titles"] is None else max(seen["at_titles"], at)
+                held_pid = int((markers / f"held-{point[0]}").read_text())
+                for harm in harms:
+                    seen["actions"].append(act(cluster, nodes, workers, harm, held_pid, args, seen, done))
+                (markers / f"release-{point[0]}").touch()
+                pending.remove((point, harms))
             done.wait(0.05)
-        if done.is_set():
-            return seen  # the job ended without reaching the point: action None fails the test
-        seen["at_titles"] = written_titles(args.out)
-        seen["action"] = act(cluster, nodes, args.scenario, int(held.read_text()))
-        if args.scenario == "gpu_added":  # keep the first actor busy until the pool has grown onto the new node
-            deadline = time.monotonic() + args.grow_timeout_s
-            seen["added_node"] = nodes[-1].node_id
-            while not done.is_set() and time.monotonic() < deadline and not any(
-                    a["State"] == "ALIVE" and a["Address"]["NodeID"] == seen["added_node"] for a in classifier_actors()):
-                done.wait(0.2)
     finally:
-        release.touch()
+        for point, _ in plan:
+            (markers / f"release-{point[0]}").touch()
     return seen
 
 
-def act(cluster, nodes, scenario: str, held_pid: int) -> str | None:
-    if scenario == "node_removed":
-        cluster.remove_node(nodes[-1], allow_graceful=False)
+def act(cluster, nodes, workers, harm: str, held_pid: int, args, seen: dict, done: threading.Event) -> str | None:
+    if harm == "remove_node":
+        cluster.remove_node(workers[-1], allow_graceful=False)
         return "removed a worker node"
-    if scenario in ("classifier_killed", "writer_killed"):
-        if held_pid not in actor_pids("Classifier" if scenario == "classifier_killed" else "TitleWriter"):
+    if harm in ("kill_classifier", "kill_writer"):
+        stage = "Classifier" if harm == "kill_classifier" else "TitleWriter"
+        if held_pid not in actor_pids(stage):
             return None  # the held process is not the stage's actor: fails the test
         os.kill(held_pid, signal.SIGKILL)
-        return "SIGKILL to 1 actor(s)"
-    if scenario == "gpu_added":
+        return f"SIGKILL to the held {stage}"
+    if harm == "add_gpu_node":
         nodes.append(cluster.add_node(num_cpus=1, num_gpus=1))
+        seen["added_node"] = nodes[-1].node_id
+        deadline = time.monotonic() + args.grow_timeout_s  # the held actor stays busy until the pool grew there
+        while not done.is_set() and time.monotonic() < deadline and not any(
+                a["State"] == "ALIVE" and a["Address"]["NodeID"] == seen["added_node"] for a in classifier_actors()):
+            done.wait(0.2)
         return "added a GPU node"
-    return "nothing"
+    raise ValueError(harm)
 
 
 def run_job(args, markers: Path, done: threading.Event, outcome: dict) -> None:
@@ -152,9 +166,9 @@ def run_job(args, markers: Path, done: threading.Event, outcome: dict) -> None:
     try:
         with out_lock(args.out) as lock:
             job = prepare_library([args.films], args.model, args.out, lock=lock)
-            point = hold_point(args.scenario, sorted(t.title_id for t in job.titles)[0], args.after_titles)
-            outcome["point"] = point
-            faults = FaultPlan(hold_at=(point,), marker_dir=str(markers)) if point else FaultPlan()
+            plan = steps(args.scenario, sorted(t.title_id for t in job.titles), args.after_titles)
+            outcome["plan"] = plan
+            faults = FaultPlan(hold_at=tuple(point for point, _ in plan), marker_dir=str(markers))
             outcome["summary"] = run_library(job, params=SegmentParams(threshold=0.47, min_len=3, min_fraction=0.6),
                                              window_s=args.window_s, batch_size=args.batch_size,
                                              decode_timeout_s=60, progress=False, faults=faults)
@@ -176,9 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     job = threading.Thread(target=run_job, args=(args, markers, done, outcome))
     try:
         job.start()
-        while "point" not in outcome and not done.is_set():  # the job names its titles first
+        while "plan" not in outcome and not done.is_set():  # the job names its titles first
             done.wait(0.05)
-        seen = disturb(cluster, nodes, args, outcome.get("point"), markers, done)
+        seen = disturb(cluster, nodes, args, outcome.get("plan", []), markers, done)
         job.join()
         seen["max_classifiers"] = most_at_once(actors := classifier_actors())
         seen["classifier_nodes"] = sorted({a["Address"]["NodeID"] for a in actors})

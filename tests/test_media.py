@@ -262,9 +262,10 @@ def long_film(media_dir) -> str:
 
 @pytest.mark.parametrize("how", ["hang", "crash"])
 def test_hung_or_crashed_decoder_is_a_typed_error_and_never_reused(film, long_film, how):
-    with ClipReader(long_film, size=32, timeout_s=2) as reader:
+    with ClipReader(long_film, size=32, timeout_s=120) as reader:  # a loaded machine may start it slowly
         clips = iter(reader)
         next(clips)
+        reader.timeout_s = 2  # from here: the stopped decoder is given up after 2 s
         pid = decoder_pid(reader)
         os.kill(pid, signal.SIGSTOP if how == "hang" else signal.SIGKILL)
         error = DecodeTimeoutError if how == "hang" else DecodeError

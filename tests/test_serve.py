@@ -569,9 +569,9 @@ def test_over_long_film_is_413(server, media_dir):
     assert_error(server.post(json={"uri": str(path)}), 413, "longer than the limit")
 
 
-def test_flood_gets_only_200_and_503_with_retry_after(server, film, model):
+def test_flood_gets_only_200_and_503_with_retry_after(server, film, film_result):
     """40 at once: Serve runs 2, queues QUEUED and answers the rest 503 + Retry-After itself."""
-    expected = score_film(film, model)
+    expected = film_result
     answers = [r for r, _ in burst(server, film, 40)]
     codes = [r.status_code for r in answers]
     assert set(codes) <= {200, 503}, codes
@@ -719,13 +719,13 @@ def proxy_log() -> str:
     return serve_log("proxy_*.log")
 
 
-def test_uri_is_fetched_once_through_the_stage_cache(server, s3, film, model):
+def test_uri_is_fetched_once_through_the_stage_cache(server, s3, film, film_result):
     """The same film asked twice by URI: one download, kept in Serve's stage directory."""
     import fsspec
 
     uri = f"{S3_PREFIX}twice.mp4"
     fsspec.filesystem("s3").put(film, uri.removeprefix("s3://"))
-    size, expected = os.path.getsize(film), score_film(film, model)
+    size, expected = os.path.getsize(film), film_result
     fetched = []
     for _ in range(2):
         before = s3.bytes_down
