@@ -253,3 +253,34 @@ def browser(chromium):
         chromium.switch_to.window(handle)
         chromium.close()
     chromium.switch_to.window(chromium.window_handles[0])
+
+
+# KISSRAY_TEST_CPU=1: after the run, the tests that kept this machine busiest (CPU-seconds of every
+# process, from /proc/stat, setup and teardown included). --durations shows wall time; on a shared
+# 2-core machine the CPU a test burns is what slows everything beside it.
+_CPU_BY_TEST: dict[str, float] = {}
+
+
+def _busy_cpu_s() -> float:
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    if not os.environ.get("KISSRAY_TEST_CPU"):
+        yield
+        return
+    before = _busy_cpu_s()
+    yield
+    _CPU_BY_TEST[item.nodeid] = _busy_cpu_s() - before
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _CPU_BY_TEST:
+        return
+    total = sum(_CPU_BY_TEST.values())
+    terminalreporter.write_sep("=", f"busiest 30 tests (machine CPU-s; all tests {total:.0f} CPU-s)")
+    for nodeid, cpu_s in sorted(_CPU_BY_TEST.items(), key=lambda kv: -kv[1])[:30]:
+        terminalreporter.write_line(f"{cpu_s:8.1f}  {nodeid}")
