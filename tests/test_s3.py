@@ -244,10 +244,11 @@ def test_killed_run_on_s3_leaves_only_whole_files_and_a_rerun_finishes(library, 
     lock = f"{out.removeprefix('s3://')}/_kissray.lock"
     markers = tmp_path / "markers"
     markers.mkdir()
+    address = ray_session.get_runtime_context().gcs_address  # Ray kills a dead driver's workers and actors
     # the driver waits once it has committed its first title (a test-only hold): the kill lands there
     hold = json.dumps({"hold_at": [["commit", "1"]], "marker_dir": str(markers)})
     cmd = [sys.executable, "-m", "kissray.cli", "score", f"{prefix}/", "--model", library["model"], "--out", out,
-           "--address", "local", "--window-s", "2", "--no-progress"]
+           "--address", address, "--window-s", "2", "--no-progress"]
     proc = subprocess.Popen(cmd, env={**os.environ, "RAY_ADDRESS": "", "KISSRAY_TEST_FAULTS": hold},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -257,7 +258,7 @@ def test_killed_run_on_s3_leaves_only_whole_files_and_a_rerun_finishes(library, 
         assert code == 2 and "in use by another run" in stderr and f"pid {proc.pid}," in stderr, stderr
         poll_run(lambda: (markers / "held-commit").exists(), proc, "the run never committed a title")
     finally:
-        kill_run(proc)  # the driver and its own Ray: nothing of this run lands afterwards
+        kill_run(proc)  # the driver, the one committer: nothing of this run is committed afterwards
     finished = set(read(out, "titles").title_id)
     assert len(finished) == 1, finished  # the one title committed before the hold, nothing after
     assert_every_object_is_complete_parquet(out)
