@@ -7,7 +7,9 @@ finish); ``classifier_killed`` / ``writer_killed`` (the actor's process gets SIG
 writer while it holds a title's earlier rows); ``gpu_added`` (the head has no GPU, one worker a GPU
 resource; a second GPU node joins mid-run and the classifier pool must grow onto it);
 ``actors_killed`` (the classifier, then the writer, each SIGKILLed while it holds a title);
-``nodes_changed`` (``gpu_added``, then the CPU worker node is removed, in one run). The job waits
+``nodes_changed`` (``gpu_added``, then the CPU worker node is removed, in one run); ``churn`` (all
+four in one run: a GPU node joins and the pool grows onto it, the held classifier is SIGKILLed, the
+CPU worker node is removed, and the writer is SIGKILLed while it holds a title). The job waits
 at a test-only hold point (:func:`steps`) while the harm is done, so it lands mid-run by
 construction. Prints one JSON object: the run's summary, what was done to the cluster, and from
 the GCS actor table (not sampled) the largest number of classifier actors alive at once and the
@@ -32,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SCENARIOS = ("none", "node_removed", "classifier_killed", "writer_killed", "gpu_added", "actors_killed",
-             "nodes_changed")
+             "nodes_changed", "churn")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +56,7 @@ def start_cluster(scenario: str, workers: int):
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    gpus = scenario in ("gpu_added", "nodes_changed")  # the first worker has a GPU; one more joins mid-run
+    gpus = scenario in ("gpu_added", "nodes_changed", "churn")  # the first worker has a GPU; one more joins mid-run
     nodes = [cluster.add_node(num_cpus=1, num_gpus=1 if gpus and i == 0 else 0)
              for i in range(workers)]
     cluster.wait_for_nodes()
@@ -67,7 +69,7 @@ def steps(scenario: str, titles: list[str], after_titles: int) -> list[tuple[tup
     [(hold point, harms done while held)]. ``commit``: once ``after_titles`` are committed;
     ``classifier``: the model actor about to score a title (which is then not finished);
     ``writer``: the writer about to add rows to a title it holds earlier rows of (a kill loses
-    them). ``actors_killed`` and ``nodes_changed`` do two harms in one run."""
+    them). ``actors_killed`` and ``nodes_changed`` do two harms in one run, ``churn`` all four."""
     first, second = titles[0], titles[1 % len(titles)]
     return {"none": [],
             "node_removed": [(("commit", str(after_titles)), ["remove_node"])],
@@ -75,7 +77,9 @@ def steps(scenario: str, titles: list[str], after_titles: int) -> list[tuple[tup
             "writer_killed": [(("writer", first), ["kill_writer"])],
             "gpu_added": [(("classifier", first), ["add_gpu_node"])],
             "actors_killed": [(("classifier", first), ["kill_classifier"]), (("writer", second), ["kill_writer"])],
-            "nodes_changed": [(("classifier", first), ["add_gpu_node", "remove_node"])]}[scenario]
+            "nodes_changed": [(("classifier", first), ["add_gpu_node", "remove_node"])],
+            "churn": [(("classifier", first), ["add_gpu_node", "kill_classifier", "remove_node"]),
+                      (("writer", second), ["kill_writer"])]}[scenario]
 
 
 def classifier_actors() -> list[dict]:

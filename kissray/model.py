@@ -103,12 +103,68 @@ class VGGish(nn.Module):
         return self.embeddings(x)
 
 
-def resnet18_trunk() -> nn.Module:
-    import torchvision
+class _BasicBlock(nn.Module):
+    """torchvision's ``BasicBlock``: two 3x3 convs and a shortcut (attributes in its order)."""
 
-    trunk = torchvision.models.resnet18(weights=None)
-    trunk.fc = nn.Identity()
-    return trunk
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet18Trunk(nn.Module):
+    """ResNet-18 up to its pooled 512-d feature: torchvision's ``resnet18(weights=None)`` with
+    ``fc = Identity()``, written out so that building a model does not import torchvision (whose
+    import pulls in ``torch._dynamo``: ~1.3 CPU-s in every model actor and Serve replica). Same
+    modules in the same order, so the same state-dict keys (torchvision's ImageNet weights load as
+    they are) and, seeded alike, the same random weights (tests/test_model.py checks both)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self._inplanes = 64
+        self.layer1 = self._make_layer(64, 1)
+        self.layer2 = self._make_layer(128, 2)
+        self.layer3 = self._make_layer(256, 2)
+        self.layer4 = self._make_layer(512, 2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        nn.Linear(512, 1000)  # torchvision builds its 1000-class fc here: the same draws from the seed
+        self.fc = nn.Identity()
+        for m in self.modules():  # torchvision's initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+
+    def _make_layer(self, planes: int, stride: int) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self._inplanes != planes:
+            downsample = nn.Sequential(nn.Conv2d(self._inplanes, planes, 1, stride=stride, bias=False),
+                                       nn.BatchNorm2d(planes))
+        first = _BasicBlock(self._inplanes, planes, stride, downsample)
+        self._inplanes = planes
+        return nn.Sequential(first, _BasicBlock(planes, planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def resnet18_trunk() -> nn.Module:
+    return ResNet18Trunk()
 
 
 def _pixel_stats() -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,6 +25,12 @@ from kissray.media.ffmpeg import H264_ARGS, write_film
 # cores, spinning threads took CPU from everything beside them (torch-heavy tests: 178 s -> 134 s
 # beside an ffmpeg encode). Set before any test imports torch; Ray workers inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Ray starts its workers at nice 15 (RAY_worker_niceness), for clusters where they must never slow
+# the raylet. Beside a CPU-heavy process at nice 0 (an ffmpeg encode) that left every Ray worker a
+# few percent of a core: the Ray tests ran 3-4x slower than alone (test_faults.py: 216 s beside an
+# x264 encode, 139 s at nice 0). The test session's Rays, and the Rays of the CLI children and
+# benchmark scripts it starts (they inherit this environment), run their workers at nice 0.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 PALETTE = np.array([(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0),
                     (0, 255, 255), (255, 0, 255), (255, 255, 255), (0, 0, 0)], np.uint8)
@@ -260,7 +266,7 @@ def browser(chromium):
     chromium.switch_to.window(chromium.window_handles[0])
 
 
-# KISSRAY_TEST_CPU=1: after the run, the tests that kept this machine busiest (CPU-seconds of every
+# KISSRAY_TEST_CPU=1 (or =FILE, which also gets every test's figure): after the run, the tests that kept this machine busiest (CPU-seconds of every
 # process, from /proc/stat, setup and teardown included). --durations shows wall time; on a shared
 # 2-core machine the CPU a test burns is what slows everything beside it.
 _CPU_BY_TEST: dict[str, float] = {}
@@ -287,5 +293,8 @@ def pytest_terminal_summary(terminalreporter):
         return
     total = sum(_CPU_BY_TEST.values())
     terminalreporter.write_sep("=", f"busiest 30 tests (machine CPU-s; all tests {total:.0f} CPU-s)")
-    for nodeid, cpu_s in sorted(_CPU_BY_TEST.items(), key=lambda kv: -kv[1])[:30]:
+    ranked = sorted(_CPU_BY_TEST.items(), key=lambda kv: -kv[1])
+    for nodeid, cpu_s in ranked[:30]:
         terminalreporter.write_line(f"{cpu_s:8.1f}  {nodeid}")
+    if os.environ["KISSRAY_TEST_CPU"] != "1":  # a file name: every test, tab-separated
+        Path(os.environ["KISSRAY_TEST_CPU"]).write_text("".join(f"{c:.1f}\t{n}\n" for n, c in ranked))

@@ -130,6 +130,38 @@ def test_backbone_weights_from_files_the_test_writes(tmp_path):
     torch.testing.assert_close(model.resnet.state_dict()["conv1.weight"], resnet_state["conv1.weight"])
 
 
+def test_resnet18_trunk_is_torchvisions(tmp_path):
+    """kissray's ResNet-18 (written out so that a model actor never imports torchvision) is
+    torchvision's ``resnet18`` without its fc: the same keys and shapes, the same weights from the
+    same seed, the same features from the same weights (ImageNet-trained or random)."""
+    import subprocess
+    import sys
+
+    import torchvision
+
+    torch.manual_seed(3)
+    theirs = torchvision.models.resnet18(weights=None)
+    theirs.fc = torch.nn.Identity()
+    torch.manual_seed(3)
+    ours = resnet18_trunk()
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    for key, value in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key
+    generator = torch.Generator().manual_seed(5)
+    trained = {k: torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
+               for k, v in theirs.state_dict().items()}
+    trained = {k: v.abs() + 0.5 if k.endswith("running_var") else v for k, v in trained.items()}
+    ours.load_state_dict(trained)
+    theirs.load_state_dict(trained)
+    x = torch.randn(2, 3, 64, 64, generator=generator)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), theirs.eval()(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours.train()(x), theirs.train()(x), rtol=1e-5, atol=1e-5)
+    code = ("import sys; from kissray.model import ModelConfig, init_model; init_model(ModelConfig(image_size=64)); "
+            "assert 'torchvision' not in sys.modules, 'building a model imported torchvision'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
 def test_sha256_pin_and_no_unpickling(tmp_path):
     path = tmp_path / "vggish.pth"
     torch.save(VGGish().state_dict(), path)
