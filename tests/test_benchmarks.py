@@ -85,11 +85,11 @@ def test_embeddings_benchmark_runs_quick(tmp_path, ray_session):
     out = tmp_path / "r.json"
     address = ray_session.get_runtime_context().gcs_address  # the session's Ray: no second start-up
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "embeddings.py"), "--size", "64", "--titles", "3", "--seconds", "3",
+        [sys.executable, str(ROOT / "benchmarks" / "embeddings.py"), "--size", "64", "--titles", "2", "--seconds", "2",
          "--vectors", "3000", "--queries", "10", "--address", address, "--skip-usearch", "--json", str(out)],
         capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_ADDRESS": ""})
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
-    assert result["score"]["titles"] == 3 and result["score"]["scored_seconds"] == 9
+    assert result["score"]["titles"] == 2 and result["score"]["scored_seconds"] == 4
     assert result["score"]["max_abs_dp"] < 1e-3 and result["score"]["rescore_s"] > 0
     assert result["similar"]["faiss_recall_at_10"] > 0.5 and "| faiss IVF fp16" in proc.stdout

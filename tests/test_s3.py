@@ -235,7 +235,9 @@ def assert_every_object_is_complete_parquet(out: str) -> None:
 
 
 @pytest.mark.slow
-def test_killed_run_on_s3_leaves_only_whole_files_and_a_rerun_finishes(library, results, tmp_path, ray_session, s3):
+def test_killed_run_on_s3_leaves_only_whole_files_and_a_rerun_finishes(library, results, checkpoint, tmp_path,
+                                                                       ray_session, s3):
+    # films and OUT on S3; the checkpoint local (``scored`` reads one from S3: 333 MB per load)
     prefix = f"s3://films/{unique('killed')}"
     for i in range(N_KILLED_RUN):
         upload(make_film(tmp_path / f"film{i}.mp4", 3 + i % 2), f"{prefix}/film{i}.mp4")
@@ -247,14 +249,14 @@ def test_killed_run_on_s3_leaves_only_whole_files_and_a_rerun_finishes(library, 
     address = ray_session.get_runtime_context().gcs_address  # Ray kills a dead driver's workers and actors
     # the driver waits once it has committed its first title (a test-only hold): the kill lands there
     hold = json.dumps({"hold_at": [["commit", "1"]], "marker_dir": str(markers)})
-    cmd = [sys.executable, "-m", "kissray.cli", "score", f"{prefix}/", "--model", library["model"], "--out", out,
+    cmd = [sys.executable, "-m", "kissray.cli", "score", f"{prefix}/", "--model", checkpoint, "--out", out,
            "--address", address, "--window-s", "2", "--no-progress"]
     proc = subprocess.Popen(cmd, env={**os.environ, "RAY_ADDRESS": "", "KISSRAY_TEST_FAULTS": hold},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         poll_run(lambda: fs.exists(lock), proc, "the run never took OUT's lock")
         # a second run on the same OUT while the first is alive: a usage error naming the holder
-        code, _, stderr = score([f"{prefix}/"], library["model"], out, ray_session)
+        code, _, stderr = score([f"{prefix}/"], checkpoint, out, ray_session)
         assert code == 2 and "in use by another run" in stderr and f"pid {proc.pid}," in stderr, stderr
         poll_run(lambda: (markers / "held-commit").exists(), proc, "the run never committed a title")
     finally:
@@ -266,7 +268,7 @@ def test_killed_run_on_s3_leaves_only_whole_files_and_a_rerun_finishes(library, 
     assert not s3_client(s3).list_multipart_uploads(Bucket=bucket, Prefix=key).get("Uploads")
     assert json.loads(fs.cat(lock))["pid"] == proc.pid  # the dead run's lock is still there...
     before = read(out, "scores")
-    code, stdout, stderr = score([f"{prefix}/"], library["model"], out, ray_session)  # ...and taken over
+    code, stdout, stderr = score([f"{prefix}/"], checkpoint, out, ray_session)  # ...and taken over
     assert code == 0, stderr
     assert (f"{N_KILLED_RUN} titles: {N_KILLED_RUN - len(finished)} ok, 0 partial, 0 failed, "
             f"{len(finished)} skipped") in stdout
@@ -286,15 +288,15 @@ ROUNDS_AT_THE_SAME_MOMENT = 1  # the race itself is made deterministic in tests/
 
 
 @pytest.mark.slow
-def test_two_runs_started_at_the_same_moment_on_one_s3_out(library, results, ray_session):
+def test_two_runs_started_at_the_same_moment_on_one_s3_out(library, results, checkpoint, ray_session):
     """Two ``kissray score`` processes on one ``s3://`` OUT, started together (both on the session's
-    Ray), three rounds: every title one row, all ok; one run scores, the other exits 2 naming it or
+    Ray; the checkpoint local): every title one row, all ok; one run scores, the other exits 2 naming it or
     finds everything done. (The race itself is made deterministic in tests/test_lock.py.)"""
     inputs = [library["uris"][t] for t in GOOD]
     address = ray_session.get_runtime_context().gcs_address
     for round_ in range(ROUNDS_AT_THE_SAME_MOMENT):
         out = f"{results}/{unique(f'together{round_}')}"
-        cmd = [sys.executable, "-m", "kissray.cli", "score", *inputs, "--model", library["model"], "--out", out,
+        cmd = [sys.executable, "-m", "kissray.cli", "score", *inputs, "--model", checkpoint, "--out", out,
                "--address", address, *SCORE_ARGS]
         runs = [subprocess.Popen(cmd, env={**os.environ, "RAY_ADDRESS": ""}, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
