@@ -266,9 +266,10 @@ def browser(chromium):
     chromium.switch_to.window(chromium.window_handles[0])
 
 
-# KISSRAY_TEST_CPU=1 (or =FILE, which also gets every test's figure): after the run, the tests that kept this machine busiest (CPU-seconds of every
-# process, from /proc/stat, setup and teardown included). --durations shows wall time; on a shared
-# 2-core machine the CPU a test burns is what slows everything beside it.
+# KISSRAY_TEST_CPU=1 (or =FILE, which also gets every test's figure, tab-separated): after the run,
+# the tests that kept this machine busiest (CPU-seconds of every process, from /proc/stat, setup and
+# teardown included). --durations shows wall time; on a shared 2-core machine the CPU a test burns
+# is what slows everything beside it.
 _CPU_BY_TEST: dict[str, float] = {}
 
 
