@@ -119,7 +119,7 @@ def written_titles(out: str) -> int:
 
 def disturb(cluster, nodes, args, plan: list, markers: Path, done: threading.Event) -> dict:
     """Whenever the job is held at one of the plan's points, do its harms, then release it."""
-    seen = {"actions": [], "at_titles": None, "added_node": None}
+    seen = {"actions": [], "harm_s": [], "at_titles": None, "added_node": None}
     workers = list(nodes)  # as started: the node removed is the last of these
     pending = list(plan)
     try:
@@ -129,7 +129,9 @@ def disturb(cluster, nodes, args, plan: list, markers: Path, done: threading.Eve
                 seen["at_titles"] = at if seen["at_titles"] is None else max(seen["at_titles"], at)
                 held_pid = int((markers / f"held-{point[0]}").read_text())
                 for harm in harms:
+                    began = time.monotonic()
                     seen["actions"].append(act(cluster, nodes, workers, harm, held_pid, args, seen, done))
+                    seen["harm_s"].append(round(time.monotonic() - began, 2))
                 (markers / f"release-{point[0]}").touch()
                 pending.remove((point, harms))
             done.wait(0.05)
@@ -186,8 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     args = build_parser().parse_args(argv)
+    began = time.monotonic()
     cluster, nodes = start_cluster(args.scenario, args.workers)
     ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+    cluster_s = time.monotonic() - began
     done, outcome = threading.Event(), {}
     markers = Path(tempfile.mkdtemp(prefix="kissray-faults-"))
     started = time.monotonic()
@@ -203,13 +207,15 @@ def main(argv: list[str] | None = None) -> int:
         seen["classifier_spans"] = [(a["Address"]["NodeID"][:8], a["StartTime"], a["EndTime"], a["NumRestarts"])
                                     for a in actors]
     finally:
+        job_s = time.monotonic() - started
         ray.shutdown()
         cluster.shutdown()
         shutil.rmtree(markers, ignore_errors=True)
     if "error" in outcome:
         raise outcome["error"]
     summary = outcome["summary"]
-    print(json.dumps({"scenario": args.scenario, "wall_s": round(time.monotonic() - started, 2),
+    print(json.dumps({"scenario": args.scenario, "wall_s": round(job_s, 2), "cluster_start_s": round(cluster_s, 2),
+                      "shutdown_s": round(time.monotonic() - started - job_s, 2),
                       "n_titles": summary.n_titles, "n_ok": summary.n_ok, "n_failed": summary.n_failed,
                       "n_partial": summary.n_partial, "attempts": summary.attempts,
                       "failures": summary.failures, **seen}))
