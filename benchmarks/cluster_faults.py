@@ -56,7 +56,8 @@ def start_cluster(scenario: str, workers: int):
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    gpus = scenario in ("gpu_added", "nodes_changed", "churn")  # the first worker has a GPU; one more joins mid-run
+    # the first worker has a GPU; one more joins mid-run
+    gpus = scenario in ("gpu_added", "nodes_changed", "churn")
     nodes = [cluster.add_node(num_cpus=1, num_gpus=1 if gpus and i == 0 else 0)
              for i in range(workers)]
     cluster.wait_for_nodes()
